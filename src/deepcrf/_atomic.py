@@ -1,0 +1,34 @@
+"""Atomic file writes: never leave user data half-written or overwritten on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file lives in the same directory so the final ``os.replace`` is atomic.
+    On any exception the temporary file is removed and ``path`` is left untouched.
+
+    Example:
+        >>> with atomic_path("out.png") as tmp:  # doctest: +SKIP
+        ...     image.save(tmp, format="PNG")
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

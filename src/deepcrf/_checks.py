@@ -1,0 +1,61 @@
+"""Input validation shared by the public boundary of every layer.
+
+Errors name the argument, what was expected and what was given, so that a user sees
+``image must be (B, 3, H, W) matching logits (2, 21, 64, 64); got (2, 64, 64, 3)`` rather
+than a traceback from deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    layout: str | None = None,
+    floating: bool = False,
+    dtypes: Sequence[torch.dtype] | None = None,
+    finite: bool = False,
+    nonempty: bool = True,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor of the expected rank/dtype and return it.
+
+    Args:
+        x: the value to check.
+        name: the argument's name, used in the error message.
+        ndim: required number of dimensions.
+        layout: a shape description such as ``"(B, L, H, W)"`` used in messages.
+        floating: require a floating-point dtype.
+        dtypes: allowed dtypes.
+        finite: require every element to be finite (no NaN/inf).
+        nonempty: require every dimension to have a positive size.
+    """
+    desc = f" {layout}" if layout else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{desc}; got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions{desc}; got shape {tuple(x.shape)}")
+    if nonempty and x.numel() == 0:
+        raise ValueError(f"{name} must not be empty{desc}; got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype; got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}); got {x.dtype}")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite; found {bad} NaN/inf values")
+    return x
+
+
+def check_positive(value: float, name: str) -> float:
+    """Check that a scalar hyper-parameter is a finite positive number."""
+    v = float(value)
+    if not (v > 0.0) or v == float("inf"):
+        raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+    return v

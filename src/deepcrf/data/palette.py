@@ -1,0 +1,98 @@
+"""PASCAL VOC palette PNG I/O: label maps as indexed PNGs, 255 = ignore (drawn as cream)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .._atomic import atomic_path
+
+IGNORE_INDEX = 255
+
+
+def voc_palette(num_colors: int = 256) -> np.ndarray:
+    """The VOC colour map: label ``k`` gets the colour built from the bits of ``k``.
+
+    Returns:
+        ``(num_colors, 3)`` uint8 array; entry 255 is VOC's cream (224, 224, 192) boundary colour.
+    """
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for k in range(num_colors):
+        c, r, g, b = k, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[k] = (r, g, b)
+    return palette
+
+
+def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a palette (mode ``P``) or greyscale (mode ``L``) PNG of labels as ``(H, W)`` uint8.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable image, or an RGB image (colours are not labels).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"label image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = im.mode
+            arr = np.array(im)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read label image {p}: {err}") from err
+    if mode not in ("P", "L"):
+        raise ValueError(
+            f"label image {p} must be a palette (P) or greyscale (L) PNG of label ids; "
+            f"got mode {mode}"
+        )
+    return arr.astype(np.uint8, copy=False)
+
+
+def write_label_png(path: str | os.PathLike[str], labels: np.ndarray) -> None:
+    """Write ``(H, W)`` integer labels in ``[0, 255]`` as a VOC palette PNG, atomically."""
+    arr = np.asarray(labels)
+    if arr.ndim != 2:
+        raise ValueError(f"labels must be (H, W); got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("labels must not be empty")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels must be integers; got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"labels must lie in [0, 255]; got range [{arr.min()}, {arr.max()}]")
+    im = Image.fromarray(arr.astype(np.uint8), mode="P")
+    im.putpalette(voc_palette().reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is corrupt or not an image.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            arr = np.array(im.convert("RGB"))
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {p} (corrupt or not an image): {err}") from err
+    return arr
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """Map ``(H, W)`` labels to ``(H, W, 3)`` uint8 RGB with the VOC palette."""
+    arr = np.asarray(labels)
+    return voc_palette()[arr.astype(np.int64).clip(0, 255)]

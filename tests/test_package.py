@@ -1,0 +1,22 @@
+import subprocess
+import sys
+
+import deepcrf
+from deepcrf.cli import main
+
+
+def test_version_and_all():
+    assert deepcrf.__version__
+    assert "DenseCRF" in deepcrf.__all__
+
+
+def test_cli_help(capsys):
+    assert main([]) == 2
+    assert "deepcrf" in capsys.readouterr().out
+
+
+def test_python_dash_m_help():
+    cmd = [sys.executable, "-m", "deepcrf", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "usage: deepcrf" in out.stdout
