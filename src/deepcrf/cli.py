@@ -25,6 +25,30 @@ def _subcommand(adder: _Adder) -> _Adder:
 # predict, tune-crf, benchmark, demo).
 # ---------------------------------------------------------------------------------------------
 
+# === refine ===
+# === end refine ===
+
+# === data ===
+# === end data ===
+
+# === train ===
+# === end train ===
+
+# === evaluate ===
+# === end evaluate ===
+
+# === predict ===
+# === end predict ===
+
+# === tune-crf ===
+# === end tune-crf ===
+
+# === benchmark ===
+# === end benchmark ===
+
+# === demo ===
+# === end demo ===
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one subparser per subcommand."""
