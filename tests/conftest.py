@@ -28,3 +28,11 @@ def devices():
     if torch.cuda.is_available():
         out.append(torch.device("cuda"))
     return out
+
+
+@pytest.fixture
+def fake_voc(tmp_path):
+    """A seeded 3-train / 2-val fake VOC tree (tests/fakevoc.py); returns its VOC2012 directory."""
+    from tests.fakevoc import make_fake_voc
+
+    return make_fake_voc(tmp_path)
