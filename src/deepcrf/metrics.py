@@ -1,0 +1,401 @@
+"""Segmentation metrics: confusion matrix, mIoU, pixel/mean accuracy and trimap accuracy.
+
+PASCAL VOC's measure (Everingham et al.) is the intersection over union per class,
+IoU_c = TP_c / (TP_c + FP_c + FN_c), accumulated over the whole dataset (not averaged per
+image), then averaged over classes: mIoU. Pixels labelled ``ignore_index`` (VOC's void band)
+count nowhere.
+
+Conventions:
+    * confusion matrix rows are ground-truth classes, columns predicted classes;
+    * a class absent from both ground truth and predictions has an undefined IoU: it is
+      reported as ``None`` in ``per_class_iou`` and left out of the mean (so a 2-class
+      debugging set does not get 19 free zeros or ones); likewise ``mean_accuracy`` averages
+      only over classes that occur in the ground truth;
+    * the trimap band (Chen et al. 2015, DeepLab v1, Sec. 5 "Boundary localization") is every
+      pixel within a Chebyshev distance ``band_width`` of a boundary pixel, where boundary
+      pixels are void pixels (VOC draws a ~5 px void band along object outlines) and both
+      pixels of every 4-neighbour pair with different labels. Void pixels themselves are
+      never scored.
+
+Everything works on CPU or GPU tensors; accumulators keep their matrix on the device of the
+first update so that the engine can ``torch.distributed.all_reduce`` it under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_tensor
+
+IGNORE_INDEX = 255
+
+
+def _check_labels(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+) -> None:
+    check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
+    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
+    if pred.dim() not in (2, 3):
+        raise ValueError(f"pred must be (B, H, W) or (H, W) labels; got shape {tuple(pred.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have the same shape; got pred {tuple(pred.shape)} and "
+            f"target {tuple(target.shape)}"
+        )
+    for name, t in (("pred", pred), ("target", target)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer class ids; got dtype {t.dtype}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+    if pred.device != target.device:
+        raise ValueError(
+            f"pred and target must be on the same device; got {pred.device} and {target.device}"
+        )
+    valid = target != ignore_index
+    bad_target = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad_target.any()):
+        values = torch.unique(target[bad_target]).tolist()[:10]
+        raise ValueError(
+            f"target labels must be in [0, {num_classes}) or {ignore_index} (ignore); "
+            f"found {values}"
+        )
+    bad_pred = valid & ((pred < 0) | (pred >= num_classes))
+    if bool(bad_pred.any()):
+        values = torch.unique(pred[bad_pred]).tolist()[:10]
+        raise ValueError(
+            f"pred labels must be in [0, {num_classes}) where target is not ignored; found {values}"
+        )
+
+
+def _confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
+    valid = target != ignore_index
+    index = target[valid].to(torch.int64) * num_classes + pred[valid].to(torch.int64)
+    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def confusion_matrix(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Count pixels by (true class, predicted class), skipping ``ignore_index`` targets.
+
+    ``M[t, p]`` = number of pixels with ground truth ``t`` predicted as ``p``.
+
+    Args:
+        pred: predicted class ids (e.g. ``logits.argmax(1)``).
+        target: ground-truth class ids, ``ignore_index`` = not scored.
+        num_classes: number of classes ``L``.
+        ignore_index: label value excluded from the counts.
+
+    Shape:
+        pred:   (B, H, W) or (H, W) integer, in [0, L) wherever target is not ignored
+        target: same shape as pred, in [0, L) or ignore_index
+        return: (L, L) int64 on pred's device
+
+    Raises:
+        ValueError: shapes differ, or a label lies outside ``[0, L)`` (other than ignored).
+        TypeError: a floating-point or bool label tensor.
+
+    Example:
+        >>> confusion_matrix(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]), 2).tolist()
+        [[1, 1], [0, 0]]
+    """
+    _check_labels(pred, target, num_classes, ignore_index)
+    return _confusion(pred, target, num_classes, ignore_index)
+
+
+def scores_from_confusion(matrix: torch.Tensor) -> dict[str, object]:
+    """Turn a confusion matrix into VOC's scores.
+
+    IoU_c = M[c, c] / (Σ_p M[c, p] + Σ_t M[t, c] − M[c, c]); pixel accuracy = trace / total;
+    class accuracy_c = M[c, c] / Σ_p M[c, p].
+
+    Args:
+        matrix: confusion matrix, rows = ground truth, columns = prediction.
+
+    Shape:
+        matrix: (L, L) non-negative counts
+
+    Returns:
+        ``{"miou", "pixel_accuracy", "mean_accuracy"}`` as floats in [0, 1] (NaN when nothing
+        was counted) and ``"per_class_iou"``: a list of L floats, ``None`` for classes absent
+        from both ground truth and predictions (excluded from ``miou``).
+    """
+    check_tensor(matrix, "matrix", ndim=2, layout="(L, L)")
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square (L, L); got {tuple(matrix.shape)}")
+    m = matrix.detach().to("cpu", torch.float64)
+    tp = m.diagonal()
+    gt = m.sum(1)
+    predicted = m.sum(0)
+    union = gt + predicted - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    total = m.sum()
+    nan = float("nan")
+    has_gt = gt > 0
+    return {
+        "miou": float(iou[present].mean()) if bool(present.any()) else nan,
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else nan,
+        "mean_accuracy": float((tp[has_gt] / gt[has_gt]).mean()) if bool(has_gt.any()) else nan,
+        "per_class_iou": [float(v) if ok else None for v, ok in zip(iou, present, strict=True)],
+    }
+
+
+class ConfusionMatrix:
+    """Accumulate a confusion matrix over a dataset and report mIoU, pixel and mean accuracy.
+
+    Args:
+        num_classes: number of classes ``L``.
+        ignore_index: ground-truth label excluded from every score.
+
+    Attributes:
+        matrix: ``(L, L)`` int64 counts, rows = ground truth. It lives on the device of the first
+            ``update``; under DDP call :meth:`all_reduce` (or ``torch.distributed.all_reduce``
+            on ``matrix``) before :meth:`compute`.
+
+    Shape:
+        update(pred, target): (B, H, W) or (H, W) integer class ids each
+
+    Example:
+        >>> cm = ConfusionMatrix(2)
+        >>> cm.update(torch.tensor([[0, 1], [1, 1]]), torch.tensor([[0, 1], [0, 255]]))
+        >>> round(cm.compute()["miou"], 4)
+        0.5
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self._placed = False
+
+    def reset(self) -> None:
+        """Zero the counts (keeping the device)."""
+        self.matrix = torch.zeros_like(self.matrix)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add the pixels of one batch (see :func:`confusion_matrix` for the checks)."""
+        _check_labels(pred, target, self.num_classes, self.ignore_index)
+        self._add(_confusion(pred, target, self.num_classes, self.ignore_index))
+
+    def _add(self, counts: torch.Tensor) -> None:
+        if not self._placed:
+            self.matrix = self.matrix.to(counts.device)
+            self._placed = True
+        self.matrix += counts.to(self.matrix.device)
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add another accumulator's counts into this one (same ``num_classes``); returns self."""
+        if not isinstance(other, ConfusionMatrix) or other.num_classes != self.num_classes:
+            got = getattr(other, "num_classes", type(other).__name__)
+            raise ValueError(
+                f"can only merge a ConfusionMatrix with num_classes={self.num_classes}; got {got}"
+            )
+        self.matrix = self.matrix + other.matrix.to(self.matrix.device)
+        return self
+
+    def all_reduce(self, group: object | None = None) -> None:
+        """Sum ``matrix`` over all DDP processes in place (no-op outside distributed runs).
+
+        With the NCCL backend the matrix must be on the process's GPU: update with GPU tensors
+        (or move ``matrix`` there) first.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM, group=group)
+
+    def compute(self) -> dict[str, object]:
+        """Scores of everything accumulated so far (see :func:`scores_from_confusion`)."""
+        return scores_from_confusion(self.matrix)
+
+
+def boundary_band(
+    target: torch.Tensor, band_width: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """The trimap band: pixels within Chebyshev distance ``band_width`` of an object boundary.
+
+    Boundary pixels are the ``ignore_index`` (void) pixels and both pixels of every pair of
+    4-neighbours whose labels differ; the band is their dilation by a
+    ``(2 * band_width + 1)`` square (max pooling, separable). Void pixels are removed from the
+    band, since they are never scored. The image border is not a boundary.
+
+    Args:
+        target: ground-truth labels.
+        band_width: half-width of the band in pixels (0 = the boundary pixels themselves).
+        ignore_index: void label.
+
+    Shape:
+        target: (B, H, W) or (H, W) integer
+        return: bool, same shape as target
+    """
+    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
+    if target.dim() not in (2, 3):
+        raise ValueError(f"target must be (B, H, W) or (H, W); got shape {tuple(target.shape)}")
+    if not isinstance(band_width, int) or band_width < 0:
+        raise ValueError(f"band_width must be a non-negative int (pixels); got {band_width!r}")
+    t = target if target.dim() == 3 else target[None]
+    void = t == ignore_index
+    edge = void.clone()
+    horizontal = t[:, :, 1:] != t[:, :, :-1]
+    vertical = t[:, 1:, :] != t[:, :-1, :]
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    edge[:, 1:, :] |= vertical
+    edge[:, :-1, :] |= vertical
+    band = edge[:, None].to(torch.float32)
+    if band_width > 0:
+        k = 2 * band_width + 1
+        # max_pool2d pads with -inf, so the border does not create boundary pixels.
+        band = F.max_pool2d(band, (1, k), stride=1, padding=(0, band_width))
+        band = F.max_pool2d(band, (k, 1), stride=1, padding=(band_width, 0))
+    out = (band[:, 0] > 0) & ~void
+    return out if target.dim() == 3 else out[0]
+
+
+def trimap_accuracy(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    band_width: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> float:
+    """Pixel accuracy inside the trimap band around object boundaries (DeepLab v1, Fig. 5).
+
+    accuracy = #{i in band : pred_i = target_i} / #band, with the band of
+    :func:`boundary_band`. NaN when the band is empty.
+
+    Args:
+        pred: predicted class ids.
+        target: ground-truth class ids, ``ignore_index`` = void.
+        band_width: band half-width in pixels.
+        ignore_index: void label.
+
+    Shape:
+        pred, target: (B, H, W) or (H, W) integer, same shape
+        return: float in [0, 1]
+
+    Example:
+        >>> target = torch.tensor([[0, 0, 0, 1, 1, 1]])
+        >>> trimap_accuracy(torch.tensor([[0, 0, 1, 1, 1, 0]]), target, band_width=1)
+        0.75
+    """
+    check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
+    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have the same shape; got pred {tuple(pred.shape)} and "
+            f"target {tuple(target.shape)}"
+        )
+    band = boundary_band(target, band_width, ignore_index)
+    total = int(band.sum())
+    if total == 0:
+        return float("nan")
+    return int((band & (pred == target)).sum()) / total
+
+
+class TrimapAccuracy:
+    """Accumulate trimap pixel accuracy (and a confusion matrix) per band width over a dataset.
+
+    Args:
+        band_widths: band half-widths in pixels, e.g. ``range(1, 41, 4)``.
+        num_classes: when given, also keep a confusion matrix per band so that ``compute``
+            reports mIoU within the band (DeepLab v1, Fig. 5c).
+        ignore_index: void label.
+
+    Attributes:
+        correct, total: ``(len(band_widths),)`` int64 counts (on the first update's device);
+            sum them across DDP processes with :meth:`all_reduce`.
+
+    Shape:
+        update(pred, target): (B, H, W) or (H, W) integer class ids each
+    """
+
+    def __init__(
+        self,
+        band_widths: Iterable[int],
+        *,
+        num_classes: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.band_widths = [int(w) for w in band_widths]
+        if not self.band_widths or any(w < 0 for w in self.band_widths):
+            raise ValueError(
+                f"band_widths must be a non-empty list of non-negative ints; got {band_widths!r}"
+            )
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        n = len(self.band_widths)
+        self.correct = torch.zeros(n, dtype=torch.int64)
+        self.total = torch.zeros(n, dtype=torch.int64)
+        self.matrices = (
+            [ConfusionMatrix(num_classes, ignore_index) for _ in self.band_widths]
+            if num_classes is not None
+            else None
+        )
+
+    def reset(self) -> None:
+        """Zero all counts."""
+        self.correct = torch.zeros_like(self.correct)
+        self.total = torch.zeros_like(self.total)
+        for cm in self.matrices or ():
+            cm.reset()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch: the band is computed once per width on ``target``'s device."""
+        if self.num_classes is not None:
+            _check_labels(pred, target, self.num_classes, self.ignore_index)
+        else:
+            check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
+            if pred.shape != target.shape:
+                raise ValueError(
+                    f"pred and target must have the same shape; got pred {tuple(pred.shape)} "
+                    f"and target {tuple(target.shape)}"
+                )
+        if self.correct.device != target.device:
+            self.correct = self.correct.to(target.device)
+            self.total = self.total.to(target.device)
+        hit = pred == target
+        for k, width in enumerate(self.band_widths):
+            band = boundary_band(target, width, self.ignore_index)
+            self.correct[k] += (band & hit).sum()
+            self.total[k] += band.sum()
+            if self.matrices is not None:
+                # Outside the band the target is treated as ignored.
+                masked = torch.where(band, target, torch.full_like(target, self.ignore_index))
+                cm = self.matrices[k]
+                cm._add(_confusion(pred, masked, cm.num_classes, cm.ignore_index))
+
+    def all_reduce(self, group: object | None = None) -> None:
+        """Sum the counts over all DDP processes in place (no-op outside distributed runs)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.correct, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(self.total, op=dist.ReduceOp.SUM, group=group)
+            for cm in self.matrices or ():
+                cm.all_reduce(group)
+
+    def compute(self) -> dict[int, float]:
+        """Pixel accuracy in each band: ``{band_width: accuracy}`` (NaN for an empty band)."""
+        correct = self.correct.cpu().tolist()
+        total = self.total.cpu().tolist()
+        return {
+            w: (c / t if t > 0 else float("nan"))
+            for w, c, t in zip(self.band_widths, correct, total, strict=True)
+        }
+
+    def compute_miou(self) -> dict[int, float]:
+        """Mean IoU in each band: ``{band_width: miou}``; needs ``num_classes`` at construction."""
+        if self.matrices is None:
+            raise ValueError("TrimapAccuracy(num_classes=None) keeps no confusion matrices")
+        pairs = zip(self.band_widths, self.matrices, strict=True)
+        return {w: float(cm.compute()["miou"]) for w, cm in pairs}
