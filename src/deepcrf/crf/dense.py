@@ -1,0 +1,644 @@
+"""Fully connected CRF with Gaussian edge potentials: mean-field as a differentiable layer.
+
+Krähenbühl & Koltun (2011) mean-field update, with label compatibility μ (a penalty) and two
+Gaussian kernels (appearance/bilateral and smoothness/spatial):
+
+    Q_i(l) ∝ exp(−U_i(l) − Σ_l′ μ(l, l′) Σ_m w_m Σ_j k_m(f_i, f_j) Q_j(l′)),     U = −logits
+
+    k_bilateral(i, j) = exp(−|p_i − p_j|² / 2θα² − |I_i − I_j|² / 2θβ²)
+    k_spatial(i, j)   = exp(−|p_i − p_j|² / 2θγ²)
+
+run for a fixed number of iterations and unrolled like an RNN (CRF-as-RNN, Zheng et al. 2015) so
+that the unaries, μ, the kernel weights w_m and the bandwidths θ (Schwing & Urtasun 2015) can be
+learned by back-propagation. Gradients w.r.t. θ are exact for the Gaussian model
+(see :mod:`deepcrf.ops.gaussian`): no finite differences and nothing N×N.
+
+Conventions (see ``docs/crf_layer.md`` for the full mapping):
+
+* pydensecrf: its Potts compatibility with weight w applies ``−w·KQ`` to the negative energy;
+  that equals ours with μ = Potts = [l ≠ l′] and w_m = w (the two differ by Σ_l′ (KQ)(l′), which
+  is the same for every label and cancels in the softmax). Its matrix compatibility M applies
+  ``+M_sym·KQ`` with M_sym = (M + Mᵀ)/2, i.e. μ = M_sym with w_m = 1.
+* CRF-RNN: μ initialised as Potts (its −I is our [l ≠ l′] up to a label-constant), kernel weights
+  as L×L matrices 3·I (spatial) and 5·I (bilateral) (``weight_shape="matrix"``), θα = 160,
+  θβ = θγ = 3, 5 iterations to train and 10 to test, ``normalization="after"``.
+* The j = i term that the lattice brings is kept by default, as in pydensecrf and CRF-RNN;
+  ``exclude_self=True`` drops it (the K&K sum is over j ≠ i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .._checks import check_positive, check_tensor
+from ..ops.gaussian import build_lattice, gaussian_filter
+
+Normalization = Literal["symmetric", "none", "before", "after"]
+FilterMethod = Literal["lattice", "exact"]
+WeightShape = Literal["scalar", "vector", "matrix"]
+
+_NORMALIZATIONS = ("symmetric", "none", "before", "after")
+_FILTERS = ("lattice", "exact")
+_WEIGHT_SHAPES = ("scalar", "vector", "matrix")
+_LEARNABLE = ("compat", "weights", "bandwidths")
+# Kernel row sums below this are treated as this value: keeps 1/n finite for a pixel that has
+# no neighbour at all (possible only with exclude_self=True).
+_NORM_EPS = 1e-10
+
+Scalar = float | torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------
+# validation helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _check_theta(value: Scalar, name: str) -> Scalar:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"{name} must be a scalar (0-d tensor); got shape {tuple(value.shape)}"
+            )
+        if not bool(torch.isfinite(value)) or not bool(value > 0):
+            raise ValueError(f"{name} must be a finite positive number; got {float(value)!r}")
+        return value
+    return check_positive(value, name)
+
+
+def _check_weight(value: Scalar, name: str, num_labels: int) -> Scalar:
+    if isinstance(value, torch.Tensor):
+        shapes = ((), (num_labels,), (num_labels, num_labels))
+        if tuple(value.shape) not in shapes:
+            raise ValueError(
+                f"{name} must be a scalar, a ({num_labels},) vector or a ({num_labels}, "
+                f"{num_labels}) matrix for {num_labels} labels; got shape {tuple(value.shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite")
+        return value
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return v
+
+
+def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
+    check_tensor(logits, "logits", ndim=4, layout="(B, L, H, W)", floating=True, finite=True)
+    check_tensor(image, "image", ndim=4, layout="(B, 3, H, W)")
+    b, _, h, w = logits.shape
+    if image.shape[0] != b or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
+        hint = ""
+        if image.shape[-1] == 3 and image.shape[1] != 3:
+            hint = " (channels-last? permute the image to (B, 3, H, W))"
+        elif tuple(image.shape[2:]) == (w, h) and h != w:
+            hint = " (height and width swapped? arrays are (H, W))"
+        raise ValueError(
+            f"image must be (B, 3, H, W) matching logits {tuple(logits.shape)}, i.e. "
+            f"({b}, 3, {h}, {w}); got {tuple(image.shape)}{hint}"
+        )
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(
+            f"image must be a real-valued (uint8 or floating) tensor; got {image.dtype}"
+        )
+    if image.device != logits.device:
+        raise ValueError(
+            f"image must be on the device of logits ({logits.device}); got {image.device}"
+        )
+    if image.is_floating_point():
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("image must be finite; found NaN/inf values")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0.0 or hi > 255.0:
+            raise ValueError(
+                f"image must hold colour values in [0, 255] (un-normalised RGB); got range "
+                f"[{lo:.3g}, {hi:.3g}]"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+
+_Filter = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _to(value: Scalar, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
+
+
+def _pixel_positions(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, 2) row-major (y, x) pixel coordinates."""
+    ys = torch.arange(h, device=like.device, dtype=like.dtype)
+    xs = torch.arange(w, device=like.device, dtype=like.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+    return grid.reshape(h * w, 2)
+
+
+def _normalize(filt: _Filter, b: int, n: int, like: torch.Tensor, mode: str) -> _Filter:
+    """Wrap a kernel filter with pydensecrf's normalisation (computed once, reused per iteration).
+
+    With row sums n_i = Σ_j k_ij (the same filter applied to ones): symmetric n^-½ K n^-½,
+    before K n^-1, after n^-1 K, none: K times N / Σ_i n_i (pydensecrf's NO_NORMALIZATION still
+    rescales by the mean row sum, so the kernel weight keeps its meaning across image sizes).
+    """
+    ones = torch.ones(b, n, 1, device=like.device, dtype=like.dtype)
+    row_sum = filt(ones).clamp_min(_NORM_EPS)
+    if mode == "symmetric":
+        s = row_sum.rsqrt()
+        return lambda q: s * filt(s * q)
+    if mode == "before":
+        inv = row_sum.reciprocal()
+        return lambda q: filt(inv * q)
+    if mode == "after":
+        inv = row_sum.reciprocal()
+        return lambda q: inv * filt(q)
+    scale = n / row_sum.sum(dim=1, keepdim=True)
+    return lambda q: scale * filt(q)
+
+
+def _bilateral_filter(
+    image_bnc: torch.Tensor,
+    positions: torch.Tensor,
+    theta_alpha: torch.Tensor,
+    theta_beta: torch.Tensor,
+    method: str,
+    exclude_self: bool,
+) -> _Filter:
+    b = image_bnc.shape[0]
+    features = torch.cat(
+        [(positions / theta_alpha).expand(b, -1, -1), image_bnc / theta_beta], dim=-1
+    )
+    if method == "exact":
+        return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
+    lattice = build_lattice(features)  # once per image, reused by every iteration
+    return lambda q: gaussian_filter(
+        q, features, method="lattice", lattice=lattice, exclude_self=exclude_self
+    )
+
+
+def _spatial_filter(
+    b: int,
+    h: int,
+    w: int,
+    positions: torch.Tensor,
+    theta_gamma: torch.Tensor,
+    method: str,
+    exclude_self: bool,
+) -> _Filter:
+    if method == "exact":
+        features = (positions / theta_gamma).expand(b, -1, -1)
+        return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
+    from ..ops.filters import spatial_gaussian_filter
+
+    def filt(q: torch.Tensor) -> torch.Tensor:
+        c = q.shape[-1]
+        grid = q.transpose(1, 2).reshape(b, c, h, w)
+        out = spatial_gaussian_filter(grid, theta_gamma).reshape(b, c, h * w).transpose(1, 2)
+        return out - q if exclude_self else out
+
+    return filt
+
+
+def _apply_weight(weight: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
+    if weight.dim() == 2:  # CRF-RNN's L×L kernel-weight matrix: out(l) = Σ_l′ W(l, l′) msg(l′)
+        return msg @ weight.transpose(0, 1)
+    return msg * weight  # scalar, or a per-label vector broadcast over the label axis
+
+
+# ------------------------------------------------------------------------------------------
+# functional form
+# ------------------------------------------------------------------------------------------
+
+
+def dense_crf(
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    iters: int = 5,
+    theta_alpha: Scalar = 80.0,
+    theta_beta: Scalar = 13.0,
+    theta_gamma: Scalar = 3.0,
+    w_bilateral: Scalar = 10.0,
+    w_gaussian: Scalar = 3.0,
+    compat: torch.Tensor | None = None,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    filter: FilterMethod = "lattice",
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Refine logits with ``iters`` mean-field steps of a fully connected CRF; returns log Q.
+
+    Implements the mean-field update of Krähenbühl & Koltun (2011, eq. 4 with the Gaussian
+    kernels of eq. 3), unrolled as in CRF-as-RNN (Zheng et al. 2015):
+
+        Q_i(l) ∝ exp(logits_i(l) − Σ_l′ μ(l, l′) Σ_m w_m [k̄_m Q](i, l′))
+
+    where k̄_m is kernel m after ``normalization`` and, for matrix weights, w_m acts on the label
+    axis. Differentiable w.r.t. ``logits``, and w.r.t. ``compat``, the weights and the bandwidths
+    when they are tensors that require grad.
+
+    The bilateral kernel goes through the permutohedral lattice (built once per image, reused by
+    every iteration); the spatial kernel through an exact separable convolution
+    (:func:`deepcrf.ops.filters.spatial_gaussian_filter`). ``filter="exact"`` uses the O(N²)
+    brute-force filter for both kernels (tests and small images only).
+
+    Args:
+        logits: unary scores, higher = more likely (U = −logits; log-probabilities work).
+        image: RGB colour in 0–255 (uint8 or float), the reference image of the bilateral kernel.
+        iters: number of mean-field iterations (0 returns log_softmax(logits)).
+        theta_alpha: bilateral spatial bandwidth θα, in pixels (std. dev.); float or 0-d tensor.
+        theta_beta: bilateral colour bandwidth θβ, in 0–255 colour units (std. dev.).
+        theta_gamma: spatial (smoothness) bandwidth θγ, in pixels (std. dev.).
+        w_bilateral: bilateral kernel weight: scalar, per-label (L,) vector or (L, L) matrix.
+        w_gaussian: spatial kernel weight: scalar, (L,) or (L, L).
+        compat: (L, L) compatibility μ, a penalty (energy) matrix, may be asymmetric; None =
+            Potts μ = [l ≠ l′].
+        normalization: kernel normalisation as pydensecrf: ``"symmetric"`` (default),
+            ``"before"``, ``"after"`` or ``"none"`` (K rescaled by N / Σ row sums).
+        exclude_self: drop the j = i term (default False keeps it, as pydensecrf and CRF-RNN).
+        filter: ``"lattice"`` (fast, approximate) or ``"exact"`` (brute force, O(N²)).
+        checkpoint: recompute each iteration in the backward pass (torch.utils.checkpoint)
+            instead of storing its intermediates: memory O(iters·N·L) → a few N·L tensors.
+
+    Returns:
+        Refined logits, log Q (log-probabilities; ``.softmax(1)`` gives Q).
+
+    Shape:
+        logits: (B, L, H, W)  unary scores, higher = more likely
+        image:  (B, 3, H, W)  colour in 0-255
+        compat: (L, L)
+        return: (B, L, H, W)
+
+    Example:
+        >>> logits = torch.randn(1, 3, 16, 16)
+        >>> image = torch.rand(1, 3, 16, 16) * 255
+        >>> dense_crf(logits, image, iters=2, filter="exact").shape
+        torch.Size([1, 3, 16, 16])
+    """
+    _check_inputs(logits, image)
+    num_labels = logits.shape[1]
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}")
+    if filter not in _FILTERS:
+        raise ValueError(f"filter must be one of {_FILTERS}; got {filter!r}")
+    thetas = [
+        _check_theta(theta_alpha, "theta_alpha"),
+        _check_theta(theta_beta, "theta_beta"),
+        _check_theta(theta_gamma, "theta_gamma"),
+    ]
+    weights = [
+        _check_weight(w_bilateral, "w_bilateral", num_labels),
+        _check_weight(w_gaussian, "w_gaussian", num_labels),
+    ]
+    if compat is not None:
+        check_tensor(compat, "compat", ndim=2, layout="(L, L)", floating=True, finite=True)
+        if tuple(compat.shape) != (num_labels, num_labels):
+            raise ValueError(
+                f"compat must be (L, L) = ({num_labels}, {num_labels}) for logits "
+                f"{tuple(logits.shape)}; got {tuple(compat.shape)}"
+            )
+
+    out_dtype = logits.dtype
+    # Half precision is not accurate enough for kernel row sums over ~10⁵ pixels: compute in
+    # float32 (also under autocast) and cast the result back.
+    compute = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        out = _mean_field(
+            compute,
+            image,
+            iters,
+            thetas,
+            weights,
+            compat,
+            normalization,
+            exclude_self,
+            filter,
+            checkpoint,
+        )
+    return out.to(out_dtype)
+
+
+def _mean_field(
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    iters: int,
+    thetas: list[Scalar],
+    weights: list[Scalar],
+    compat: torch.Tensor | None,
+    normalization: str,
+    exclude_self: bool,
+    method: str,
+    use_checkpoint: bool,
+) -> torch.Tensor:
+    b, num_labels, h, w = logits.shape
+    n = h * w
+    if iters == 0:
+        return logits.log_softmax(dim=1)
+    theta_alpha, theta_beta, theta_gamma = (_to(t, logits) for t in thetas)
+    w_bil, w_sp = (_to(x, logits) for x in weights)
+    mu = None if compat is None else compat.to(device=logits.device, dtype=logits.dtype)
+
+    positions = _pixel_positions(h, w, logits)
+    colour = image.to(logits.dtype).reshape(b, 3, n).transpose(1, 2)
+    kernels = [
+        (
+            _normalize(
+                _bilateral_filter(colour, positions, theta_alpha, theta_beta, method, exclude_self),
+                b,
+                n,
+                logits,
+                normalization,
+            ),
+            w_bil,
+        ),
+        (
+            _normalize(
+                _spatial_filter(b, h, w, positions, theta_gamma, method, exclude_self),
+                b,
+                n,
+                logits,
+                normalization,
+            ),
+            w_sp,
+        ),
+    ]
+    unary = logits.reshape(b, num_labels, n).transpose(1, 2)  # labels as the fast axis
+
+    def step(z: torch.Tensor) -> torch.Tensor:
+        q = z.softmax(dim=-1)
+        msg = sum(_apply_weight(wt, filt(q)) for filt, wt in kernels)
+        assert isinstance(msg, torch.Tensor)
+        # Potts: Σ_l′ [l≠l′] m(l′) = Σ_l′ m(l′) − m(l); the first term is the same for every
+        # label and cancels in the softmax, so −m(l) is the same update, one matmul cheaper.
+        pairwise = -msg if mu is None else msg @ mu.transpose(0, 1)
+        return unary - pairwise
+
+    z = unary
+    for _ in range(iters):
+        if use_checkpoint and torch.is_grad_enabled():
+            z = _checkpoint(step, z, use_reentrant=False)
+        else:
+            z = step(z)
+    return z.log_softmax(dim=-1).transpose(1, 2).reshape(b, num_labels, h, w)
+
+
+# ------------------------------------------------------------------------------------------
+# module
+# ------------------------------------------------------------------------------------------
+
+
+class DenseCRF(nn.Module):
+    """Fully connected CRF layer (CRF-as-RNN) with learnable μ, kernel weights and bandwidths.
+
+    Holds the parameters and calls :func:`dense_crf` (the mean-field update of Krähenbühl &
+    Koltun 2011, eq. 4). ``learnable`` picks which groups are ``nn.Parameter`` s (the others are
+    buffers, so ``state_dict`` always has every value):
+
+    * ``"compat"`` → ``compat`` (L, L), initialised Potts [l ≠ l′] (asymmetric updates allowed);
+    * ``"weights"`` → ``w_bilateral``, ``w_gaussian``: scalar, (L,) or (L, L) = w·I per
+      ``weight_shape`` (CRF-RNN uses ``"matrix"`` with 5·I bilateral, 3·I spatial);
+    * ``"bandwidths"`` → ``log_theta_alpha``, ``log_theta_beta``, ``log_theta_gamma`` (logs,
+      so θ = exp(·) stays positive); gradients are exact for the Gaussian model (Schwing &
+      Urtasun 2015).
+
+    Args:
+        num_labels: number of labels L.
+        theta_alpha: bilateral spatial bandwidth θα, pixels.
+        theta_beta: bilateral colour bandwidth θβ, 0–255 colour units.
+        theta_gamma: spatial kernel bandwidth θγ, pixels.
+        w_bilateral: initial bilateral weight.
+        w_gaussian: initial spatial weight.
+        iters: mean-field iterations in training mode (CRF-RNN: 5).
+        eval_iters: iterations in eval mode (CRF-RNN: 10); None = ``iters``.
+        learnable: subset of ``{"compat", "weights", "bandwidths"}``.
+        filter: ``"lattice"`` or ``"exact"`` (brute force, small images only).
+        weight_shape: ``"scalar"``, ``"vector"`` (per label) or ``"matrix"`` (L×L).
+        compat_init: ``"potts"`` or an (L, L) penalty matrix (tensor or array).
+        normalization: ``"symmetric"``, ``"before"``, ``"after"`` or ``"none"``.
+        exclude_self: drop the j = i term of the kernels.
+        checkpoint: recompute iterations in the backward to bound memory.
+
+    Shape:
+        logits: (B, L, H, W)  unary scores, higher = more likely
+        image:  (B, 3, H, W)  colour in 0-255
+        return: (B, L, H, W)  refined logits (log Q)
+
+    Example:
+        >>> crf = DenseCRF(3, learnable=("compat", "weights", "bandwidths"), filter="exact")
+        >>> crf(torch.randn(1, 3, 8, 8), torch.rand(1, 3, 8, 8) * 255).shape
+        torch.Size([1, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        *,
+        theta_alpha: float = 80.0,
+        theta_beta: float = 13.0,
+        theta_gamma: float = 3.0,
+        w_bilateral: float = 10.0,
+        w_gaussian: float = 3.0,
+        iters: int = 5,
+        eval_iters: int | None = None,
+        learnable: Iterable[str] = (),
+        filter: FilterMethod = "lattice",
+        weight_shape: WeightShape = "scalar",
+        compat_init: str | torch.Tensor | np.ndarray = "potts",
+        normalization: Normalization = "symmetric",
+        exclude_self: bool = False,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an int >= 2; got {num_labels!r}")
+        for name, value in (("iters", iters), ("eval_iters", eval_iters)):
+            if value is None and name == "eval_iters":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+        if isinstance(learnable, str):
+            learnable = (learnable,)
+        learn = set(learnable)
+        unknown = learn - set(_LEARNABLE)
+        if unknown:
+            raise ValueError(f"learnable must be a subset of {_LEARNABLE}; got {sorted(unknown)}")
+        if filter not in _FILTERS:
+            raise ValueError(f"filter must be one of {_FILTERS}; got {filter!r}")
+        if weight_shape not in _WEIGHT_SHAPES:
+            raise ValueError(f"weight_shape must be one of {_WEIGHT_SHAPES}; got {weight_shape!r}")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}"
+            )
+
+        self.num_labels = num_labels
+        self.iters = iters
+        self.eval_iters = eval_iters
+        self.learnable = tuple(g for g in _LEARNABLE if g in learn)
+        self.filter = filter
+        self.weight_shape = weight_shape
+        self.normalization = normalization
+        self.exclude_self = bool(exclude_self)
+        self.checkpoint = bool(checkpoint)
+
+        self._register("compat", self._initial_compat(compat_init), "compat" in learn)
+        for name, value in (("w_bilateral", w_bilateral), ("w_gaussian", w_gaussian)):
+            v = float(_check_weight(float(value), name, num_labels))
+            self._register(name, self._initial_weight(v), "weights" in learn)
+        for name, value in (
+            ("theta_alpha", theta_alpha),
+            ("theta_beta", theta_beta),
+            ("theta_gamma", theta_gamma),
+        ):
+            log_theta = torch.tensor(float(check_positive(value, name))).log()
+            self._register(f"log_{name}", log_theta, "bandwidths" in learn)
+
+    def _register(self, name: str, value: torch.Tensor, learn: bool) -> None:
+        if learn:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def _initial_compat(self, init: str | torch.Tensor | np.ndarray) -> torch.Tensor:
+        L = self.num_labels
+        if isinstance(init, str):
+            if init != "potts":
+                raise ValueError(f"compat_init must be 'potts' or an (L, L) matrix; got {init!r}")
+            return 1.0 - torch.eye(L)
+        mat = torch.as_tensor(np.asarray(init) if isinstance(init, np.ndarray) else init)
+        mat = mat.detach().to(torch.float32).clone()
+        if tuple(mat.shape) != (L, L) or not bool(torch.isfinite(mat).all()):
+            raise ValueError(
+                f"compat_init must be a finite ({L}, {L}) matrix; got shape {tuple(mat.shape)}"
+            )
+        return mat
+
+    def _initial_weight(self, value: float) -> torch.Tensor:
+        if self.weight_shape == "scalar":
+            return torch.tensor(value)
+        if self.weight_shape == "vector":
+            return torch.full((self.num_labels,), value)
+        return value * torch.eye(self.num_labels)
+
+    @property
+    def theta_alpha(self) -> float:
+        """Current bilateral spatial bandwidth θα (pixels)."""
+        return float(self.log_theta_alpha.exp())
+
+    @property
+    def theta_beta(self) -> float:
+        """Current bilateral colour bandwidth θβ (colour units)."""
+        return float(self.log_theta_beta.exp())
+
+    @property
+    def theta_gamma(self) -> float:
+        """Current spatial bandwidth θγ (pixels)."""
+        return float(self.log_theta_gamma.exp())
+
+    def num_iters(self) -> int:
+        """Iterations the next forward will run: ``iters`` in training, ``eval_iters`` in eval."""
+        if not self.training and self.eval_iters is not None:
+            return self.eval_iters
+        return self.iters
+
+    def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Refine ``logits`` (B, L, H, W) with the image (B, 3, H, W) in 0–255; returns log Q."""
+        if logits.dim() == 4 and logits.shape[1] != self.num_labels:
+            raise ValueError(
+                f"logits must have {self.num_labels} labels (B, {self.num_labels}, H, W); got "
+                f"{tuple(logits.shape)}"
+            )
+        return dense_crf(
+            logits,
+            image,
+            iters=self.num_iters(),
+            theta_alpha=self.log_theta_alpha.exp(),
+            theta_beta=self.log_theta_beta.exp(),
+            theta_gamma=self.log_theta_gamma.exp(),
+            w_bilateral=self.w_bilateral,
+            w_gaussian=self.w_gaussian,
+            compat=self.compat,
+            normalization=self.normalization,
+            exclude_self=self.exclude_self,
+            filter=self.filter,
+            checkpoint=self.checkpoint,
+        )
+
+    def extra_repr(self) -> str:
+        """Size, schedule and current bandwidths, shown by ``print(module)``."""
+        return (
+            f"num_labels={self.num_labels}, iters={self.iters}, eval_iters={self.eval_iters}, "
+            f"learnable={self.learnable}, filter={self.filter!r}, "
+            f"weight_shape={self.weight_shape!r}, normalization={self.normalization!r}, "
+            f"theta=({self.theta_alpha:.4g}, {self.theta_beta:.4g}, {self.theta_gamma:.4g})"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# numpy helper
+# ------------------------------------------------------------------------------------------
+
+
+def refine(image_hw3_uint8: np.ndarray, probs_lhw: np.ndarray, **params: Any) -> np.ndarray:
+    """Dense-CRF post-processing of one image's label probabilities (numpy in, numpy out).
+
+    Runs :func:`dense_crf` with ``logits = log(probs)`` (clipped at 1e-8) on CPU in float32.
+
+    Args:
+        image_hw3_uint8: the RGB image, uint8.
+        probs_lhw: per-label probabilities, summing to 1 over the label axis.
+        **params: keyword arguments of :func:`dense_crf` (``iters``, ``theta_alpha``, ...).
+
+    Returns:
+        Refined probabilities Q, float32, summing to 1 over labels.
+
+    Shape:
+        image_hw3_uint8: (H, W, 3)
+        probs_lhw:       (L, H, W)
+        return:          (L, H, W)
+
+    Example:
+        >>> img = np.zeros((8, 8, 3), np.uint8)
+        >>> refine(img, np.full((2, 8, 8), 0.5, np.float32), filter="exact").shape
+        (2, 8, 8)
+    """
+    image = np.asarray(image_hw3_uint8)
+    probs = np.asarray(probs_lhw)
+    if image.dtype != np.uint8:
+        raise TypeError(f"image must be uint8 (H, W, 3) RGB; got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+        raise ValueError(f"image must be (H, W, 3) RGB; got shape {image.shape}")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise TypeError(f"probs must be floating-point (L, H, W) probabilities; got {probs.dtype}")
+    if probs.ndim != 3 or probs.size == 0:
+        raise ValueError(f"probs must be (L, H, W); got shape {probs.shape}")
+    if probs.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"probs (L, H, W) {probs.shape} must match the image (H, W, 3) {image.shape} in H and W"
+        )
+    if probs.shape[0] < 2:
+        raise ValueError(f"probs must have at least 2 labels; got shape {probs.shape}")
+    if not np.isfinite(probs).all() or probs.min() < 0:
+        raise ValueError("probs must be finite and non-negative")
+    sums = probs.sum(axis=0, dtype=np.float64)
+    worst = float(np.abs(sums - 1.0).max())
+    if worst > 1e-3:
+        raise ValueError(
+            f"probs must sum to 1 over the label axis (axis 0 of (L, H, W)); worst pixel sums "
+            f"to 1{'+' if sums.flat[np.abs(sums - 1).argmax()] > 1 else '-'}{worst:.3g}"
+        )
+    logits = torch.from_numpy(np.log(np.clip(probs.astype(np.float32), 1e-8, None)))[None]
+    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
+    with torch.no_grad():
+        q = dense_crf(logits, img, **params).softmax(dim=1)[0]
+    return q.numpy().astype(np.float32, copy=False)
