@@ -1,0 +1,318 @@
+"""Checkpoints: safetensors weights + JSON config, written atomically, loaded without pickle.
+
+A run directory ``RUN`` holds the latest checkpoint and, when a validation set is given, the
+best one in ``RUN/best``::
+
+    RUN/config.json          model name / num_classes / kwargs, the training config, the step
+    RUN/model.safetensors    the weights (``state_dict`` incl. buffers)
+    RUN/state.safetensors    optimiser tensors (momentum buffers, Adam moments) and RNG states
+    RUN/state.json           everything else needed to resume: step, losses, param groups,
+                             GradScaler, python/numpy RNG, best metric so far
+    RUN/best/config.json, RUN/best/model.safetensors
+
+Every file is written through :func:`deepcrf._atomic.atomic_path` (temp file + rename), so a
+killed process never leaves a half-written file. The four files of one checkpoint are written
+one after the other with ``state.json`` last; each carries the step it belongs to, and
+:func:`load_training_state` refuses a set whose steps disagree (a crash between two renames).
+Loading never unpickles: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._atomic import atomic_path
+
+FORMAT = "deepcrf-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    return getattr(model, "module", model)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(_dumps(obj))
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage and non-contiguous views: save private copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    config: Mapping[str, Any],
+    *,
+    state_tensors: Mapping[str, torch.Tensor] | None = None,
+    state_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint (weights + config, optionally the resume state) into ``path``.
+
+    All files are first written to temporary names, then renamed one after the other with
+    ``state.json`` last, so the window in which a kill leaves a mixed set is a few renames long,
+    and :func:`load_training_state` detects it (each file carries its step).
+
+    Args:
+        path: the checkpoint directory (created if missing).
+        model: the model (a DDP wrapper is unwrapped).
+        config: JSON-serialisable; must contain ``model = {"name", "num_classes", "kwargs"}`` so
+            that :func:`load_checkpoint` can rebuild the model through the registry; ``step``
+            (if present) is also stored in every file's metadata.
+        state_tensors: optimiser / RNG tensors for ``state.safetensors`` (resume only).
+        state_meta: the JSON part of the resume state; must contain ``step``.
+
+    Returns:
+        The directory.
+    """
+    out = Path(path)
+    _check_model_config(config)
+    if (state_tensors is None) != (state_meta is None):
+        raise ValueError("state_tensors and state_meta must be given together")
+    out.mkdir(parents=True, exist_ok=True)
+    step = str(config.get("step", ""))
+    meta = {"format": FORMAT, "step": step}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    with contextlib.ExitStack() as stack:
+        # ExitStack renames in reverse order of entry: state.json (entered first) lands last.
+        if state_meta is not None:
+            if str(state_meta.get("step")) != step:
+                raise ValueError(f"state step {state_meta.get('step')} != config step {step}")
+            tmp_json = stack.enter_context(atomic_path(out / STATE_JSON))
+            tmp_state = stack.enter_context(atomic_path(out / STATE_FILE))
+            save_file(dict(state_tensors or {}), str(tmp_state), metadata=meta)
+            tmp_json.write_text(_dumps({**header, **state_meta}))
+        tmp_config = stack.enter_context(atomic_path(out / CONFIG_FILE))
+        tmp_model = stack.enter_context(atomic_path(out / MODEL_FILE))
+        save_file(_state_tensors(unwrap(model)), str(tmp_model), metadata=meta)
+        tmp_config.write_text(_dumps({**header, **config}))
+    return out
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _check_model_config(config: Mapping[str, Any]) -> None:
+    spec = config.get("model")
+    if not isinstance(spec, Mapping) or "name" not in spec or "num_classes" not in spec:
+        raise ValueError(
+            "checkpoint config must contain model = {'name': ..., 'num_classes': ..., "
+            f"'kwargs': {{...}}}} to rebuild the model through the registry; got {spec!r}"
+        )
+
+
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_file() and p.name in (MODEL_FILE, CONFIG_FILE):
+        p = p.parent
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {p}")
+    missing = [n for n in (MODEL_FILE, CONFIG_FILE) if not (p / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{p} is not a deepcrf checkpoint: missing {', '.join(missing)} "
+            f"(expected a run directory or its best/ subdirectory)"
+        )
+    return p
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``config.json`` of the checkpoint directory ``path``."""
+    p = _resolve(path)
+    try:
+        config = json.loads((p / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p / CONFIG_FILE} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{p / CONFIG_FILE} is not a deepcrf checkpoint config")
+    _check_model_config(config)
+    return config
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from ``config.json`` through the registry and load its weights.
+
+    Args:
+        path: a checkpoint directory (``RUN`` or ``RUN/best``) or a file inside it.
+        device: where to put the model.
+
+    Returns:
+        ``(model, config)`` with the model in eval mode.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: the config is not a deepcrf checkpoint, or the weights do not match the model
+            the config describes (the message lists missing / unexpected keys).
+
+    Example:
+        >>> model, config = load_checkpoint("runs/voc/best")  # doctest: +SKIP
+    """
+    from .. import models
+
+    p = _resolve(path)
+    config = read_config(p)
+    spec = config["model"]
+    model = models.create(spec["name"], int(spec["num_classes"]), **dict(spec.get("kwargs", {})))
+    load_weights(model, p)
+    return model.to(device).eval(), config
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> int | None:
+    """Load ``model.safetensors`` from the checkpoint directory ``path`` into ``model`` (strict).
+
+    Returns:
+        The step stored in the file's metadata, or ``None``.
+    """
+    p = _resolve(path)
+    from safetensors import safe_open
+
+    with safe_open(str(p / MODEL_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(p / MODEL_FILE))
+    target = unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {p / MODEL_FILE} do not match the model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    bad = [k for k in own if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"weights in {p / MODEL_FILE} do not match the model: {k} has shape "
+            f"{tuple(tensors[k].shape)}, the model expects {tuple(own[k].shape)}"
+        )
+    target.load_state_dict(tensors, strict=True)
+    step = meta.get("step", "")
+    return int(step) if step.isdigit() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Training state: optimiser, GradScaler and RNG states, as safetensors + JSON (never pickle).
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    state_meta: dict[str, dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        meta: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                name = f"optimizer.{pid}.{key}"
+                tensors[name] = value.detach().to("cpu").contiguous().clone()
+                meta[key] = {"tensor": name}
+            else:
+                meta[key] = value
+        state_meta[str(pid)] = meta
+    return tensors, {"state": state_meta, "param_groups": sd["param_groups"]}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping
+) -> None:
+    """Inverse of :func:`optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {
+            k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+            for k, v in entry.items()
+        }
+    groups = [dict(g) for g in meta["param_groups"]]
+    for g in groups:
+        if "betas" in g:  # JSON turned Adam's tuple into a list
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(prefix: str = "rng") -> tuple[dict[str, torch.Tensor], dict]:
+    """Capture torch (CPU and CUDA), numpy and python RNG states as tensors + JSON."""
+    tensors = {f"{prefix}.torch": torch.get_rng_state().clone()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}.cuda.{i}"] = s.clone()
+    # The legacy global numpy RNG is what user code and transforms draw from: save it.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    tensors[f"{prefix}.numpy"] = torch.from_numpy(
+        np.asarray(keys, dtype=np.uint32).astype(np.int64)
+    )
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": cached},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping, prefix: str = "rng") -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(tensors[f"{prefix}.torch"])
+    cuda = sorted(k for k in tensors if k.startswith(f"{prefix}.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    nm = meta["numpy"]
+    keys = tensors[f"{prefix}.numpy"].numpy().astype(np.uint32)
+    np.random.set_state((nm["kind"], keys, nm["pos"], nm["has_gauss"], nm["cached"]))  # noqa: NPY002
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+def has_training_state(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a resumable checkpoint (``state.json`` written last)."""
+    return (Path(path) / STATE_JSON).is_file()
+
+
+def load_training_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read ``state.safetensors`` + ``state.json``; check all four files belong to one step.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the files carry different steps (the process died between two writes).
+    """
+    from safetensors import safe_open
+
+    p = _resolve(path)
+    for name in (STATE_FILE, STATE_JSON):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"cannot resume from {p}: {name} is missing")
+    meta = json.loads((p / STATE_JSON).read_text())
+    step = str(meta.get("step"))
+    with safe_open(str(p / STATE_FILE), framework="pt") as f:
+        state_step = (f.metadata() or {}).get("step")
+    with safe_open(str(p / MODEL_FILE), framework="pt") as f:
+        model_step = (f.metadata() or {}).get("step")
+    config_step = str(read_config(p).get("step"))
+    if not (step == state_step == model_step == config_step):
+        raise ValueError(
+            f"cannot resume from {p}: its files belong to different steps (state.json {step}, "
+            f"state.safetensors {state_step}, model.safetensors {model_step}, config.json "
+            f"{config_step}); the run was killed while writing a checkpoint"
+        )
+    return load_file(str(p / STATE_FILE)), meta

@@ -1,0 +1,260 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deepcrf import models
+from deepcrf.data.transforms import train_transform
+from deepcrf.data.voc import VOCSegmentation
+from deepcrf.engine import fit, load_checkpoint
+from deepcrf.engine.train import _param_groups, _Stream, _StreamSampler, cross_entropy, poly_lr
+
+SPEC = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.create("small", 21, width=4, hidden=8)
+
+
+@pytest.fixture
+def train_set(fake_voc):
+    return VOCSegmentation(fake_voc, "train", transform=train_transform(24))
+
+
+def test_fit_trains_and_returns_losses(train_set):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = fit(model, train_set, steps=3, batch_size=2, lr=0.01, progress=False)
+    assert len(out["losses"]) == 3 and all(math.isfinite(x) for x in out["losses"])
+    assert out["start_step"] == 0 and out["seconds"] > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("classifier") for k in changed)
+    assert not model.training
+
+
+def test_fit_is_deterministic(train_set):
+    a, b = _model(), _model()
+    fit(a, train_set, steps=2, batch_size=2, progress=False, seed=3)
+    fit(b, train_set, steps=2, batch_size=2, progress=False, seed=3)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(k):
+    def callback(step, loss):
+        if step == k:
+            raise _Stop
+
+    return callback
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_is_bit_identical(train_set, tmp_path, optimizer):
+    # N steps straight vs K steps, "kill", resume to N: the weights must be exactly equal.
+    n, k = 5, 2
+    kwargs = dict(
+        steps=n, batch_size=2, lr=0.02, optimizer=optimizer, progress=False, seed=7, config=SPEC
+    )
+    straight = _model()
+    fit(straight, train_set, run_dir=tmp_path / "a", **kwargs)
+
+    killed = _model()
+    with pytest.raises(_Stop):
+        fit(
+            killed,
+            train_set,
+            run_dir=tmp_path / "b",
+            checkpoint_every=k,
+            callback=_stop_at(k),
+            **kwargs,
+        )
+    # Disturb the global RNGs as a new process would have them: resume must restore them.
+    torch.manual_seed(12345)
+    resumed = _model()
+    out = fit(resumed, train_set, run_dir=tmp_path / "b", resume=True, **kwargs)
+    assert out["start_step"] == k and len(out["losses"]) == n
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    final, _ = load_checkpoint(tmp_path / "b")
+    for key, value in final.state_dict().items():
+        assert torch.equal(value, straight.state_dict()[key]), key
+
+
+def test_resume_rejects_changed_settings(train_set, tmp_path):
+    fit(_model(), train_set, steps=1, batch_size=1, progress=False, run_dir=tmp_path, config=SPEC)
+    with pytest.raises(ValueError, match=r"different settings.*lr"):
+        fit(
+            _model(),
+            train_set,
+            steps=1,
+            batch_size=1,
+            lr=0.5,
+            progress=False,
+            run_dir=tmp_path,
+            config=SPEC,
+            resume=True,
+        )
+
+
+def test_resume_without_checkpoint(train_set, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(
+            _model(), train_set, steps=1, progress=False, run_dir=tmp_path, config=SPEC, resume=True
+        )
+
+
+def test_stream_positions_cover_epochs_and_ranks(train_set):
+    stream = _Stream(train_set, seed=0)
+    n = len(train_set)
+    assert sorted(stream.order(0)) == list(range(n))
+    # Two ranks, batch 2: step 0 reads positions 0-1 (rank 0) and 2-3 (rank 1), disjoint.
+    r0 = list(_StreamSampler(0, 2, 2, 0, 2))
+    r1 = list(_StreamSampler(0, 2, 2, 1, 2))
+    assert r0 == [0, 1, 4, 5] and r1 == [2, 3, 6, 7]
+    # The same position gives the same (augmented) sample, whatever the global RNG does.
+    a = stream[4]
+    torch.manual_seed(99)
+    b = stream[4]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # ... and fetching it leaves the global RNG untouched.
+    state = torch.get_rng_state()
+    stream[5]
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_poly_schedule():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+
+
+def test_param_groups_rates_and_stages():
+    model = models.create("small", 21, width=4, hidden=8, crf="dense-learnable")
+    groups, frozen = _param_groups(
+        model,
+        stage="joint",
+        lr=0.001,
+        crf_lr=0.1,
+        head_lr=0.01,
+        weight_decay=5e-4,
+        crf_weight_decay=0.0,
+        freeze_backbone=False,
+    )
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["crf"]["lr"] == 0.1 and by_name["crf"]["weight_decay"] == 0.0
+    assert by_name["head"]["lr"] == 0.01 and by_name["backbone"]["lr"] == 0.001
+    assert not frozen
+    groups, frozen = _param_groups(
+        model,
+        stage="unary",
+        lr=0.001,
+        crf_lr=0.1,
+        head_lr=None,
+        weight_decay=5e-4,
+        crf_weight_decay=0.0,
+        freeze_backbone=False,
+    )
+    assert "crf" not in {g["name"] for g in groups} and frozen
+    groups, frozen = _param_groups(
+        model,
+        stage="joint",
+        lr=0.001,
+        crf_lr=None,
+        head_lr=None,
+        weight_decay=5e-4,
+        crf_weight_decay=0.0,
+        freeze_backbone=True,
+    )
+    assert "backbone" not in {g["name"] for g in groups}
+
+
+def test_joint_stage_trains_crf_and_unary_stage_does_not(train_set):
+    model = models.create(
+        "small", 21, width=4, hidden=8, crf="dense-learnable", crf_kwargs={"iters": 2}
+    )
+    crf_before = {k: v.clone() for k, v in model.crf.state_dict().items()}
+    fit(model, train_set, stage="unary", steps=1, batch_size=1, progress=False)
+    for k, v in model.crf.state_dict().items():
+        assert torch.equal(v, crf_before[k]), k
+    assert all(p.requires_grad for p in model.crf.parameters())  # flags restored
+    fit(model, train_set, stage="joint", steps=1, batch_size=1, crf_lr=0.5, progress=False)
+    assert any(not torch.equal(v, crf_before[k]) for k, v in model.crf.state_dict().items())
+
+
+class _Piecewise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, image):
+        return image[:, :1] * self.w
+
+    def piecewise_loss(self, image, labels):
+        return (self.w - 3.0) ** 2
+
+
+def test_piecewise_stage_uses_piecewise_loss(train_set):
+    model = _Piecewise()
+    fit(
+        model,
+        train_set,
+        stage="piecewise",
+        steps=3,
+        batch_size=1,
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.0,
+        poly_power=0.0,
+        progress=False,
+    )
+    # Gradient descent on (w - 3)^2 from 1 with lr 0.1: w <- w + 0.2 (3 - w), three times.
+    w = 1.0
+    for _ in range(3):
+        w += 0.2 * (3 - w)
+    assert float(model.w.detach()) == pytest.approx(w, rel=1e-6)
+
+
+def test_bad_arguments(train_set):
+    model = _model()
+    with pytest.raises(ValueError, match="stage must be one of"):
+        fit(model, train_set, stage="nope", steps=1)
+    with pytest.raises(ValueError, match="needs a model with a CRF"):
+        fit(model, train_set, stage="joint", steps=1)
+    with pytest.raises(ValueError, match="piecewise_loss"):
+        fit(model, train_set, stage="piecewise", steps=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        fit(model, train_set, steps=0)
+    with pytest.raises(ValueError, match="empty"):
+        fit(model, [], steps=1)
+    with pytest.raises(ValueError, match="run_dir needs config"):
+        fit(model, train_set, steps=1, run_dir="x")
+
+
+def test_uncropped_images_of_different_sizes_error(fake_voc, tmp_path):
+    from tests.fakevoc import make_fake_voc
+
+    root = make_fake_voc(tmp_path / "mixed", n_train=1, size=(20, 24))
+    small = VOCSegmentation(root, "train")
+    big = VOCSegmentation(fake_voc, "train")
+    mixed = torch.utils.data.ConcatDataset([small, big])
+    with pytest.raises(ValueError, match="differ in size"):
+        fit(_model(), mixed, steps=1, batch_size=4, progress=False)
+
+
+def test_cross_entropy_ignores_void_and_checks_classes():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.tensor([[[0, 255], [2, 1]]])
+    ref = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
+    assert torch.allclose(cross_entropy(logits, labels), ref)
+    all_void = torch.full((1, 2, 2), 255)
+    loss = cross_entropy(logits, all_void)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    with pytest.raises(ValueError, match="class 5 but the model predicts 3"):
+        cross_entropy(logits, torch.tensor([[[5, 0], [0, 0]]]))
