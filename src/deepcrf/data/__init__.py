@@ -13,6 +13,7 @@ from .palette import (
     write_label_png,
 )
 from .sbd import SBDSegmentation, build_dataset, find_sbd_root, read_sbd_mat, train_aug
+from .synthetic import SyntheticSegmentation
 from .transforms import (
     Compose,
     RandomCrop,
@@ -32,6 +33,7 @@ __all__ = [
     "RandomScale",
     "SBDSegmentation",
     "SegmentationFiles",
+    "SyntheticSegmentation",
     "VOCSegmentation",
     "build_dataset",
     "colorize",
