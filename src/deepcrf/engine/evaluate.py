@@ -11,6 +11,7 @@ restricted to bands of given widths around object boundaries.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_tensor
+from ..metrics import ConfusionMatrix, TrimapAccuracy, scores_from_confusion
 from .distributed import all_reduce_sum, is_main_process, rank_and_world
 
-IGNORE_INDEX = 255
 DEFAULT_TRIMAP_BANDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
 Postprocess = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,51 +103,6 @@ def predict_logits(
     return logits
 
 
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts ``C[t, p]`` of pixels with ground truth t predicted as p (255 = ignored).
-
-    Shape:
-        pred:   (...) int64 in [0, L)
-        labels: (...) int64 in [0, L) or 255
-        return: (L, L) int64
-    """
-    valid = labels != IGNORE_INDEX
-    t = labels[valid]
-    if t.numel() and int(t.max()) >= num_classes:
-        raise ValueError(
-            f"labels contain class {int(t.max())} but num_classes is {num_classes} (labels "
-            f"must be in [0, {num_classes}) or {IGNORE_INDEX})"
-        )
-    idx = t * num_classes + pred[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, -1)
-
-
-def boundary_distance_bands(labels: torch.Tensor, bands: Sequence[int]) -> torch.Tensor:
-    """Masks of pixels within ``band`` pixels (Chebyshev distance) of a label boundary.
-
-    A boundary pixel is one whose 4-neighbour carries a different label; VOC's void band (255)
-    counts as a label, so pixels next to it are boundary pixels, as in DeepLab's trimap. Void
-    pixels themselves are excluded by the caller (they have no ground truth).
-
-    Shape:
-        labels: (H, W) int64
-        return: (len(bands), H, W) bool
-    """
-    lab = labels[None, None].float()
-    edge = torch.zeros_like(lab, dtype=torch.bool)
-    dx = lab[..., :, 1:] != lab[..., :, :-1]
-    dy = lab[..., 1:, :] != lab[..., :-1, :]
-    edge[..., :, 1:] |= dx
-    edge[..., :, :-1] |= dx
-    edge[..., 1:, :] |= dy
-    edge[..., :-1, :] |= dy
-    out = []
-    for band in bands:
-        k = 2 * int(band) + 1
-        out.append(F.max_pool2d(edge.float(), k, stride=1, padding=int(band))[0, 0] > 0)
-    return torch.stack(out)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -210,8 +166,8 @@ def evaluate(
     rank, world = rank_and_world()
     was_training = model.training
     model.to(dev).eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    trimap = torch.zeros(2, len(bands), dtype=torch.int64)  # correct, total per band
+    conf = ConfusionMatrix(num_classes)
+    trimap = TrimapAccuracy(bands) if bands else None
     seconds = torch.zeros((), dtype=torch.float64)
     indices = range(rank, n, world)
     for i in tqdm(
@@ -239,26 +195,27 @@ def evaluate(
                 f"the model predicts {logits.shape[1]} classes but num_classes is {num_classes}"
             )
         labels = labels.to(torch.int64)
-        conf += confusion_matrix(pred, labels, num_classes)
-        if bands:
-            valid = labels != IGNORE_INDEX
-            correct = (pred == labels) & valid
-            masks = boundary_distance_bands(labels, bands) & valid
-            trimap[0] += (masks & correct).flatten(1).sum(1)
-            trimap[1] += masks.flatten(1).sum(1)
-    conf = all_reduce_sum(conf)
-    trimap = all_reduce_sum(trimap)
+        conf.update(pred, labels)
+        if trimap is not None:
+            trimap.update(pred, labels)
+    conf.all_reduce()
     seconds = all_reduce_sum(seconds)
+    trimap_acc: dict[str, float | None] = {}
+    if trimap is not None:
+        trimap.all_reduce()
+        trimap_acc = {str(b): _nan_to_none(v) for b, v in trimap.compute().items()}
     if was_training:
         model.train()
-    return {**metrics_from_confusion(conf, class_names), **{
-        "trimap_accuracy": {
-            str(b): (float(trimap[0, k]) / float(trimap[1, k]) if trimap[1, k] > 0 else None)
-            for k, b in enumerate(bands)
-        },
+    return {
+        **metrics_from_confusion(conf.matrix, class_names),
+        "trimap_accuracy": trimap_acc,
         "seconds_per_image": float(seconds) / n,
         "num_images": n,
-    }}  # fmt: skip
+    }
+
+
+def _nan_to_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def metrics_from_confusion(
@@ -266,25 +223,21 @@ def metrics_from_confusion(
 ) -> dict[str, Any]:
     """mIoU, pixel accuracy, mean class accuracy and per-class IoU from a confusion matrix.
 
+    IoU_c = C[c, c] / (Σ_p C[c, p] + Σ_t C[t, c] − C[c, c]) (see
+    :func:`deepcrf.metrics.scores_from_confusion`); undefined values are ``None`` (JSON null).
+
     Shape:
         conf: (L, L) counts, rows = ground truth, columns = prediction
     """
-    conf = conf.to(torch.float64)
-    tp = conf.diag()
-    gt = conf.sum(1)
-    pr = conf.sum(0)
-    union = gt + pr - tp
-    present = union > 0
-    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
-    total = float(conf.sum())
-    has_gt = gt > 0
-    names = list(class_names) if class_names is not None else [str(c) for c in range(len(tp))]
+    scores = scores_from_confusion(conf)
+    per_class = scores["per_class_iou"]
+    names = (
+        list(class_names) if class_names is not None else [str(c) for c in range(len(per_class))]
+    )
     return {
-        "miou": float(iou[present].mean()) if present.any() else 0.0,
-        "pixel_accuracy": float(tp.sum()) / total if total > 0 else 0.0,
-        "mean_accuracy": float((tp[has_gt] / gt[has_gt]).mean()) if has_gt.any() else 0.0,
-        "per_class_iou": {
-            name: (float(iou[c]) if present[c] else None) for c, name in enumerate(names)
-        },
-        "confusion_matrix": conf.to(torch.int64).tolist(),
+        "miou": _nan_to_none(scores["miou"]),
+        "pixel_accuracy": _nan_to_none(scores["pixel_accuracy"]),
+        "mean_accuracy": _nan_to_none(scores["mean_accuracy"]),
+        "per_class_iou": {n: _nan_to_none(v) for n, v in zip(names, per_class, strict=True)},
+        "confusion_matrix": conf.to(torch.int64).cpu().tolist(),
     }

@@ -47,8 +47,9 @@ from .distributed import all_gather_object, barrier, is_main_process, rank_and_w
 IGNORE_INDEX = 255
 STAGES = ("unary", "joint", "piecewise")
 OPTIMIZERS = ("sgd", "adam")
-# Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate.
-HEAD_PREFIXES = ("head.", "classifier.")
+# Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate
+# (the small model's head/classifier, DeepLab's fc8).
+HEAD_PREFIXES = ("head.", "classifier.", "fc8.")
 BACKBONE_PREFIXES = ("backbone.",)
 # Hyper-parameters that define the training trajectory: a resume must use the same values.
 _TRAJECTORY_KEYS = (
