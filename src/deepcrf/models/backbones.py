@@ -215,11 +215,11 @@ class VGG16Atrous(_Normalizer):
 
     def conv(self, name: str) -> nn.Conv2d:
         """The convolution called ``name`` (``"conv1_1"`` ... ``"conv5_3"``)."""
-        block = int(name[4]) - 1
-        layer = self.stages[block][name] if 0 <= block < 5 else None
-        if not isinstance(layer, nn.Conv2d):
-            raise KeyError(f"no VGG-16 convolution named {name!r}")
-        return layer
+        for stage in self.stages:
+            layer = getattr(stage, name, None)
+            if isinstance(layer, nn.Conv2d):
+                return layer
+        raise KeyError(f"no VGG-16 convolution named {name!r}")
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of pool1 ... pool5 (strides 2, 4, 8, 8, 8) for multi-scale heads.
@@ -322,7 +322,7 @@ def load_vgg16_imagenet(
             f"model must contain exactly one VGG16Atrous to load VGG-16 weights into; found "
             f"{len(trunks)} in {type(model).__name__}"
         )
-    trunk_name, trunk = trunks[0]
+    trunk = trunks[0][1]
     heads: dict[str, tuple[str, nn.Conv2d]] = {}
     for n, m in model.named_modules():
         leaf = n.rsplit(".", 1)[-1]
@@ -386,37 +386,40 @@ def load_vgg16_imagenet(
         raise ValueError("cannot load VGG-16 ImageNet weights: " + "; ".join(problems))
 
     # Build every target tensor first, so that a decimation error leaves the model unchanged.
-    prefix = f"{trunk_name}." if trunk_name else ""
-    updates: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    updates: list[tuple[torch.Tensor | None, torch.Tensor]] = []
     for convs in _VGG16_BLOCKS:
         for name, _ in convs:
             idx = TORCHVISION_VGG16_CONV_INDEX[name]
             conv = trunk.conv(name)
-            updates.append((f"{prefix}{name}.weight", conv.weight, state[f"features.{idx}.weight"]))
-            updates.append((f"{prefix}{name}.bias", conv.bias, state[f"features.{idx}.bias"]))
+            updates.append((conv.weight, state[f"features.{idx}.weight"]))
+            updates.append((conv.bias, state[f"features.{idx}.bias"]))
     used = set(expected)
     if "fc6" in heads:
-        name6, fc6 = heads["fc6"]
+        fc6 = heads["fc6"][1]
         w6 = state["classifier.0.weight"].reshape(4096, 512, 7, 7)
         w, b, step6 = _decimate_fc(w6, state["classifier.0.bias"], fc6, 1, "classifier.0")
-        updates += [(f"{name6}.weight", fc6.weight, w), (f"{name6}.bias", fc6.bias, b)]
+        updates += [(fc6.weight, w), (fc6.bias, b)]
         used |= {"classifier.0.weight", "classifier.0.bias"}
         if "fc7" in heads:
-            name7, fc7 = heads["fc7"]
+            fc7 = heads["fc7"][1]
             w7 = state["classifier.3.weight"].reshape(4096, 4096, 1, 1)
             w, b, _ = _decimate_fc(w7, state["classifier.3.bias"], fc7, step6, "classifier.3")
-            updates += [(f"{name7}.weight", fc7.weight, w), (f"{name7}.bias", fc7.bias, b)]
+            updates += [(fc7.weight, w), (fc7.bias, b)]
             used |= {"classifier.3.weight", "classifier.3.bias"}
-    for pname, param, value in updates:
-        if param is None or tuple(param.shape) != tuple(value.shape):
-            got = None if param is None else tuple(param.shape)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, value in updates:
+        if param is None:
+            raise ValueError("cannot load VGG-16 weights into a convolution without bias")
+        if tuple(param.shape) != tuple(value.shape):
             raise ValueError(
-                f"cannot load into {pname}: shape {got}, weights give {tuple(value.shape)}"
+                f"cannot load into {names.get(id(param), '?')}: shape {tuple(param.shape)}, "
+                f"weights give {tuple(value.shape)}"
             )
     with torch.no_grad():
-        for _, param, value in updates:
-            param.copy_(value.to(dtype=param.dtype, device=param.device))
-    return {"loaded": [u[0] for u in updates], "ignored": sorted(k for k in state if k not in used)}
+        for param, value in updates:
+            param.copy_(value.to(dtype=param.dtype, device=param.device))  # type: ignore[union-attr]
+    loaded = [names.get(id(param), "?") for param, _ in updates]
+    return {"loaded": loaded, "ignored": sorted(k for k in state if k not in used)}
 
 
 # ----------------------------------------------------------------------------------------------
