@@ -37,18 +37,6 @@ def test_fake_voc_is_seeded(tmp_path):
     assert not np.array_equal(la, lc)
 
 
-def test_fake_voc_colour_predicts_label(fake_voc):
-    # Per-class mean colours are far apart relative to the noise, so a tiny CNN can learn.
-    name = "2007_000001"
-    image = read_image(fake_voc / "JPEGImages" / f"{name}.jpg").astype(np.float64)
-    labels = read_label_png(fake_voc / "SegmentationClass" / f"{name}.png")
-    classes = [c for c in np.unique(labels) if c != 255]
-    means = np.stack([image[labels == c].mean(0) for c in classes])
-    stds = np.stack([image[labels == c].std(0) for c in classes])
-    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[~np.eye(len(classes), dtype=bool)]
-    assert gaps.min() > 3 * stds.max()
-
-
 # --- VOCSegmentation ------------------------------------------------------------------------
 
 
@@ -192,3 +180,20 @@ def test_synthetic_voc_export_is_readable(tmp_path):
     image, labels = ds[0]
     assert image.shape == (3, 32, 32) and labels.shape == (32, 32)
     assert int(labels.max()) < 4
+
+
+def test_fake_voc_colour_separates_classes(fake_voc):
+    # A nearest-class-mean rule on RGB (a linear classifier a 1x1 conv can represent) labels
+    # almost every non-void pixel right, far above always-background: a tiny CNN can learn it.
+    ds = VOCSegmentation(fake_voc, "trainval")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = torch.stack([ds[i][1] for i in range(len(ds))])
+    valid = labels != 255
+    pixels, truth = images.permute(0, 2, 3, 1)[valid], labels[valid]
+    classes = truth.unique()
+    assert len(classes) > 3
+    means = torch.stack([pixels[truth == c].mean(0) for c in classes])
+    pred = classes[torch.cdist(pixels, means).argmin(1)]
+    accuracy = float((pred == truth).float().mean())
+    background = float((truth == 0).float().mean())
+    assert accuracy > 0.98 and background < 0.9
