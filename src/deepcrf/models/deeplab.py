@@ -33,14 +33,15 @@ from .segmenter import with_crf
 __all__ = ["DEEPLAB_CRF_DEFAULTS", "DeepLabV1", "MultiScaleBranch", "load_vgg16_imagenet"]
 
 # Dense-CRF parameters cross-validated by the DeepLab v1 release on VOC 2012 val (bi_w, bi_xy_std,
-# bi_rgb_std, pos_w, pos_xy_std in its scripts), with 10 mean-field iterations as in the paper.
+# bi_rgb_std, pos_w, pos_xy_std in its scripts); 10 mean-field iterations at test time as in the
+# paper (``iters``, the training-mode count, stays DenseCRF's default).
 DEEPLAB_CRF_DEFAULTS: dict[str, dict[str, float]] = {
     "deeplab_v1": {"w_bilateral": 5.0, "theta_alpha": 50.0, "theta_beta": 10.0,
-                   "w_gaussian": 3.0, "theta_gamma": 3.0, "iters": 10},
+                   "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
     "deeplab_largefov": {"w_bilateral": 4.0, "theta_alpha": 121.0, "theta_beta": 5.0,
-                         "w_gaussian": 3.0, "theta_gamma": 3.0, "iters": 10},
+                         "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
     "deeplab_msc_largefov": {"w_bilateral": 4.0, "theta_alpha": 83.0, "theta_beta": 5.0,
-                             "w_gaussian": 3.0, "theta_gamma": 3.0, "iters": 10},
+                             "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
 }  # fmt: skip
 
 

@@ -19,24 +19,16 @@ from torch import nn
 
 __all__ = ["CRF_KINDS", "CRFSegmenter", "build_crf", "with_crf"]
 
-# ``crf=`` strings accepted by every factory of the registry -> the ``learnable`` tuple handed to
-# ``deepcrf.crf.dense.DenseCRF``: a fixed CRF (DeepLab's post-processing), CRF-as-RNN style
-# learnable compatibility and kernel weights, and the same plus learnable kernel bandwidths.
-CRF_KINDS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "dense-learnable": ("compat", "weights"),
-    "dense-bandwidths": ("compat", "weights", "bandwidths"),
-}
-
-# Default dense-CRF parameters when a factory gives none: Krähenbühl & Koltun's / pydensecrf's
-# example values (bilateral θα=80 px, θβ=13 colour units, weight 10; smoothness θγ=3 px, weight 3).
-# DeepLab's factories pass the values Chen et al. cross-validated for each variant instead.
-DEFAULT_DENSE_CRF: dict[str, float] = {
-    "theta_alpha": 80.0,
-    "theta_beta": 13.0,
-    "theta_gamma": 3.0,
-    "w_bilateral": 10.0,
-    "w_gaussian": 3.0,
+# ``crf=`` strings accepted by every factory of the registry -> ``DenseCRF`` settings: a fixed
+# CRF (DeepLab's post-processing); CRF-as-RNN (Zheng et al. 2015): learnable compatibility and
+# kernel weights as L×L matrices; the same plus learnable kernel bandwidths (Schwing & Urtasun).
+CRF_KINDS: dict[str, dict[str, Any]] = {
+    "dense": {"learnable": ()},
+    "dense-learnable": {"learnable": ("compat", "weights"), "weight_shape": "matrix"},
+    "dense-bandwidths": {
+        "learnable": ("compat", "weights", "bandwidths"),
+        "weight_shape": "matrix",
+    },
 }
 
 
@@ -55,13 +47,14 @@ def build_crf(
 
     Args:
         kind: one of ``"dense"`` (fixed parameters), ``"dense-learnable"`` (learnable
-            compatibility and kernel weights, as CRF-as-RNN), ``"dense-bandwidths"`` (also
-            learnable kernel bandwidths).
+            compatibility and L×L kernel-weight matrices, as CRF-as-RNN),
+            ``"dense-bandwidths"`` (also learnable kernel bandwidths); see :data:`CRF_KINDS`.
         num_labels: number of labels L.
-        crf_kwargs: keyword arguments for ``DenseCRF`` overriding ``defaults`` (e.g.
-            ``{"theta_alpha": 50.0, "iters": 10}``); ``learnable`` here overrides ``kind``'s.
-        defaults: the calling model's default CRF parameters (bandwidths in pixels and colour
-            units, kernel weights); :data:`DEFAULT_DENSE_CRF` when ``None``.
+        crf_kwargs: keyword arguments for ``DenseCRF`` overriding ``defaults`` and ``kind``'s
+            settings (e.g. ``{"theta_alpha": 50.0, "eval_iters": 10}``).
+        defaults: the calling model's default CRF parameters (bandwidths θα, θγ in pixels, θβ
+            in 0-255 colour units, kernel weights, iterations); ``DenseCRF``'s own defaults
+            (θα=80, θβ=13, θγ=3, w=10 and 3, pydensecrf's example values) where not given.
 
     Returns:
         The CRF module, ``forward(logits (B, L, H, W), image (B, 3, H, W)) -> (B, L, H, W)``.
@@ -73,8 +66,8 @@ def build_crf(
         raise ValueError(
             f"crf must be None, an nn.Module or one of {sorted(CRF_KINDS)}; got {kind!r}"
         )
-    params: dict[str, Any] = dict(DEFAULT_DENSE_CRF if defaults is None else defaults)
-    params["learnable"] = CRF_KINDS[kind]
+    params: dict[str, Any] = dict(defaults or {})
+    params.update(CRF_KINDS[kind])
     params.update(crf_kwargs or {})
     dense = importlib.import_module("deepcrf.crf.dense")
     return dense.DenseCRF(int(num_labels), **params)
