@@ -14,8 +14,9 @@ Conventions:
     * the trimap band (Chen et al. 2015, DeepLab v1, Sec. 5 "Boundary localization") is every
       pixel within a Chebyshev distance ``band_width`` of a boundary pixel, where boundary
       pixels are void pixels (VOC draws a ~5 px void band along object outlines) and both
-      pixels of every 4-neighbour pair with different labels. Void pixels themselves are
-      never scored.
+      pixels of every pair of non-void 4-neighbours with different labels (outlines that VOC
+      left without a void band, and every outline in void-free data). Void pixels
+      themselves are never scored.
 
 Everything works on CPU or GPU tensors; accumulators keep their matrix on the device of the
 first update so that the engine can ``torch.distributed.all_reduce`` it under DDP.
@@ -23,6 +24,7 @@ first update so that the engine can ``torch.distributed.all_reduce`` it under DD
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -33,27 +35,43 @@ from ._checks import check_tensor
 IGNORE_INDEX = 255
 
 
-def _check_labels(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
-) -> None:
-    check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
-    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
-    if pred.dim() not in (2, 3):
-        raise ValueError(f"pred must be (B, H, W) or (H, W) labels; got shape {tuple(pred.shape)}")
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer type (int, numpy or 0-d torch integer), else None."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_label_map(x: object, name: str) -> torch.Tensor:
+    t = check_tensor(x, name, layout="(B, H, W) or (H, W)")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be (B, H, W) or (H, W) labels; got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids; got dtype {t.dtype}")
+    return t
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    _check_label_map(pred, "pred")
+    _check_label_map(target, "target")
     if pred.shape != target.shape:
         raise ValueError(
             f"pred and target must have the same shape; got pred {tuple(pred.shape)} and "
             f"target {tuple(target.shape)}"
         )
-    for name, t in (("pred", pred), ("target", target)):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer class ids; got dtype {t.dtype}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
     if pred.device != target.device:
         raise ValueError(
             f"pred and target must be on the same device; got {pred.device} and {target.device}"
         )
+
+
+def _check_labels(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+) -> None:
+    _check_pair(pred, target)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
     valid = target != ignore_index
     bad_target = valid & ((target < 0) | (target >= num_classes))
     if bool(bad_target.any()):
@@ -225,7 +243,7 @@ def boundary_band(
     """The trimap band: pixels within Chebyshev distance ``band_width`` of an object boundary.
 
     Boundary pixels are the ``ignore_index`` (void) pixels and both pixels of every pair of
-    4-neighbours whose labels differ; the band is their dilation by a
+    non-void 4-neighbours whose labels differ; the band is their dilation by a
     ``(2 * band_width + 1)`` square (max pooling, separable). Void pixels are removed from the
     band, since they are never scored. The image border is not a boundary.
 
@@ -238,20 +256,22 @@ def boundary_band(
         target: (B, H, W) or (H, W) integer
         return: bool, same shape as target
     """
-    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
-    if target.dim() not in (2, 3):
-        raise ValueError(f"target must be (B, H, W) or (H, W); got shape {tuple(target.shape)}")
-    if not isinstance(band_width, int) or band_width < 0:
+    _check_label_map(target, "target")
+    if isinstance(band_width, bool) or _as_int(band_width) is None or band_width < 0:
         raise ValueError(f"band_width must be a non-negative int (pixels); got {band_width!r}")
     t = target if target.dim() == 3 else target[None]
     void = t == ignore_index
     edge = void.clone()
-    horizontal = t[:, :, 1:] != t[:, :, :-1]
-    vertical = t[:, 1:, :] != t[:, :-1, :]
+    # A change into void is not a boundary of its own: the void pixel already is one, and
+    # counting its neighbours would widen the band around void by a pixel.
+    valid = ~void
+    horizontal = (t[:, :, 1:] != t[:, :, :-1]) & valid[:, :, 1:] & valid[:, :, :-1]
+    vertical = (t[:, 1:, :] != t[:, :-1, :]) & valid[:, 1:, :] & valid[:, :-1, :]
     edge[:, :, 1:] |= horizontal
     edge[:, :, :-1] |= horizontal
     edge[:, 1:, :] |= vertical
     edge[:, :-1, :] |= vertical
+    band_width = int(band_width)
     band = edge[:, None].to(torch.float32)
     if band_width > 0:
         k = 2 * band_width + 1
@@ -288,13 +308,7 @@ def trimap_accuracy(
         >>> trimap_accuracy(torch.tensor([[0, 0, 1, 1, 1, 0]]), target, band_width=1)
         0.75
     """
-    check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
-    check_tensor(target, "target", layout="(B, H, W) or (H, W)")
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must have the same shape; got pred {tuple(pred.shape)} and "
-            f"target {tuple(target.shape)}"
-        )
+    _check_pair(pred, target)
     band = boundary_band(target, band_width, ignore_index)
     total = int(band.sum())
     if total == 0:
@@ -326,11 +340,12 @@ class TrimapAccuracy:
         num_classes: int | None = None,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        self.band_widths = [int(w) for w in band_widths]
-        if not self.band_widths or any(w < 0 for w in self.band_widths):
+        widths = list(band_widths)
+        if not widths or any(isinstance(w, bool) or _as_int(w) is None or w < 0 for w in widths):
             raise ValueError(
-                f"band_widths must be a non-empty list of non-negative ints; got {band_widths!r}"
+                f"band_widths must be a non-empty list of non-negative ints; got {widths!r}"
             )
+        self.band_widths = [int(w) for w in widths]
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         n = len(self.band_widths)
@@ -354,12 +369,7 @@ class TrimapAccuracy:
         if self.num_classes is not None:
             _check_labels(pred, target, self.num_classes, self.ignore_index)
         else:
-            check_tensor(pred, "pred", layout="(B, H, W) or (H, W)")
-            if pred.shape != target.shape:
-                raise ValueError(
-                    f"pred and target must have the same shape; got pred {tuple(pred.shape)} "
-                    f"and target {tuple(target.shape)}"
-                )
+            _check_pair(pred, target)
         if self.correct.device != target.device:
             self.correct = self.correct.to(target.device)
             self.total = self.total.to(target.device)
