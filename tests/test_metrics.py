@@ -304,6 +304,21 @@ def test_boundary_band_matches_brute_force(width):
     assert torch.equal(boundary_band(target, width), _band_reference(target, width))
 
 
+def test_trimap_incremental_bands_match_one_shot():
+    # TrimapAccuracy dilates the bands incrementally (unsorted, repeated widths allowed);
+    # boundary_band dilates once by the full width.
+    pred, target = _random_case(b=2, h=25, w=31, seed=4)
+    coarse = target[:, ::5, ::5].repeat_interleave(5, 1).repeat_interleave(5, 2)
+    target = coarse[:, :25, :31].clone()
+    widths = [7, 0, 3, 3, 12]
+    acc = TrimapAccuracy(widths)
+    acc.update(pred, target)
+    for k, width in enumerate(widths):
+        band = boundary_band(target, width)
+        assert int(acc.total[k]) == int(band.sum()) > 0
+        assert int(acc.correct[k]) == int((band & (pred == target)).sum())
+
+
 def test_boundary_band_batch_equals_items_no_leak():
     target = torch.zeros(2, 6, 6, dtype=torch.long)
     target[0, :, 3:] = 1  # a boundary in image 0 only
