@@ -97,18 +97,58 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 # === end data ===
 
 # === train ===
+@_subcommand
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
+    from deepcrf.engine.commands import add_train
+
+    add_train(sub)
+
+
 # === end train ===
 
 # === evaluate ===
+@_subcommand
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
+    from deepcrf.engine.commands import add_evaluate
+
+    add_evaluate(sub)
+
+
 # === end evaluate ===
 
 # === predict ===
+@_subcommand
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
+    from deepcrf.engine.commands import add_predict
+
+    add_predict(sub)
+
+
 # === end predict ===
 
 # === tune-crf ===
+@_subcommand
+def _add_tune_crf(sub: argparse._SubParsersAction) -> None:
+    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
+    from deepcrf.engine.commands import add_tune_crf
+
+    add_tune_crf(sub)
+
+
 # === end tune-crf ===
 
 # === benchmark ===
+@_subcommand
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
+    from deepcrf.engine.commands import add_benchmark
+
+    add_benchmark(sub)
+
+
 # === end benchmark ===
 
 # === demo ===

@@ -7,19 +7,39 @@ The names the demo and the CLI use::
     predict_logits(model, image, *, scales, flip, postprocess) -> (B, L, H, W)
     save_checkpoint(path, model, config) / load_checkpoint(path) -> (model, config)
     tune_dense_crf(model, dataset, *, num_classes, ...) -> {"best": {...}, "trials": [...]}
+
+Names resolve on first access (PEP 562), so that ``deepcrf --help``, which declares the
+subcommands' flags from :mod:`deepcrf.engine.commands`, does not import torch.
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .evaluate import evaluate, metrics_from_confusion, predict_logits
-from .train import cross_entropy, fit, poly_lr
+from __future__ import annotations
 
-__all__ = [
-    "cross_entropy",
-    "evaluate",
-    "fit",
-    "load_checkpoint",
-    "metrics_from_confusion",
-    "poly_lr",
-    "predict_logits",
-    "save_checkpoint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "fit": "train",
+    "cross_entropy": "train",
+    "poly_lr": "train",
+    "evaluate": "evaluate",
+    "predict_logits": "evaluate",
+    "metrics_from_confusion": "evaluate",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "tune_dense_crf": "tune",
+    "benchmark_dense_crf": "benchmark",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

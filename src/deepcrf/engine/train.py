@@ -10,7 +10,8 @@ Stages (``stage=``):
 * ``"piecewise"`` — Lin et al.'s piecewise training: the loss is ``model.piecewise_loss(image,
   labels)``.
 
-The learning rate follows DeepLab's "poly" policy, lr_t = lr · (1 − t/T)^power for step t of T.
+The learning rate follows DeepLab's "poly" policy, lr_t = lr · (1 − t/T)^power for step t of T,
+or DeepLab v1's "step" policy, lr_t = lr · γ^⌊t/s⌋.
 
 Exact resume: the sample seen at position p of the (endless) training stream is a pure function
 of ``(seed, p)``: epoch e = p // n visits the dataset in the order ``randperm(n)`` drawn from a
@@ -47,6 +48,7 @@ from .distributed import all_gather_object, barrier, is_main_process, rank_and_w
 IGNORE_INDEX = 255
 STAGES = ("unary", "joint", "piecewise")
 OPTIMIZERS = ("sgd", "adam")
+LR_POLICIES = ("poly", "step")
 # Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate
 # (the small model's head/classifier, DeepLab's fc8).
 HEAD_PREFIXES = ("head.", "classifier.", "fc8.")
@@ -54,7 +56,8 @@ BACKBONE_PREFIXES = ("backbone.",)
 # Hyper-parameters that define the training trajectory: a resume must use the same values.
 _TRAJECTORY_KEYS = (
     "stage", "steps", "batch_size", "lr", "crf_lr", "head_lr", "optimizer", "momentum",
-    "weight_decay", "crf_weight_decay", "poly_power", "seed", "amp", "freeze_backbone",
+    "weight_decay", "crf_weight_decay", "lr_policy", "poly_power", "lr_step", "lr_gamma", "seed",
+    "amp", "freeze_backbone",
     "grad_clip", "world_size",
 )  # fmt: skip
 
@@ -227,6 +230,15 @@ def poly_lr(base_lr: float, step: int, steps: int, power: float) -> float:
     return base_lr * (1.0 - step / steps) ** power
 
 
+def lr_factor(
+    step: int, steps: int, policy: str, power: float, step_size: int, gamma: float
+) -> float:
+    """Multiplier of the base rates at ``step`` (0-based) of ``steps``: poly or step policy."""
+    if policy == "poly":
+        return (1.0 - step / steps) ** power
+    return gamma ** (step // step_size)
+
+
 def fit(
     model: nn.Module,
     dataset: Any,
@@ -242,6 +254,9 @@ def fit(
     weight_decay: float = 5e-4,
     crf_weight_decay: float = 0.0,
     poly_power: float = 0.9,
+    lr_policy: str = "poly",
+    lr_step: int = 2000,
+    lr_gamma: float = 0.1,
     seed: int = 0,
     device: str | torch.device = "cpu",
     amp: bool = False,
@@ -281,6 +296,10 @@ def fit(
         weight_decay: L2 penalty of backbone and head.
         crf_weight_decay: L2 penalty of the CRF parameters.
         poly_power: exponent of the poly schedule (0 = constant rate).
+        lr_policy: ``"poly"`` (DeepLab v2 onwards, CRF-as-RNN uses a constant rate = poly with
+            power 0) or ``"step"``: lr · gamma^⌊t / lr_step⌋ (DeepLab v1: ×0.1 every 2000).
+        lr_step: step size of the ``"step"`` policy, in steps.
+        lr_gamma: factor of the ``"step"`` policy.
         seed: seeds the RNGs, the data order and the augmentation.
         device: where to train.
         amp: mixed precision (float16 + GradScaler on CUDA, bfloat16 autocast on CPU).
@@ -317,6 +336,10 @@ def fit(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
+    if lr_policy not in LR_POLICIES:
+        raise ValueError(f"lr_policy must be one of {LR_POLICIES}; got {lr_policy!r}")
+    if lr_policy == "step" and int(lr_step) < 1:
+        raise ValueError(f"lr_step must be >= 1; got {lr_step}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if not lr > 0:
@@ -338,7 +361,8 @@ def fit(
         "stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "crf_lr": crf_lr,
         "head_lr": head_lr, "optimizer": optimizer, "momentum": momentum,
         "weight_decay": weight_decay, "crf_weight_decay": crf_weight_decay,
-        "poly_power": poly_power, "seed": seed, "amp": amp, "freeze_backbone": freeze_backbone,
+        "lr_policy": lr_policy, "poly_power": poly_power, "lr_step": lr_step,
+        "lr_gamma": lr_gamma, "seed": seed, "amp": amp, "freeze_backbone": freeze_backbone,
         "grad_clip": grad_clip, "world_size": world,
     }  # fmt: skip
 
@@ -398,7 +422,7 @@ def fit(
             image, labels = _next_batch(batches)
             image = image.to(dev, non_blocking=True)
             labels = labels.to(dev, non_blocking=True)
-            factor = (1.0 - step / steps) ** poly_power
+            factor = lr_factor(step, steps, lr_policy, poly_power, lr_step, lr_gamma)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             current_lr = lr * factor
