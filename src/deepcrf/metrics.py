@@ -88,11 +88,16 @@ def _check_labels(
         )
 
 
-def _confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int):
-    valid = target != ignore_index
-    index = target[valid].to(torch.int64) * num_classes + pred[valid].to(torch.int64)
-    counts = torch.bincount(index, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+def _confusion(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    cells = num_classes * num_classes
+    index = target.to(torch.int64) * num_classes + pred.to(torch.int64)
+    # Ignored pixels go to an extra bin that is dropped: no boolean-mask gather (a host sync
+    # and a copy on GPU) and no dependence on what pred holds there.
+    index = torch.where(target == ignore_index, cells, index)
+    counts = torch.bincount(index.reshape(-1), minlength=cells + 1)
+    return counts[:cells].reshape(num_classes, num_classes)
 
 
 def confusion_matrix(
