@@ -256,6 +256,22 @@ def test_downsample_majority_matches_loops():
         assert got[b, i, j].item() == expect
 
 
+def test_downsample_with_stride_matches_loops():
+    # Node i sits on pixel 8i and owns the pixels nearest to it (the backbones' geometry).
+    labels = torch.randint(0, 3, (2, 20, 27))
+    labels[1, 5:9] = 255
+    h, w, s = 3, 4, 8
+    got = downsample_labels(labels, (h, w), num_classes=3, stride=s)
+    for b, i, j in itertools.product(range(2), range(h), range(w)):
+        cell = [labels[b, y, x].item() for y in range(20) for x in range(27)
+                if min(h - 1, (y + 4) // 8) == i and min(w - 1, (x + 4) // 8) == j]
+        counts = [cell.count(c) for c in range(3)]
+        expect = 255 if max(counts) == 0 else counts.index(max(counts))
+        assert got[b, i, j].item() == expect
+    near = downsample_labels(labels, (h, w), num_classes=3, stride=s, mode="nearest")
+    assert torch.equal(near, labels[:, [0, 8, 16]][:, :, [0, 8, 16, 24]])
+
+
 def test_downsample_nearest_and_identity():
     labels = torch.randint(0, 3, (1, 8, 8))
     assert torch.equal(downsample_labels(labels, (8, 8), num_classes=3), labels)
@@ -264,6 +280,8 @@ def test_downsample_nearest_and_identity():
     assert torch.equal(near, labels[:, [2, 6]][:, :, [1, 3, 5, 7]])
     with pytest.raises(ValueError, match="mode must be"):
         downsample_labels(labels, (2, 2), num_classes=3, mode="mode")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\) or 255; got values \[2\]"):
+        downsample_labels(labels.clamp(max=2), (2, 2), num_classes=2)
 
 
 # ---------------------------------------------------------------- pairwise net and module

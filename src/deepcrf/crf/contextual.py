@@ -140,9 +140,18 @@ def mean_field(
     edge_list, pair_list = _check_graph(unary, edges, pairwise)
     if int(iters) < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
-    weight = float(pairwise_weight)
+    return _mean_field(unary, edge_list, pair_list, int(iters), float(pairwise_weight))
+
+
+def _mean_field(
+    unary: torch.Tensor,
+    edge_list: list[torch.Tensor],
+    pair_list: list[torch.Tensor],
+    iters: int,
+    weight: float,
+) -> torch.Tensor:
     log_q = torch.log_softmax(unary, dim=-1)
-    for _ in range(int(iters)):
+    for _ in range(iters):
         msg = _messages(log_q.exp(), edge_list, pair_list)
         log_q = torch.log_softmax(unary + weight * msg, dim=-1)
     return log_q
@@ -188,13 +197,25 @@ def piecewise_loss(
         return:   ()
     """
     edge_list, pair_list = _check_graph(unary, edges, pairwise)
-    b, n, k = unary.shape
+    b, n, _ = unary.shape
     check_tensor(labels, "labels", ndim=2, layout="(B, N)", dtypes=(torch.int64,))
     if tuple(labels.shape) != (b, n):
         raise ValueError(f"labels must be (B, N) = {(b, n)} matching unary; got "
                          f"{tuple(labels.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    return _piecewise_loss(unary, edge_list, pair_list, labels, reduction, ignore_index)
+
+
+def _piecewise_loss(
+    unary: torch.Tensor,
+    edge_list: list[torch.Tensor],
+    pair_list: list[torch.Tensor],
+    labels: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+) -> torch.Tensor:
+    b, _, k = unary.shape
     labels = labels.to(unary.device)
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= k))
@@ -225,20 +246,28 @@ def downsample_labels(
     size: tuple[int, int],
     *,
     num_classes: int,
+    stride: float | None = None,
     mode: str = "majority",
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Labels on the ``h × w`` node grid from pixel labels.
 
-    Pixel ``(y, x)`` of an ``H × W`` map belongs to node ``(⌊y·h/H⌋, ⌊x·w/W⌋)``: a partition of
-    the image into ``h × w`` cells.  ``"majority"`` gives a node the most frequent label among
-    its cell's labelled pixels (ties: the smallest label; no labelled pixel: ``ignore_index``).
-    ``"nearest"`` takes the pixel at the cell's centre, ``(⌊(i+½)·H/h⌋, ⌊(j+½)·W/w⌋)``.
+    Each pixel belongs to one node's cell.  With ``stride=None`` the image is cut into an
+    ``h × w`` partition: pixel ``y`` of ``H`` goes to row ``⌊y·h/H⌋``.  With a ``stride`` the node
+    ``i`` sits on pixel ``stride·i`` (the backbones' geometry, see
+    :mod:`deepcrf.models.backbones`) and owns the pixels nearest to it:
+    row ``min(h−1, ⌊(y + stride/2)/stride⌋)``; columns likewise.
+
+    ``"majority"`` gives a node the most frequent label among its cell's labelled pixels (ties:
+    the smallest label; no labelled pixel: ``ignore_index``).  ``"nearest"`` takes the one pixel
+    at the node: ``stride·i`` (clamped to the image), or the cell's centre
+    ``⌊(i+½)·H/h⌋`` without a stride.
 
     Args:
-        labels: pixel labels in ``[0, num_classes)`` or ``ignore_index``.
+        labels: pixel labels in ``[0, num_classes)`` or ``ignore_index`` (others raise).
         size: ``(h, w)`` of the node grid.
         num_classes: number of labels K.
+        stride: pixels between nodes, or ``None`` for the partition into ``h × w`` cells.
         mode: ``"majority"`` or ``"nearest"``.
         ignore_index: the label of unlabelled pixels.
 
@@ -252,16 +281,31 @@ def downsample_labels(
         raise ValueError(f"size must be a positive (h, w); got {size}")
     if mode not in ("majority", "nearest"):
         raise ValueError(f"mode must be 'majority' or 'nearest'; got {mode!r}")
+    if stride is not None:
+        check_positive(stride, "stride")
     bsz, big_h, big_w = labels.shape
     dev = labels.device
+
+    def cells(n_pix: int, n_node: int) -> torch.Tensor:
+        pix = torch.arange(n_pix, device=dev, dtype=torch.float64)
+        if stride is None:
+            return (torch.arange(n_pix, device=dev) * n_node) // n_pix
+        return torch.floor((pix + stride / 2) / stride).long().clamp(max=n_node - 1)
+
+    def centres(n_pix: int, n_node: int) -> torch.Tensor:
+        if stride is None:
+            return ((torch.arange(n_node, device=dev) * 2 + 1) * n_pix) // (2 * n_node)
+        pos = torch.arange(n_node, device=dev, dtype=torch.float64) * stride
+        return torch.round(pos).long().clamp(max=n_pix - 1)
+
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {num_classes}) or {ignore_index}; got values "
+                         f"{sorted(set(labels[bad].tolist()))[:5]}")
     if mode == "nearest":
-        rows = ((torch.arange(h, device=dev) * 2 + 1) * big_h) // (2 * h)
-        cols = ((torch.arange(w, device=dev) * 2 + 1) * big_w) // (2 * w)
-        return labels[:, rows][:, :, cols].clone()
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    cell_y = (torch.arange(big_h, device=dev) * h) // big_h
-    cell_x = (torch.arange(big_w, device=dev) * w) // big_w
-    cell = (cell_y[:, None] * w + cell_x[None, :]).expand(bsz, big_h, big_w)
+        return labels[:, centres(big_h, h)][:, :, centres(big_w, w)].clone()
+    cell = (cells(big_h, h)[:, None] * w + cells(big_w, w)[None, :]).expand(bsz, big_h, big_w)
     batch = torch.arange(bsz, device=dev)[:, None, None].expand_as(cell)
     key = ((batch * (h * w) + cell) * num_classes + labels)[valid]
     counts = torch.bincount(key, minlength=bsz * h * w * num_classes)
@@ -434,8 +478,11 @@ class ContextualCRF(nn.Module):
         if not use_pairwise or not self.relations:
             return torch.log_softmax(self.unary_net(features), dim=1)
         unary, edges, pairwise = self.potentials(features)
-        log_q = mean_field(unary, edges, pairwise, iters=self.iters if iters is None else iters,
-                           pairwise_weight=self.pairwise_weight)
+        iters = self.iters if iters is None else int(iters)
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0; got {iters}")
+        # The potentials are well-formed by construction: skip the functional's validation.
+        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight)
         return log_q.transpose(1, 2).reshape(b, self.num_labels, h, w)
 
     def piecewise_loss(
@@ -459,6 +506,8 @@ class ContextualCRF(nn.Module):
         if tuple(labels.shape) != (b, h, w):
             raise ValueError(f"labels must be (B, h, w) = {(b, h, w)} matching features "
                              f"{tuple(features.shape)}; got {tuple(labels.shape)}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
         unary, edges, pairwise = self.potentials(features)
-        return piecewise_loss(unary, edges, pairwise, labels.reshape(b, h * w),
-                              reduction=reduction)
+        return _piecewise_loss(unary, edges, pairwise, labels.reshape(b, h * w), reduction,
+                               IGNORE_INDEX)
