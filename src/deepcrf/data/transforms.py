@@ -7,7 +7,9 @@ never modified). No mean/std normalisation happens here: models normalise inside
 Randomness: every random transform draws from ``generator`` when one is given, else from torch's
 global RNG (``torch.manual_seed``), with a fixed number of draws per call, so seeding the
 process (or each DataLoader worker, which PyTorch seeds from the main process RNG) makes the
-augmentation stream bit-reproducible.
+augmentation stream bit-reproducible. Prefer the global RNG with DataLoader workers: each
+worker receives a copy of an explicit ``generator`` in the same state, so the workers would
+repeat each other's draws, whereas PyTorch seeds each worker's global RNG differently.
 
 Shape (every transform):
     image:  (3, H, W) float, RGB in 0-255
