@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from deepcrf.data import VOC_CLASSES, VOCSegmentation, train_transform
@@ -107,6 +108,16 @@ def test_voc_corrupt_image_names_file(fake_voc):
     ds = VOCSegmentation(fake_voc, "train")
     ds[0]  # the others still load
     with pytest.raises(ValueError, match=r"2007_000002\.jpg \(corrupt"):
+        ds[1]
+
+
+def test_voc_corrupt_or_rgb_label_names_file(fake_voc):
+    (fake_voc / "SegmentationClass" / "2008_000001.png").write_bytes(b"\x89PNG truncated")
+    Image.new("RGB", (64, 48)).save(fake_voc / "SegmentationClass" / "2008_000002.png")
+    ds = VOCSegmentation(fake_voc, "val")
+    with pytest.raises(ValueError, match=r"cannot read label image .*2008_000001\.png"):
+        ds[0]
+    with pytest.raises(ValueError, match=r"2008_000002\.png must be a palette \(P\)"):
         ds[1]
 
 
