@@ -235,3 +235,17 @@ def test_build_backbone():
     assert isinstance(vgg, VGG16Atrous) and vgg.out_channels == 512 and vgg.stride == 8
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet'"):
         build_backbone("resnet")
+
+
+@pytest.mark.gpu
+def test_small_segnet_cpu_and_cuda_agree():
+    net = SmallSegNet(4, width=8, hidden=16).eval()
+    image = _image(2, 33, 47)
+    with torch.no_grad():
+        cpu = net(image)
+        gpu = net.to("cuda")(image.to("cuda")).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+    scores = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        upsample_logits(scores.cuda(), (33, 47)).cpu(), upsample_logits(scores, (33, 47))
+    )

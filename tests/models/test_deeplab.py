@@ -297,3 +297,13 @@ def test_load_errors_leave_model_unchanged(vgg_state, tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(not odd_p.isnan().any() for odd_p in odd.parameters())
+
+
+@pytest.mark.gpu
+def test_msc_largefov_cpu_and_cuda_agree():
+    net = models.create("deeplab_msc_largefov", 5).eval().double()
+    image = _image(1, 33, 41).double()
+    with torch.no_grad():
+        cpu = net(image)
+        gpu = net.to("cuda")(image.to("cuda")).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-6)

@@ -79,7 +79,7 @@ class MultiScaleBranch(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 1)
         self.score = nn.Conv2d(channels, num_classes, 1)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = nn.Dropout(dropout)
         for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
@@ -161,7 +161,7 @@ class DeepLabV1(nn.Module):
         self.fc6 = nn.Conv2d(self.backbone.out_channels, c, k, padding=d * (k - 1) // 2, dilation=d)
         self.fc7 = nn.Conv2d(c, c, 1)
         self.fc8 = nn.Conv2d(c, self.num_classes, 1)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = nn.Dropout(dropout)
         for conv in (self.fc6, self.fc7):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
