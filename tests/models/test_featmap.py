@@ -245,3 +245,19 @@ def test_cpu_cuda_agree():
         loss_gpu = model.piecewise_loss(image.cuda(), labels.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_voc_config_builds_the_paper_model():
+    from pathlib import Path
+
+    from deepcrf.engine.config import load
+    from deepcrf.engine.runner import build_model
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "voc_contextual_piecewise.toml"
+    cfg = load(path)
+    assert cfg["train"]["stage"] == "piecewise"
+    model = build_model(cfg)
+    assert isinstance(model, ContextualSegNet)
+    assert model.scales == (1.2, 0.8, 0.4) and model.pool_sizes == (5, 9)
+    assert model.crf.relations == ("surrounding", "above_below") and model.crf.iters == 3
+    assert model.dense_crf is not None and model.node_stride == 16
