@@ -295,10 +295,10 @@ def load_vgg16_imagenet(
     ``features.{0,2,5,...,28}`` go to conv1_1 ... conv5_3.  When the model has convolutions named
     ``fc6``/``fc7`` (DeepLab's heads), ``classifier.0`` (4096×25088 = 4096×512×7×7) and
     ``classifier.3`` (4096×4096) are reshaped into convolutions and, where the head is smaller,
-    decimated as in DeepLab-LargeFOV (Chen et al. 2015, Sec. 4.1): every 4th filter of fc6 and
-    its 7×7 kernel subsampled to 3×3 (taps 0, 3, 6); fc7 keeps every 4th output and the matching
-    every 4th input channel, so 4096×4096 -> 1024×1024.  ``classifier.6`` (ImageNet's 1000-way
-    classifier) is not used.  Nothing is downloaded.
+    decimated as in DeepLab-LargeFOV (Chen et al. 2015, Sec. 3.2 and Table 2): every 4th filter
+    of fc6 and its 7×7 kernel subsampled to 3×3 (taps 0, 3, 6); fc7 keeps every 4th output and
+    the matching every 4th input channel, so 4096×4096 -> 1024×1024.  ``classifier.6``
+    (ImageNet's 1000-way classifier) is not used.  Nothing is downloaded.
 
     Args:
         model: a :class:`VGG16Atrous`, or any module containing exactly one (e.g. a DeepLab

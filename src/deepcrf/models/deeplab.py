@@ -48,7 +48,7 @@ DEEPLAB_CRF_DEFAULTS: dict[str, dict[str, float]] = {
 class MultiScaleBranch(nn.Module):
     """One DeepLab-MSc branch: a two-layer MLP from an early map to class scores at stride 8.
 
-    Chen et al. (2015), Sec. 3.3 ("multi-scale prediction"): a 3×3 convolution with 128 filters
+    Chen et al. (2015), Sec. 4.3 ("multi-scale prediction"): a 3×3 convolution with 128 filters
     and a 1×1 convolution with 128 filters (ReLU and dropout after each) on the input image or a
     pooling output; its 128 features are concatenated to the main network's last features before
     the classifier, which is the same as adding this branch's own linear scores to the main
