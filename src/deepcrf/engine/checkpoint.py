@@ -3,23 +3,24 @@
 A run directory ``RUN`` holds the latest checkpoint and, when a validation set is given, the
 best one in ``RUN/best``::
 
-    RUN/config.json          model name / num_classes / kwargs, the training config, the step
+    RUN/config.json          model name / num_classes / kwargs, the run config, the step
     RUN/model.safetensors    the weights (``state_dict`` incl. buffers)
-    RUN/state.safetensors    optimiser tensors (momentum buffers, Adam moments) and RNG states
-    RUN/state.json           everything else needed to resume: step, losses, param groups,
-                             GradScaler, python/numpy RNG, best metric so far
+    RUN/state.safetensors    everything a resume needs, in ONE file: a copy of the weights
+                             (``model.*``), optimiser tensors (``optimizer.*``: momentum buffers,
+                             Adam moments), RNG states (``rng.*``), and as JSON in the file's
+                             metadata the step, losses, param groups, GradScaler and
+                             python/numpy RNG state
     RUN/best/config.json, RUN/best/model.safetensors
 
 Every file is written through :func:`deepcrf._atomic.atomic_path` (temp file + rename), so a
-killed process never leaves a half-written file. The four files of one checkpoint are written
-one after the other with ``state.json`` last; each carries the step it belongs to, and
-:func:`load_training_state` refuses a set whose steps disagree (a crash between two renames).
-Loading never unpickles: tensors come from safetensors, everything else from JSON.
+killed process never leaves a half-written file. Because the resume state is a single file, a
+kill between two renames cannot pair weights of one step with an optimiser of another: resume
+reads only ``state.safetensors``, which is always self-consistent. Loading never unpickles:
+tensors come from safetensors, everything else from JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -39,7 +40,6 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.safetensors"
-STATE_JSON = "state.json"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,17 +68,14 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint (weights + config, optionally the resume state) into ``path``.
 
-    All files are first written to temporary names, then renamed one after the other with
-    ``state.json`` last, so the window in which a kill leaves a mixed set is a few renames long,
-    and :func:`load_training_state` detects it (each file carries its step).
-
     Args:
         path: the checkpoint directory (created if missing).
         model: the model (a DDP wrapper is unwrapped).
         config: JSON-serialisable; must contain ``model = {"name", "num_classes", "kwargs"}`` so
             that :func:`load_checkpoint` can rebuild the model through the registry; ``step``
-            (if present) is also stored in every file's metadata.
-        state_tensors: optimiser / RNG tensors for ``state.safetensors`` (resume only).
+            (if present) is also stored in the weights' metadata.
+        state_tensors: optimiser / RNG tensors for ``state.safetensors`` (resume only); the
+            weights are added to them under ``model.<name>``.
         state_meta: the JSON part of the resume state; must contain ``step``.
 
     Returns:
@@ -90,21 +87,18 @@ def save_checkpoint(
         raise ValueError("state_tensors and state_meta must be given together")
     out.mkdir(parents=True, exist_ok=True)
     step = str(config.get("step", ""))
-    meta = {"format": FORMAT, "step": step}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
-    with contextlib.ExitStack() as stack:
-        # ExitStack renames in reverse order of entry: state.json (entered first) lands last.
-        if state_meta is not None:
-            if str(state_meta.get("step")) != step:
-                raise ValueError(f"state step {state_meta.get('step')} != config step {step}")
-            tmp_json = stack.enter_context(atomic_path(out / STATE_JSON))
-            tmp_state = stack.enter_context(atomic_path(out / STATE_FILE))
-            save_file(dict(state_tensors or {}), str(tmp_state), metadata=meta)
-            tmp_json.write_text(_dumps({**header, **state_meta}))
-        tmp_config = stack.enter_context(atomic_path(out / CONFIG_FILE))
-        tmp_model = stack.enter_context(atomic_path(out / MODEL_FILE))
-        save_file(_state_tensors(unwrap(model)), str(tmp_model), metadata=meta)
-        tmp_config.write_text(_dumps({**header, **config}))
+    weights = _state_tensors(unwrap(model))
+    if state_meta is not None:
+        if str(state_meta.get("step")) != step:
+            raise ValueError(f"state step {state_meta.get('step')} != config step {step}")
+        tensors = {**dict(state_tensors or {}), **{f"model.{k}": v for k, v in weights.items()}}
+        meta = {**header, "step": step, "state": json.dumps({**header, **state_meta})}
+        with atomic_path(out / STATE_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    with atomic_path(out / MODEL_FILE) as tmp:
+        save_file(weights, str(tmp), metadata={"format": FORMAT, "step": step})
+    write_json(out / CONFIG_FILE, {**header, **config})
     return out
 
 
@@ -185,31 +179,39 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> int | None:
     Returns:
         The step stored in the file's metadata, or ``None``.
     """
-    p = _resolve(path)
     from safetensors import safe_open
 
+    p = _resolve(path)
     with safe_open(str(p / MODEL_FILE), framework="pt") as f:
         meta = f.metadata() or {}
-    tensors = load_file(str(p / MODEL_FILE))
+    assign_weights(model, load_file(str(p / MODEL_FILE)), str(p / MODEL_FILE))
+    step = meta.get("step", "")
+    return int(step) if step.isdigit() else None
+
+
+def assign_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``model``'s state; every key and shape must match exactly.
+
+    Raises:
+        ValueError: missing / unexpected keys or a shape mismatch (named in the message).
+    """
     target = unwrap(model)
     own = target.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(
-            f"weights in {p / MODEL_FILE} do not match the model: missing {missing[:8]}, "
+            f"weights in {source} do not match the model: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
     bad = [k for k in own if tuple(own[k].shape) != tuple(tensors[k].shape)]
     if bad:
         k = bad[0]
         raise ValueError(
-            f"weights in {p / MODEL_FILE} do not match the model: {k} has shape "
+            f"weights in {source} do not match the model: {k} has shape "
             f"{tuple(tensors[k].shape)}, the model expects {tuple(own[k].shape)}"
         )
-    target.load_state_dict(tensors, strict=True)
-    step = meta.get("step", "")
-    return int(step) if step.isdigit() else None
+    target.load_state_dict(dict(tensors), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,34 +287,30 @@ def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping, prefix: str 
 
 
 def has_training_state(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` holds a resumable checkpoint (``state.json`` written last)."""
-    return (Path(path) / STATE_JSON).is_file()
+    """Whether ``path`` holds a resumable checkpoint (``state.safetensors``)."""
+    return (Path(path) / STATE_FILE).is_file()
 
 
-def load_training_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read ``state.safetensors`` + ``state.json``; check all four files belong to one step.
+def load_training_state(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ``state.safetensors``: ``(weights, other tensors, JSON state)``.
 
     Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: the files carry different steps (the process died between two writes).
+        FileNotFoundError: no resume state in ``path``.
+        ValueError: the file is not a deepcrf resume state.
     """
     from safetensors import safe_open
 
-    p = _resolve(path)
-    for name in (STATE_FILE, STATE_JSON):
-        if not (p / name).is_file():
-            raise FileNotFoundError(f"cannot resume from {p}: {name} is missing")
-    meta = json.loads((p / STATE_JSON).read_text())
-    step = str(meta.get("step"))
-    with safe_open(str(p / STATE_FILE), framework="pt") as f:
-        state_step = (f.metadata() or {}).get("step")
-    with safe_open(str(p / MODEL_FILE), framework="pt") as f:
-        model_step = (f.metadata() or {}).get("step")
-    config_step = str(read_config(p).get("step"))
-    if not (step == state_step == model_step == config_step):
-        raise ValueError(
-            f"cannot resume from {p}: its files belong to different steps (state.json {step}, "
-            f"state.safetensors {state_step}, model.safetensors {model_step}, config.json "
-            f"{config_step}); the run was killed while writing a checkpoint"
-        )
-    return load_file(str(p / STATE_FILE)), meta
+    p = Path(path) / STATE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint with training state in {p.parent}")
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT or "state" not in meta:
+        raise ValueError(f"{p} is not a deepcrf resume state")
+    state = json.loads(meta["state"])
+    tensors = load_file(str(p))
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    others = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    return weights, others, state

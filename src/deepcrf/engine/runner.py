@@ -246,9 +246,15 @@ def dense_postprocess(params: Mapping[str, Any]) -> Callable[[torch.Tensor, torc
 def crf_params_for(config: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict:
     """Post-processing CRF parameters: the model's DeepLab defaults, the config's, the override.
 
-    Without any, ``dense_crf``'s defaults apply (Krähenbühl & Koltun's example values).
+    Missing values take ``dense_crf``'s defaults (Krähenbühl & Koltun's example values), so the
+    result lists every parameter actually used.
     """
-    params: dict[str, Any] = {}
+    import inspect
+
+    from ..crf.dense import dense_crf
+
+    signature = inspect.signature(dense_crf).parameters
+    params: dict[str, Any] = {k: signature[k].default for k in DENSE_CRF_PARAMS if k in signature}
     name = config.get("model", {}).get("name")
     try:
         from ..models.deeplab import DEEPLAB_CRF_DEFAULTS

@@ -583,19 +583,13 @@ def _restore(
     rank: int,
 ) -> tuple[int, list[float], list[dict[str, Any]], float]:
     assert run_dir is not None
-    if not ckpt.has_training_state(run_dir):
-        raise FileNotFoundError(f"cannot resume: no checkpoint with training state in {run_dir}")
-    tensors, meta = ckpt.load_training_state(run_dir)
+    weights, tensors, meta = ckpt.load_training_state(run_dir)
     saved = meta.get("fit", {})
     diff = {k: (saved.get(k), hyper[k]) for k in _TRAJECTORY_KEYS if saved.get(k) != hyper[k]}
     if diff:
         listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume {run_dir} with different settings ({listed})")
-    step = ckpt.load_weights(model, run_dir)
-    if step != int(meta["step"]):
-        raise ValueError(
-            f"cannot resume {run_dir}: weights are from step {step}, state {meta['step']}"
-        )
+    ckpt.assign_weights(model, weights, f"{run_dir}/{ckpt.STATE_FILE}")
     ckpt.restore_optimizer(opt, tensors, meta["optimizer"])
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
