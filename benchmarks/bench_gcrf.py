@@ -190,18 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     solve_rows = []
     for beta in (1.0, 10.0):
         solve_rows += bench_solve(device, args.repeats, beta, args.tol)
-    print("\n| graph | β | CG iters (Jacobi / plain) | CG fwd ms | CG fwd+bwd ms | "
-          "dense solve ms | scipy spsolve ms | dense / CG | spsolve / CG | max err vs dense |")
+    print(
+        "\n| graph | β | CG iters (Jacobi / plain) | CG fwd ms | CG fwd+bwd ms | "
+        "dense solve ms | scipy spsolve ms | dense / CG | spsolve / CG | max err vs dense |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in solve_rows:
         t_sp = r["sparse_spsolve_s"]
         sp = "–" if t_sp is None else f"{1e3 * t_sp:.1f}"
         sp_ratio = "–" if t_sp is None else f"{t_sp / r['cg_forward_s']:.1f}"
-        print(f"| {r['graph']} | {r['beta']:g} | {r['iters_jacobi']} / {r['iters_plain']} | "
-              f"{1e3 * r['cg_forward_s']:.1f} | {1e3 * r['cg_forward_backward_s']:.1f} | "
-              f"{1e3 * r['dense_solve_s']:.1f} | {sp} | "
-              f"{r['dense_solve_s'] / r['cg_forward_s']:.1f} | {sp_ratio} | "
-              f"{r['max_abs_err_vs_dense']:.1e} |")
+        print(
+            f"| {r['graph']} | {r['beta']:g} | {r['iters_jacobi']} / {r['iters_plain']} | "
+            f"{1e3 * r['cg_forward_s']:.1f} | {1e3 * r['cg_forward_backward_s']:.1f} | "
+            f"{1e3 * r['dense_solve_s']:.1f} | {sp} | "
+            f"{r['dense_solve_s'] / r['cg_forward_s']:.1f} | {sp_ratio} | "
+            f"{r['max_abs_err_vs_dense']:.1e} |"
+        )
     memory_rows = bench_memory(device, beta=10.0)
     print("\n| tol | backward | CG iters | saved for backward MiB | peak CUDA MiB | fwd+bwd s |")
     print("|---|---|---|---|---|---|")
