@@ -89,6 +89,18 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) to every process.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    process still holds the statistics of its own last batch; syncing them makes every rank
+    evaluate, and rank 0 save, the same model.
+    """
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Gather a picklable object from every process (in memory only, never written to disk)."""
     if not is_distributed():

@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import all_gather_object, barrier, is_main_process, rank_and_world, reduce_mean
+from .distributed import (
+    all_gather_object,
+    barrier,
+    broadcast_buffers,
+    is_main_process,
+    rank_and_world,
+    reduce_mean,
+)
 
 IGNORE_INDEX = 255
 STAGES = ("unary", "joint", "piecewise")
@@ -450,6 +457,12 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{current_lr:.2e}")
             is_last = done == steps
+            if (
+                is_last
+                or (val_every and done % val_every == 0)
+                or (checkpoint_every and done % checkpoint_every == 0)
+            ):
+                broadcast_buffers(model)  # every rank validates / rank 0 saves one model
             if val_dataset is not None and (is_last or (val_every and done % val_every == 0)):
                 best = _validate(
                     model,
