@@ -261,3 +261,16 @@ def test_voc_config_builds_the_paper_model():
     assert model.scales == (1.2, 0.8, 0.4) and model.pool_sizes == (5, 9)
     assert model.crf.relations == ("surrounding", "above_below") and model.crf.iters == 3
     assert model.dense_crf is not None and model.node_stride == 16
+
+
+def test_bfloat16_autocast_keeps_the_loss_in_float32():
+    model = make_model()
+    image = torch.rand(1, 3, 24, 24) * 255
+    labels = torch.randint(0, 4, (1, 24, 24))
+    ref = model.piecewise_loss(image, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.piecewise_loss(image, labels)
+        out = model(image)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=5e-2, atol=5e-2)
+    assert out.shape == (1, 4, 24, 24) and bool(torch.isfinite(out).all())

@@ -223,21 +223,23 @@ def _piecewise_loss(
         raise ValueError(f"labels must be in [0, {k}) or {ignore_index}; got values "
                          f"{sorted(set(labels[bad].tolist()))[:5]}")
     safe = torch.where(valid, labels, torch.zeros_like(labels))
+    # At least float32: half-precision (AMP) scores would round the sums and the term counts.
+    work = torch.promote_types(unary.dtype, torch.float32)
 
     def reduce(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        total = (nll * mask).sum()
+        total = (nll * mask.to(work)).sum()
         if reduction == "sum":
             return total
-        return total / mask.sum().clamp(min=1)
+        return total / mask.sum().clamp(min=1).to(work)
 
-    unary_nll = -torch.log_softmax(unary, dim=-1).gather(-1, safe[..., None]).squeeze(-1)
-    loss = reduce(unary_nll, valid.to(unary.dtype))
+    log_pu = torch.log_softmax(unary.to(work), dim=-1)
+    loss = reduce(-log_pu.gather(-1, safe[..., None]).squeeze(-1), valid)
     for e, z in zip(edge_list, pair_list, strict=True):
         src, dst = e[0].to(unary.device), e[1].to(unary.device)
         joint = safe[:, src] * k + safe[:, dst]
-        log_p = torch.log_softmax(z.reshape(b, -1, k * k), dim=-1)
-        edge_nll = -log_p.gather(-1, joint[..., None]).squeeze(-1)
-        loss = loss + reduce(edge_nll, (valid[:, src] & valid[:, dst]).to(unary.dtype))
+        log_pv = torch.log_softmax(z.reshape(b, -1, k * k).to(work), dim=-1)
+        edge_nll = -log_pv.gather(-1, joint[..., None]).squeeze(-1)
+        loss = loss + reduce(edge_nll, valid[:, src] & valid[:, dst])
     return loss
 
 
