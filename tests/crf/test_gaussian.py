@@ -275,6 +275,28 @@ def test_half_precision_solved_in_float32():
     torch.testing.assert_close(x.float(), ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (2, 3), (5, 1)])
+@pytest.mark.parametrize("connectivity,radius", [(4, 3), (8, 3), ("dense", 1)])
+def test_images_smaller_than_the_window(size, connectivity, radius):
+    u, e = _inputs(h=size[0], w=size[1])
+    x = gaussian_crf(u, e, connectivity=connectivity, radius=radius, tol=1e-12)
+    ref = _dense_solve(u, e, connectivity, radius)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
+
+
+def test_under_cpu_autocast():
+    conv = torch.nn.Conv2d(4, 4, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = conv(torch.randn(2, 4, 6, 7))
+        assert feats.dtype == torch.bfloat16
+        x = gaussian_crf(feats[:, :3], feats, tol=1e-4)
+    assert x.dtype == torch.bfloat16
+    ref = gaussian_crf(feats[:, :3].float(), feats.float(), tol=1e-4)
+    torch.testing.assert_close(x.float(), ref, rtol=2e-2, atol=2e-2)
+    x.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
 def test_bad_inputs():
     u, e = _inputs()
     with pytest.raises(ValueError, match=r"unary must have 4 dimensions \(B, L, H, W\)"):

@@ -84,8 +84,12 @@ def _window_offsets(connectivity: int, radius: int) -> list[tuple[int, int]]:
 
 def _edge_slices(dy: int, dx: int, height: int, width: int) -> tuple[tuple[slice, slice], ...]:
     """Slices (rows, cols) of the pixels p and q = p + (dy, dx) of every in-image edge."""
-    p = (slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
-    q = (slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
+    # Offsets larger than the image give empty slices (no edge), never negative bounds.
+    rows = max(0, height - dy)
+    cols = max(0, width - abs(dx))
+    start = max(0, -dx) if cols else 0
+    p = (slice(0, rows), slice(start, start + cols))
+    q = (slice(dy, dy + rows), slice(start + dx, start + dx + cols) if cols else slice(0, 0))
     return p, q
 
 
@@ -190,10 +194,12 @@ def _check_scalar(value: _Scalar, name: str) -> _Scalar:
 def _solver_precision(t: torch.Tensor) -> tuple[torch.dtype, AbstractContextManager[Any]]:
     """CG needs at least float32: half precision cannot reach useful tolerances."""
     dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    try:
+        autocast_on = torch.is_autocast_enabled(t.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        autocast_on = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
     guard: AbstractContextManager[Any] = (
-        torch.autocast(device_type=t.device.type, enabled=False)
-        if torch.is_autocast_enabled(t.device.type)
-        else nullcontext()
+        torch.autocast(device_type=t.device.type, enabled=False) if autocast_on else nullcontext()
     )
     return dtype, guard
 
