@@ -230,7 +230,7 @@ def test_module_matches_functional_and_learns():
     assert crf.last_info is not None and crf.last_info.converged
     x.pow(2).sum().backward()
     names = {n for n, p in crf.named_parameters() if p.grad is not None and p.grad.abs() > 0}
-    assert names == {"scalars.log_lam", "scalars.log_pairwise_weight"}
+    assert names == {"log_lam", "log_pairwise_weight"}
     torch.testing.assert_close(
         crf.energy(x.detach(), u, e),
         gaussian_crf_energy(
@@ -243,7 +243,7 @@ def test_module_matches_functional_and_learns():
 
 def test_default_learns_pairwise_weight_only():
     crf = GaussianCRF(2, 3)
-    assert [n for n, _ in crf.named_parameters()] == ["scalars.log_pairwise_weight"]
+    assert [n for n, _ in crf.named_parameters()] == ["log_pairwise_weight"]
     torch.testing.assert_close(crf.lam, torch.tensor(1.0))
 
 
@@ -322,6 +322,8 @@ def test_bad_inputs():
         crf(u[:, :2], e)
     with pytest.raises(ValueError, match="embeddings must have embedding_dim=4"):
         crf(u, e[:, :2])
+    with pytest.raises(TypeError, match="learn must be a sequence of names"):
+        GaussianCRF(3, 4, learn="lam")
     with pytest.raises(ValueError, match="learn entries must be among"):
         GaussianCRF(3, 4, learn=("bandwidth",))
     with pytest.raises(ValueError, match="num_labels and embedding_dim must be >= 1"):
@@ -412,7 +414,7 @@ def test_multiscale_module():
         torch.testing.assert_close(x, r)
     sum(x.sum() for x in xs).backward()
     learned = {n for n, p in crf.named_parameters() if p.grad is not None}
-    assert learned == {"scalars.log_pairwise_weight", "scalars.log_coupling_weight"}
+    assert learned == {"log_pairwise_weight", "log_coupling_weight"}
     assert crf.energy(xs, us, es).shape == (2,)
     assert deepcrf.MultiScaleGaussianCRF is MultiScaleGaussianCRF
 

@@ -88,16 +88,13 @@ def test_gradients_reach_every_branch_and_crf_names():
     loss = nn.functional.cross_entropy(model(image), labels)
     loss.backward()
     crf_params = [n for n, _ in model.named_parameters() if n.startswith("crf.")]
-    assert crf_params == ["crf.scalars.log_pairwise_weight"]
+    assert crf_params == ["crf.log_pairwise_weight"]
     for name, p in model.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
     # Without the CRF, the embedding branch and the CRF take no part.
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(image, use_crf=False), labels).backward()
-    assert (
-        model.embedding[0].weight.grad is None
-        and model.crf.scalars.log_pairwise_weight.grad is None
-    )
+    assert model.embedding[0].weight.grad is None and model.crf.log_pairwise_weight.grad is None
 
 
 def test_small_gcrf_trains_in_engine():
@@ -112,14 +109,14 @@ def test_small_gcrf_trains_in_engine():
         model, data, stage="joint", steps=3, batch_size=2, lr=0.01, crf_lr=0.1, progress=False
     )
     assert len(out["losses"]) == 3 and all(math.isfinite(v) for v in out["losses"])
-    for name in ("crf.scalars.log_pairwise_weight", "embedding.2.weight", "classifier.weight"):
+    for name in ("crf.log_pairwise_weight", "embedding.2.weight", "classifier.weight"):
         assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
 
 
 def test_small_gcrf_multiscale_and_kwargs():
     model = models.create("small_gcrf", 4, width=4, hidden=8, num_scales=2, connectivity="dense")
     names = {n for n, _ in model.named_parameters() if n.startswith("crf.")}
-    assert names == {"crf.scalars.log_pairwise_weight", "crf.scalars.log_coupling_weight"}
+    assert names == {"crf.log_pairwise_weight", "crf.log_coupling_weight"}
     model.eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, 40, 48) * 255).shape == (1, 4, 40, 48)

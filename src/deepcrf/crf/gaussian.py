@@ -345,24 +345,21 @@ def gaussian_crf_energy(
     return (0.5 * x * ax - unary * x).flatten(1).sum(1)
 
 
-class _LogScalars(nn.Module):
-    """Positive scalars stored as logs (so they stay positive); learnable or fixed buffers."""
-
-    def __init__(self, values: dict[str, float], learn: Sequence[str]) -> None:
-        super().__init__()
-        learn = tuple(learn)
-        for name in learn:
-            if name not in values:
-                raise ValueError(f"learn entries must be among {tuple(values)}; got {name!r}")
-        for name, value in values.items():
-            log_value = torch.tensor(math.log(check_positive(value, name)))
-            if name in learn:
-                self.register_parameter(f"log_{name}", nn.Parameter(log_value))
-            else:
-                self.register_buffer(f"log_{name}", log_value)
-
-    def get(self, name: str) -> torch.Tensor:
-        return getattr(self, f"log_{name}").exp()
+def _register_log_scalars(
+    module: nn.Module, values: dict[str, float], learn: Sequence[str]
+) -> None:
+    """Store positive scalars as ``log_<name>`` (so they stay positive): parameters or buffers."""
+    if isinstance(learn, str):
+        raise TypeError(f"learn must be a sequence of names, not a string; got {learn!r}")
+    for name in learn:
+        if name not in values:
+            raise ValueError(f"learn entries must be among {tuple(values)}; got {name!r}")
+    for name, value in values.items():
+        log_value = torch.tensor(math.log(check_positive(value, name)))
+        if name in learn:
+            module.register_parameter(f"log_{name}", nn.Parameter(log_value))
+        else:
+            module.register_buffer(f"log_{name}", log_value)
 
 
 class GaussianCRF(nn.Module):
@@ -422,18 +419,18 @@ class GaussianCRF(nn.Module):
         self.tol = tol
         self.max_iter = max_iter
         self.precondition = precondition
-        self.scalars = _LogScalars({"lam": lam, "pairwise_weight": pairwise_weight}, learn)
+        _register_log_scalars(self, {"lam": lam, "pairwise_weight": pairwise_weight}, learn)
         self.last_info: CGInfo | None = None
 
     @property
     def lam(self) -> torch.Tensor:
         """Current ``λ``."""
-        return self.scalars.get("lam")
+        return self.log_lam.exp()
 
     @property
     def pairwise_weight(self) -> torch.Tensor:
         """Current ``β``."""
-        return self.scalars.get("pairwise_weight")
+        return self.log_pairwise_weight.exp()
 
     def _check_sizes(self, unary: torch.Tensor, embeddings: torch.Tensor) -> None:
         _check_pair(unary, embeddings)
@@ -759,7 +756,8 @@ class MultiScaleGaussianCRF(nn.Module):
         self.tol = tol
         self.max_iter = max_iter
         self.precondition = precondition
-        self.scalars = _LogScalars(
+        _register_log_scalars(
+            self,
             {"lam": lam, "pairwise_weight": pairwise_weight, "coupling_weight": coupling_weight},
             learn,
         )
@@ -783,9 +781,9 @@ class MultiScaleGaussianCRF(nn.Module):
         return {
             "connectivity": self.connectivity,
             "radius": self.radius,
-            "lam": self.scalars.get("lam"),
-            "pairwise_weight": self.scalars.get("pairwise_weight"),
-            "coupling_weight": self.scalars.get("coupling_weight"),
+            "lam": self.log_lam.exp(),
+            "pairwise_weight": self.log_pairwise_weight.exp(),
+            "coupling_weight": self.log_coupling_weight.exp(),
         }
 
     def forward(
