@@ -258,3 +258,17 @@ def test_cross_entropy_ignores_void_and_checks_classes():
     assert float(loss.detach()) == 0.0
     with pytest.raises(ValueError, match="class 5 but the model predicts 3"):
         cross_entropy(logits, torch.tensor([[[5, 0], [0, 0]]]))
+
+
+@pytest.mark.gpu
+def test_amp_training_on_cuda_and_cpu_cuda_evaluation_agree(train_set, fake_voc):
+    from deepcrf.engine import evaluate
+
+    model = _model()
+    out = fit(model, train_set, steps=2, batch_size=2, device="cuda", amp=True, progress=False)
+    assert all(math.isfinite(x) for x in out["losses"])
+    val = VOCSegmentation(fake_voc, "val")
+    on_cpu = evaluate(model, val, num_classes=21, device="cpu", progress=False)
+    on_gpu = evaluate(model, val, num_classes=21, device="cuda", progress=False)
+    # Different kernels may flip the argmax of a few near-tied pixels.
+    assert on_gpu["pixel_accuracy"] == pytest.approx(on_cpu["pixel_accuracy"], abs=1e-2)
