@@ -262,7 +262,7 @@ def gaussian_crf(
             system is ``≥ λ``.  Float or positive scalar tensor (learnable).
         pairwise_weight: ``β > 0`` scaling every affinity.  Float or positive scalar tensor.
         tol: relative residual tolerance of CG (forward and backward).
-        max_iter: CG iteration limit (``None`` = ``H·W``); a warning is emitted if it is hit.
+        max_iter: CG iteration limit (``None`` = ``max(H·W, 100)``); warns if it is hit.
         precondition: Jacobi-precondition CG with the diagonal ``λ + deg_W``.
         return_info: also return the forward solve's :class:`~deepcrf.ops.cg.CGInfo`.
 
@@ -378,7 +378,7 @@ class GaussianCRF(nn.Module):
         pairwise_weight: initial ``β > 0``.
         learn: which of ``"lam"``, ``"pairwise_weight"`` are trainable.
         tol: CG relative residual tolerance.
-        max_iter: CG iteration limit (``None`` = ``H·W``).
+        max_iter: CG iteration limit (``None`` = ``max(H·W, 100)``).
         precondition: Jacobi preconditioning.
 
     Shape:
@@ -601,7 +601,7 @@ def multiscale_gaussian_crf(
         pairwise_weight: ``β > 0``, shared by the scales.
         coupling_weight: ``γ > 0``, the inter-scale coupling strength.
         tol: CG relative residual tolerance.
-        max_iter: CG iteration limit (``None`` = total number of pixels).
+        max_iter: CG iteration limit (``None`` = ``max(total pixels, 100)``).
         precondition: Jacobi preconditioning.
         return_info: also return the :class:`~deepcrf.ops.cg.CGInfo`.
 

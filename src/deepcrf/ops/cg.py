@@ -209,8 +209,9 @@ def conjugate_gradient(
             convergence, never the solution, so no gradient flows through it.
         tol: relative residual tolerance (dimensionless, ``>= 0``).
         atol: absolute residual tolerance (units of ``b``, ``>= 0``); both 0 is not allowed.
-        max_iter: iteration limit; ``None`` = the length of one vector (``prod(N)``), where
-            exact-arithmetic CG terminates.
+        max_iter: iteration limit; ``None`` = ``max(prod(N), 100)``: exact-arithmetic CG
+            terminates within ``prod(N)`` steps, and the floor leaves room for the loss of
+            conjugacy in floating point on small problems.
         return_info: also return a :class:`CGInfo`.
 
     Returns:
@@ -242,7 +243,7 @@ def conjugate_gradient(
     for s in b.shape[2:]:
         n *= int(s)
     if max_iter is None:
-        max_iter = max(n, 1)
+        max_iter = max(n, 100)
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1; got {max_iter}")
     diag = None
