@@ -56,8 +56,9 @@ def _stop_at(k):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_resume_is_bit_identical(train_set, tmp_path, optimizer):
-    # N steps straight vs K steps, "kill", resume to N: the weights must be exactly equal.
-    n, k = 5, 2
+    # N steps straight vs K steps, "kill", resume to N: the weights must be exactly equal
+    # (after step 1 SGD already has momentum buffers and Adam moments to restore).
+    n, k = 3, 1
     kwargs = dict(
         steps=n, batch_size=2, lr=0.02, optimizer=optimizer, progress=False, seed=7, config=SPEC
     )
