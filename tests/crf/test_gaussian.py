@@ -197,6 +197,21 @@ def test_backward_memory_independent_of_iterations():
     assert sizes[0] == sizes[1]
 
 
+def test_dense_never_materialises_n_by_n():
+    # N = 300·300: an N×N float32 matrix would take 32 GB; the low-rank product needs O(N·D).
+    u = torch.randn(1, 2, 300, 300)
+    e = torch.randn(1, 4, 300, 300, requires_grad=True)
+    x, info = gaussian_crf(u, e, connectivity="dense", pairwise_weight=5.0, return_info=True)
+    assert info.converged
+    # The dense graph is rank D: λ·x + d⊙x − ΦᵀΦx = u is checked through the energy's gradient.
+    xd = x.detach().requires_grad_(True)
+    energy = gaussian_crf_energy(xd, u, e.detach(), connectivity="dense", pairwise_weight=5.0)
+    (grad,) = torch.autograd.grad(energy.sum(), xd)
+    assert float(grad.norm()) <= 1e-4 * float(u.norm())
+    x.sum().backward()
+    assert e.grad is not None and torch.isfinite(e.grad).all()
+
+
 def test_non_convergence_warns():
     u, e = _inputs(h=8, w=8)
     with pytest.warns(CGConvergenceWarning, match="did not converge"):
