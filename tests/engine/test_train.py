@@ -8,7 +8,14 @@ from deepcrf import models
 from deepcrf.data.transforms import train_transform
 from deepcrf.data.voc import VOCSegmentation
 from deepcrf.engine import fit, load_checkpoint
-from deepcrf.engine.train import _param_groups, _Stream, _StreamSampler, cross_entropy, poly_lr
+from deepcrf.engine.train import (
+    _param_groups,
+    _Stream,
+    _StreamSampler,
+    cross_entropy,
+    lr_factor,
+    poly_lr,
+)
 
 SPEC = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
 
@@ -129,7 +136,13 @@ def test_stream_positions_cover_epochs_and_ranks(train_set):
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_step_schedule():
+    assert [lr_factor(t, 6000, "step", 0.9, 2000, 0.1) for t in (0, 1999, 2000, 4000)] == [
+        1.0, 1.0, 0.1, pytest.approx(0.01)]  # fmt: skip
+
+
 def test_poly_schedule():
+    assert lr_factor(50, 100, "poly", 0.9, 1, 1.0) == pytest.approx(0.5**0.9)
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
     assert poly_lr(0.01, 100, 100, 0.9) == 0.0
@@ -235,6 +248,14 @@ def test_bad_arguments(train_set):
         fit(model, [], steps=1)
     with pytest.raises(ValueError, match="run_dir needs config"):
         fit(model, train_set, steps=1, run_dir="x")
+    with pytest.raises(ValueError, match="must contain model"):
+        fit(model, train_set, steps=1, run_dir="x", config={"step": 1})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        fit(model, train_set, steps=1, run_dir="x", config={**SPEC, "bad": object()})
+    with pytest.raises(ValueError, match="val_kwargs"):
+        fit(model, train_set, steps=1, val_dataset=train_set)
+    with pytest.raises(ValueError, match="lr_policy"):
+        fit(model, train_set, steps=1, lr_policy="cosine")
 
 
 def test_uncropped_images_of_different_sizes_error(fake_voc, tmp_path):

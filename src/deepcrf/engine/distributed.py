@@ -74,19 +74,29 @@ def barrier() -> None:
 def reduce_mean(value: torch.Tensor) -> float:
     """Average a scalar tensor over processes and return it as a float."""
     if is_distributed():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
+        value = all_reduce_sum(value) / dist.get_world_size()
     return float(value)
 
 
+def _collective_device() -> torch.device:
+    """Where collectives need their tensors: this process's GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over processes (returns a new tensor; the input is not modified)."""
-    out = value.clone()
-    if is_distributed():
-        # gloo and NCCL both reduce float64 and int64; counts stay exact in int64.
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """Sum a tensor over processes; returns a new tensor on ``value``'s device (input untouched).
+
+    The tensor travels to the backend's device (GPU for NCCL, CPU for gloo) and back, so CPU-side
+    counters (confusion matrices) can be reduced under either backend.
+    """
+    if not is_distributed():
+        return value.clone()
+    # gloo and NCCL both reduce float64 and int64; counts stay exact in int64.
+    out = value.to(_collective_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(value.device)
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -198,11 +198,13 @@ def evaluate(
         conf.update(pred, labels)
         if trimap is not None:
             trimap.update(pred, labels)
-    conf.all_reduce()
+    # Counts live on the CPU; all_reduce_sum carries them through the backend's device.
+    conf.matrix = all_reduce_sum(conf.matrix)
     seconds = all_reduce_sum(seconds)
     trimap_acc: dict[str, float | None] = {}
     if trimap is not None:
-        trimap.all_reduce()
+        trimap.correct = all_reduce_sum(trimap.correct)
+        trimap.total = all_reduce_sum(trimap.total)
         trimap_acc = {str(b): _nan_to_none(v) for b, v in trimap.compute().items()}
     if was_training:
         model.train()

@@ -27,6 +27,7 @@ The stream replaces ``DistributedSampler`` so that a resume can start in the mid
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -361,6 +362,15 @@ def fit(
         raise ValueError("run_dir needs config (with the model's name/num_classes/kwargs)")
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir")
+    if config is not None:
+        # Fail now rather than at the first checkpoint, after minutes of training.
+        ckpt._check_model_config(config)
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config must be JSON-serialisable: {err}") from err
+    if val_dataset is not None and "num_classes" not in (val_kwargs or {}):
+        raise ValueError("val_dataset needs val_kwargs={'num_classes': L, ...} for evaluate()")
     steps, batch_size = int(steps), int(batch_size)
     dev = torch.device(device)
     rank, world = rank_and_world()
@@ -403,7 +413,10 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         loss_module = DistributedDataParallel(
-            loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+            loss_module,
+            device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
+            if dev.type == "cuda"
+            else None,
             find_unused_parameters=True,
         )  # fmt: skip
 
