@@ -289,6 +289,10 @@ def test_load_errors_leave_model_unchanged(vgg_state, tmp_path):
     odd = DeepLabV1(3, fc6_kernel=5, fc6_dilation=3)  # 7 taps cannot be decimated evenly to 5
     with pytest.raises(ValueError, match=r"cannot subsample the 7×7 kernel of classifier.0"):
         load_vgg16_imagenet(odd, vgg_state)
+    pickled = tmp_path / "model.pth"
+    torch.save(nn.Linear(2, 2), pickled)  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match=r"cannot be read with torch.load\(weights_only=True\)"):
+        load_vgg16_imagenet(net, pickled)
     with pytest.raises(FileNotFoundError, match=r"pretrained weights file not found"):
         load_vgg16_imagenet(net, tmp_path / "nope.pth")
     with pytest.raises(TypeError, match=r"exactly one VGG16Atrous.*found 0 in SmallSegNet"):

@@ -15,6 +15,7 @@ centred on image pixel ``(8i, 8j)`` and the map has ``ceil(H/8) × ceil(W/8)`` p
 from __future__ import annotations
 
 import os
+import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -251,7 +252,13 @@ def _torch_load(path: str | os.PathLike[str]) -> Mapping[str, Any]:
 
         return load_file(p, device="cpu")
     # weights_only: never unpickle arbitrary objects from a downloaded file.
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{p} cannot be read with torch.load(weights_only=True): it holds pickled objects, "
+            f"not only tensors (save model.state_dict() instead of the model); {err}"
+        ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
