@@ -294,3 +294,25 @@ def test_amp_training_on_cuda_and_cpu_cuda_evaluation_agree(train_set, fake_voc)
     on_gpu = evaluate(model, val, num_classes=21, device="cuda", progress=False)
     # Different kernels may flip the argmax of a few near-tied pixels.
     assert on_gpu["pixel_accuracy"] == pytest.approx(on_cpu["pixel_accuracy"], abs=1e-2)
+
+
+def test_worker_processes_see_the_same_samples(train_set):
+    # Augmentation is seeded per stream position, so worker processes draw the same crops and
+    # flips; only the bilinear resize may round differently (workers run single-threaded).
+    from torch.utils.data import DataLoader
+
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(
+            _Stream(train_set, seed=0), batch_size=2, sampler=_StreamSampler(0, 3, 2, 0, 1),
+            num_workers=workers, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        batches.append(list(loader))
+    for (img0, lab0), (img2, lab2) in zip(*batches, strict=True):
+        assert torch.equal(lab0, lab2)
+        assert torch.allclose(img0, img2, atol=1e-3)
+
+
+def test_cpu_mixed_precision_trains(train_set):
+    out = fit(_model(), train_set, steps=2, batch_size=2, amp=True, progress=False)
+    assert all(math.isfinite(x) for x in out["losses"])
