@@ -37,7 +37,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
     data = make_fake_voc(root)
     run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "2", *FAST]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "2",
+                 "--val-split", "val", "--val-every", "1", *FAST]) == 0  # fmt: skip
     return data, run
 
 
@@ -64,6 +65,9 @@ def test_train_writes_checkpoint_and_evaluate_prints_json(trained, capsys):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"] == "small" and config["step"] == 2
+    # Validated after steps 1 and 2; RUN/best holds the better one.
+    best = json.loads((run / "best" / "config.json").read_text())
+    assert best["metrics"]["step"] in (1, 2) and (run / "best" / "model.safetensors").is_file()
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--json",
                  "--quiet"]) == 0  # fmt: skip

@@ -316,3 +316,16 @@ def test_worker_processes_see_the_same_samples(train_set):
 def test_cpu_mixed_precision_trains(train_set):
     out = fit(_model(), train_set, steps=2, batch_size=2, amp=True, progress=False)
     assert all(math.isfinite(x) for x in out["losses"])
+
+
+def test_diverging_loss_raises(train_set):
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, image):
+            return image[:, :1].expand(-1, 21, -1, -1) * self.w * float("inf")
+
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+        fit(Exploding(), train_set, steps=2, batch_size=1, progress=False)

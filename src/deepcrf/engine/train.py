@@ -453,7 +453,7 @@ def fit(
                 raise ValueError(f"the {stage} loss must be a scalar; got shape {loss.shape}")
             if not use_scaler and not bool(torch.isfinite(loss)):
                 raise FloatingPointError(
-                    f"the training loss became {float(loss)} at step {step + 1}; "
+                    f"the training loss became {loss.detach().item()} at step {step + 1}; "
                     "try a smaller learning rate"
                 )
             scaler.scale(loss).backward()
