@@ -1,0 +1,109 @@
+"""`deepcrf refine`: files, folders, label-PNG input, demo input, JSON summary, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepcrf.cli import main
+from deepcrf.crf.dense import refine
+from deepcrf.data.palette import read_label_png, write_label_png
+
+FAST = ["--iters", "3", "--theta-alpha", "10", "--theta-beta", "20"]
+
+
+def _write_case(folder, stem="a", h=20, w=24, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((h, w), np.uint8)
+    labels[:, w // 2 :] = 1
+    image = np.where(labels[..., None] == 1, 200, 40) + rng.integers(0, 20, (h, w, 3))
+    image = image.astype(np.uint8)
+    logits = 1.5 * np.eye(2)[labels].transpose(2, 0, 1) + rng.normal(0, 1.2, (2, h, w))
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{stem}.png")
+    np.save(folder / f"{stem}.npy", probs.astype(np.float32))
+    write_label_png(folder / f"{stem}_gt.png", labels)
+    return image, probs.astype(np.float32), labels
+
+
+def test_refine_npy_to_png_matches_python_api(tmp_path, capsys):
+    image, probs, labels = _write_case(tmp_path)
+    out = tmp_path / "out" / "refined.png"
+    argv = [str(tmp_path / "a.png"), str(tmp_path / "a.npy"), "-o", str(out), *FAST]
+    assert main(["refine", *argv, "--json", "--ground-truth", str(tmp_path / "a_gt.png")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    expected = refine(image, probs, iters=3, theta_alpha=10.0, theta_beta=20.0).argmax(0)
+    np.testing.assert_array_equal(read_label_png(out), expected)
+    row = summary["files"][0]
+    assert row["num_labels"] == 2 and summary["params"]["iters"] == 3
+    assert row["accuracy_after"] == pytest.approx(float((expected == labels).mean()))
+    assert row["accuracy_after"] > row["accuracy_before"]
+    assert not list(out.parent.glob(".*tmp"))  # atomic write left nothing behind
+
+
+def test_refine_label_png_with_confidence(tmp_path):
+    _, _, labels = _write_case(tmp_path)
+    noisy = labels.copy()
+    noisy[5:8, 3:6] = 1  # a wrong blob inside label 0
+    noisy[0, 0] = 255  # unsure pixel: uniform probabilities
+    write_label_png(tmp_path / "noisy.png", noisy)
+    out = tmp_path / "r.png"
+    argv = [str(tmp_path / "a.png"), str(tmp_path / "noisy.png"), "-o", str(out), *FAST]
+    assert main(["refine", *argv, "--confidence", "0.6"]) == 0
+    refined = read_label_png(out)
+    assert (refined[5:8, 3:6] == 0).all()
+    assert (refined == labels).mean() > (noisy == labels).mean()
+
+
+def test_refine_folders_match_stems(tmp_path, capsys):
+    for i, stem in enumerate(["x", "y"]):
+        _write_case(tmp_path / "img", stem=stem, seed=i)
+    probs_dir = tmp_path / "probs"
+    probs_dir.mkdir()
+    for stem in ["x", "y"]:
+        (tmp_path / "img" / f"{stem}.npy").rename(probs_dir / f"{stem}.npy")
+        (tmp_path / "img" / f"{stem}_gt.png").unlink()
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "img"), str(probs_dir), "-o", str(out), *FAST]
+    assert main(["refine", *argv, "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["x.png", "y.png"]
+    assert len(summary["files"]) == 2
+    (probs_dir / "y.npy").unlink()
+    assert main(["refine", *argv]) == 2
+    assert "have no probabilities" in capsys.readouterr().err
+
+
+def test_refine_demo_input_roundtrip(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    assert main(["refine", "--demo-input", str(demo)]) == 0
+    assert "deepcrf refine" in capsys.readouterr().out
+    argv = [str(demo / "image.png"), str(demo / "probs.npy"), "-o", str(tmp_path / "r.png")]
+    gt = ["--ground-truth", str(demo / "labels.png")]
+    assert main(["refine", *argv, *gt, "--theta-alpha", "20", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["files"][0]
+    # The demo's blurry stride-8 unary is what a dense CRF is for: it must help.
+    assert row["accuracy_after"] > row["accuracy_before"] + 0.01, row
+
+
+def test_refine_errors(tmp_path, capsys):
+    _write_case(tmp_path)
+    img, npy = str(tmp_path / "a.png"), str(tmp_path / "a.npy")
+    out = str(tmp_path / "o.png")
+    assert main(["refine", img, str(tmp_path / "missing.npy"), "-o", out]) == 2
+    assert "PROBS not found" in capsys.readouterr().err
+    assert main(["refine", img, npy]) == 2
+    assert "needs IMAGE, PROBS and -o OUT" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.ones((2, 5, 5), np.float32))
+    assert main(["refine", img, str(tmp_path / "bad.npy"), "-o", out]) == 2
+    assert "must be (L, H, W) = (L, 20, 24)" in capsys.readouterr().err
+    np.save(tmp_path / "unnorm.npy", np.ones((2, 20, 24), np.float32))
+    assert main(["refine", img, str(tmp_path / "unnorm.npy"), "-o", out]) == 2
+    assert "must sum to 1" in capsys.readouterr().err
+    assert main(["refine", img, str(tmp_path / "a_gt.png"), "-o", out, "--confidence", "1.5"]) == 2
+    assert "--confidence must lie in (0, 1)" in capsys.readouterr().err
+    assert main(["refine", str(tmp_path), npy, "-o", out]) == 2
+    assert "all files or all folders" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
