@@ -431,6 +431,8 @@ def test_multiscale_module():
     learned = {n for n, p in crf.named_parameters() if p.grad is not None}
     assert learned == {"log_pairwise_weight", "log_coupling_weight"}
     assert crf.energy(xs, us, es).shape == (2,)
+    torch.testing.assert_close(crf.coupling_weight, torch.tensor(1.0, dtype=torch.float64))
+    assert float(crf.lam) == 1.0 and float(crf.pairwise_weight.detach()) == 1.0
     assert deepcrf.MultiScaleGaussianCRF is MultiScaleGaussianCRF
 
 

@@ -763,6 +763,21 @@ class MultiScaleGaussianCRF(nn.Module):
         )
         self.last_info: CGInfo | None = None
 
+    @property
+    def lam(self) -> torch.Tensor:
+        """Current ``λ``."""
+        return self.log_lam.exp()
+
+    @property
+    def pairwise_weight(self) -> torch.Tensor:
+        """Current ``β``."""
+        return self.log_pairwise_weight.exp()
+
+    @property
+    def coupling_weight(self) -> torch.Tensor:
+        """Current ``γ``."""
+        return self.log_coupling_weight.exp()
+
     def _check_sizes(
         self, unaries: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
     ) -> None:
@@ -781,9 +796,9 @@ class MultiScaleGaussianCRF(nn.Module):
         return {
             "connectivity": self.connectivity,
             "radius": self.radius,
-            "lam": self.log_lam.exp(),
-            "pairwise_weight": self.log_pairwise_weight.exp(),
-            "coupling_weight": self.log_coupling_weight.exp(),
+            "lam": self.lam,
+            "pairwise_weight": self.pairwise_weight,
+            "coupling_weight": self.coupling_weight,
         }
 
     def forward(
