@@ -90,6 +90,11 @@ def test_upsample_hits_feature_centres_and_interpolates():
     # midway between two features: their mean; past the last feature: clamped
     torch.testing.assert_close(out[:, :, 4, 0], (scores[:, :, 0, 0] + scores[:, :, 1, 0]) / 2)
     torch.testing.assert_close(out[:, :, 26, 34], scores[:, :, 3, 4])
+    # weights are a partition of unity: constant maps stay constant, in every float dtype
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        const = upsample_logits(torch.full((1, 2, 4, 5), 3.0, dtype=dtype), (29, 37))
+        assert const.dtype == dtype
+        torch.testing.assert_close(const, torch.full_like(const, 3.0))
 
 
 def test_upsample_matches_align_corners_on_deeplab_sizes():

@@ -76,17 +76,13 @@ def _interp_matrix(
     out_size: int, in_size: int, stride: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     # Row y: linear interpolation at feature coordinate y / stride (feature i sits on pixel
-    # stride*i), clamped to the last feature past the map's end.
-    pos = torch.arange(out_size, dtype=torch.float64) / stride
+    # stride*i), clamped to the last feature past the map's end.  The hat function
+    # max(0, 1 - |pos - i|) gives exactly the two bilinear weights, built on the device.
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    pos = torch.arange(out_size, dtype=work, device=device) / stride
     pos = pos.clamp(max=in_size - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=in_size - 1)
-    frac = pos - lo.to(torch.float64)
-    mat = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    mat.index_put_((rows, hi), frac, accumulate=True)
-    return mat.to(dtype=dtype, device=device)
+    grid = torch.arange(in_size, dtype=work, device=device)
+    return (1.0 - (pos[:, None] - grid[None, :]).abs()).clamp(min=0.0).to(dtype)
 
 
 def upsample_logits(scores: torch.Tensor, size: tuple[int, int], stride: int = 8) -> torch.Tensor:
