@@ -183,6 +183,19 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_freeze_main_network_trains_only_msc_branches():
+    net = models.create("deeplab_msc_largefov", 3, dropout=0.0, msc_dropout=0.0)
+    net.freeze_main_network()
+    F.cross_entropy(net(_image(1, 9, 9)), torch.randint(0, 3, (1, 9, 9))).backward()
+    for name, p in net.named_parameters():
+        if name.startswith("msc_branches."):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    with pytest.raises(ValueError, match=r"needs the multi-scale branches \(msc=True\)"):
+        DeepLabV1(3).freeze_main_network()
+
+
 def test_bad_inputs_and_arguments(largefov):
     with pytest.raises(ValueError, match=r"image must be \(B, 3, H, W\).*got shape \(1, 4, 9, 9\)"):
         largefov(torch.zeros(1, 4, 9, 9))

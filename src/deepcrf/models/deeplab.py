@@ -175,6 +175,23 @@ class DeepLabV1(nn.Module):
                 for _, ch, s in _MSC_INPUTS
             )
 
+    def freeze_main_network(self) -> None:
+        """Train only the multi-scale branches, as the paper trains DeepLab-MSc.
+
+        Chen et al. (2015), Sec. 4.3: the branches are added to a trained DeepLab and only the new
+        weights are adjusted.  Sets ``requires_grad=False`` on every parameter except
+        ``msc_branches.*``.
+
+        Raises:
+            ValueError: the model has no multi-scale branches (``msc=False``).
+        """
+        if self.msc_branches is None:
+            raise ValueError("freeze_main_network needs the multi-scale branches (msc=True)")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.msc_branches.parameters():
+            p.requires_grad_(True)
+
     def forward_scores(self, image: torch.Tensor) -> torch.Tensor:
         """Class scores at stride 8: (B, L, ceil(H/8), ceil(W/8)), before upsampling.
 
