@@ -64,15 +64,14 @@ def _cg_loop(
     tol: float,
     atol: float,
     max_iter: int,
-    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, CGInfo]:
     """Preconditioned CG, written out of place so that it is differentiable when unrolled.
 
     The implicit backward never unrolls it (it runs under ``no_grad``); benchmarks call it with
     autograd on to measure what back-propagating through the iterations would cost.
     """
-    x = torch.zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else b - apply_a(x)
+    x = torch.zeros_like(b)
+    r = b
     inv_diag = None if diag is None else 1.0 / diag
     z = r if inv_diag is None else r * inv_diag
     p = z
