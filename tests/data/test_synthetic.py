@@ -110,20 +110,27 @@ def test_statistics_classes_boundaries_and_thin_parts():
 
 
 def test_class_colour_statistics_overlap_but_differ():
-    ds = SyntheticSegmentation("train", n=60, size=64, num_classes=6)
-    means = {c: [] for c in range(1, 6)}
+    ds = SyntheticSegmentation("train", 60, size=64, num_classes=6)
+    pixels = {c: [] for c in range(6)}
     for i in range(len(ds)):
         image, labels = ds.sample(i)
-        for c in range(1, 6):
-            m = labels == c
-            if m.sum() > 30:
-                means[c].append(image[m].mean(0))
-    centres = {c: np.mean(v, 0) for c, v in means.items()}
-    spreads = {c: np.std(v, 0).mean() for c, v in means.items()}
+        for c in range(6):
+            pixels[c].append(image[labels == c].astype(np.float64))
+    colours = {c: np.concatenate(v) for c, v in pixels.items()}
+    centres = np.stack([colours[c].mean(0) for c in range(6)])
     dists = [np.linalg.norm(centres[a] - centres[b]) for a in range(1, 6) for b in range(a + 1, 6)]
-    assert min(dists) > 10  # distinct on average
-    # ... but the nearest pair is within a few per-instance standard deviations (overlap).
-    assert min(dists) < 4 * max(spreads.values())
+    assert min(dists) > 30  # object classes are distinct on average (nearest pair: 90)
+    # ... but pixels overlap: a nearest-mean-colour classifier over the object classes gets a
+    # sizeable fraction wrong (texture, shading, jitter and noise), so colour alone is not enough.
+    fg = np.concatenate([colours[c] for c in range(1, 6)])
+    truth = np.concatenate([np.full(len(colours[c]), c) for c in range(1, 6)])
+    nearest = 1 + np.argmin(((fg[:, None, :] - centres[None, 1:, :]) ** 2).sum(-1), axis=1)
+    error = (nearest != truth).mean()
+    assert 0.015 < error < 0.5, error  # 0.031 with these settings
+    # Backgrounds are muted on average but cover the object colours in places (clutter).
+    bg = colours[0]
+    near_object = (((bg[:, None, :] - centres[None, 1:, :]) ** 2).sum(-1) < 40.0**2).any(1)
+    assert 0.008 < near_object.mean() < 0.5, near_object.mean()  # 0.016
 
 
 def test_noise_and_soft_edges():

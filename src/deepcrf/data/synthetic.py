@@ -7,11 +7,12 @@ does not depend on which other items were generated or in which order.
 The scenes are built to be hard in the ways that matter for CNN + CRF models:
 
 - several object classes whose colour and texture statistics are distinct on average but
-  overlap (the mean colours of some pairs are close; per-instance colour jitter is wide), and
-  whose shapes are only *usually* class-specific (one object in five takes another class's shape),
-  so a network must combine colour, texture and shape;
-- textured, cluttered backgrounds: a low-frequency colour field from the same broad colour
-  distribution as the objects, plus background distractor shapes;
+  overlap (pairs of classes have nearby mean colours; texture, shading, per-instance jitter and
+  noise spread each class's pixels), and whose shapes are only *usually* class-specific (about
+  one object in seven takes another class's shape), so a network must combine colour, texture
+  and shape;
+- textured, cluttered backgrounds: a low-frequency field of muted colours plus background
+  distractor shapes, a fifth of them in an object class's colour;
 - occlusion: objects overlap each other, and background bars sometimes pass in front of them;
 - thin parts (spider legs, leaf stems, star arms, rings) narrower than the stride-8 feature grid
   of a DeepLab-style CNN, so a CNN alone blurs them and a colour-sensitive CRF can recover them;
@@ -79,27 +80,30 @@ class _ClassStyle:
     contrast: float  # texture amplitude in grey levels
 
 
-# Mean colours are chosen so that pairs overlap once the per-instance jitter (_COLOR_JITTER) is
-# added: ball/star (reds-oranges), ring/spider (blue-purple), box/bolt (yellows), leaf/background.
+# Saturated mean colours, with pairs that overlap once the per-instance jitter (_COLOR_JITTER) is
+# added: ball/star (red-orange), ring/spider (blue-purple), box/bolt (yellows).  Backgrounds are
+# mostly muted (grey plus a little chroma), but a fifth of the distractor shapes wear an object
+# class's colour, so colour alone never decides the label.
 _STYLES: tuple[_ClassStyle, ...] = (
-    _ClassStyle("ball", "ellipse", (200.0, 75.0, 65.0), "stripes", (5.0, 8.0), 35.0),
-    _ClassStyle("star", "star", (215.0, 125.0, 60.0), "speckle", (2.0, 3.0), 40.0),
-    _ClassStyle("ring", "ring", (75.0, 100.0, 190.0), "checker", (6.0, 9.0), 35.0),
-    _ClassStyle("leaf", "leaf", (85.0, 160.0, 75.0), "stripes", (3.0, 4.5), 25.0),
-    _ClassStyle("spider", "spider", (120.0, 75.0, 150.0), "dots", (5.0, 7.0), 35.0),
-    _ClassStyle("box", "box", (175.0, 165.0, 85.0), "checker", (4.0, 6.0), 30.0),
-    _ClassStyle("bolt", "bolt", (220.0, 200.0, 95.0), "plain", (4.0, 6.0), 10.0),
+    _ClassStyle("ball", "ellipse", (210.0, 60.0, 55.0), "stripes", (5.0, 8.0), 30.0),
+    _ClassStyle("star", "star", (235.0, 150.0, 40.0), "speckle", (2.0, 3.0), 30.0),
+    _ClassStyle("ring", "ring", (55.0, 105.0, 215.0), "checker", (6.0, 9.0), 30.0),
+    _ClassStyle("leaf", "leaf", (70.0, 175.0, 65.0), "stripes", (3.0, 4.5), 25.0),
+    _ClassStyle("spider", "spider", (145.0, 55.0, 175.0), "dots", (5.0, 7.0), 30.0),
+    _ClassStyle("box", "box", (190.0, 190.0, 60.0), "checker", (4.0, 6.0), 25.0),
+    _ClassStyle("bolt", "bolt", (240.0, 225.0, 110.0), "plain", (4.0, 6.0), 10.0),
 )
 
 CLASS_NAMES: tuple[str, ...] = ("background", *(s.name for s in _STYLES))
 """All class names; a dataset with ``num_classes=K`` uses the first ``K``."""
 
-_COLOR_JITTER = 28.0  # per-instance std of the object colour, grey levels
-_BG_MEAN = np.array([125.0, 118.0, 105.0])
-_BG_STD = 48.0  # broad, so background colours overlap every class's
+_COLOR_JITTER = 18.0  # per-instance std of the object colour, grey levels
+_BG_GREY = (40.0, 215.0)  # range of the background's grey level
+_BG_CHROMA = 22.0  # std of the background's per-channel deviation from grey
+_CLASS_COLORED_CLUTTER = 0.2  # fraction of distractors drawn in an object class's colour
 _TEXTURES = ("stripes", "checker", "speckle", "dots", "plain")
 _OBJECT_SHAPES = tuple(s.shape for s in _STYLES)
-_OFF_SHAPE_PROB = 0.2  # an object takes another class's shape this often
+_OFF_SHAPE_PROB = 0.15  # an object takes another class's shape this often
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:
@@ -259,7 +263,8 @@ def _background(canvas: _Canvas) -> None:
     rng = canvas.rng
     h, w = canvas.h, canvas.w
     gh, gw = rng.integers(2, 6, size=2)
-    nodes = _BG_MEAN[None, None, :] + rng.normal(0.0, _BG_STD, size=(gh, gw, 3))
+    grey = rng.uniform(*_BG_GREY, size=(gh, gw, 1))
+    nodes = grey + rng.normal(0.0, _BG_CHROMA, size=(gh, gw, 3))
     # Separable bilinear interpolation of the coarse grid to full resolution.
     wy = _interp_matrix(h, int(gh))
     wx = _interp_matrix(w, int(gw))
@@ -270,6 +275,12 @@ def _background(canvas: _Canvas) -> None:
     canvas.image = field + rng.uniform(5.0, 20.0) * tex[..., None]
     for _ in range(int(rng.integers(2, 8))):
         _clutter(canvas)
+
+
+def _muted_color(rng: np.random.Generator) -> np.ndarray:
+    """A background colour: a grey level plus a little chroma."""
+    grey = rng.uniform(*_BG_GREY)
+    return np.clip(grey + rng.normal(0.0, _BG_CHROMA, size=3), 0.0, 255.0)
 
 
 def _interp_matrix(n: int, m: int) -> np.ndarray:
@@ -303,7 +314,10 @@ def _clutter(canvas: _Canvas, *, occluder: bool = False) -> None:
         dx, dy = half * math.cos(angle), half * math.sin(angle)
         width = rng.uniform(2.0, 6.0) * s
         sd = canvas.sd_segment(cx - dx, cy - dy, cx + dx, cy + dy, width)
-    color = np.clip(_BG_MEAN + rng.normal(0.0, _BG_STD, size=3), 0.0, 255.0)
+    color = _muted_color(rng)
+    if rng.random() < _CLASS_COLORED_CLUTTER:
+        style = _STYLES[int(rng.integers(len(_STYLES)))]
+        color = np.clip(np.asarray(style.color) + rng.normal(0.0, _COLOR_JITTER, size=3), 0, 255)
     tex_kind = _TEXTURES[int(rng.integers(len(_TEXTURES)))]
     tex = canvas.texture(tex_kind, rng.uniform(3.0, 8.0) * s, cx, cy)
     canvas.paint(sd, color, tex, rng.uniform(5.0, 25.0), 0, cx, cy)
@@ -381,7 +395,7 @@ def _generate(
         shape = style.shape
         if rng.random() < _OFF_SHAPE_PROB:
             shape = _OBJECT_SHAPES[int(rng.integers(len(_OBJECT_SHAPES)))]
-        r0 = rng.uniform(10.0, 24.0) * s
+        r0 = rng.uniform(12.0, 26.0) * s
         margin = 0.5 * r0
         cx = rng.uniform(margin, width - margin)
         cy = rng.uniform(margin, height - margin)

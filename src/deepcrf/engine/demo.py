@@ -1,0 +1,603 @@
+"""``deepcrf demo``: train a small CNN on the built-in synthetic data, then compare the CRFs.
+
+One run, on the same validation images, of every structured model of the founding papers that
+this installation has:
+
+1. **CNN alone** — the ``small`` stride-8 atrous network trained from scratch (cross-entropy),
+   evaluated without a CRF: the unary baseline.
+2. **CNN + dense CRF (DeepLab v1)** — Chen et al. (2015): the same network, its logits refined by
+   a fully connected CRF (Krähenbühl & Koltun 2011) used as post-processing, with parameters
+   grid-searched on the held-out ``tune`` split (:func:`deepcrf.engine.tune.tune_dense_crf`).
+3. **CRF-as-RNN** — Zheng et al. (2015): the CRF's mean-field iterations as layers, compatibility
+   and kernel weights learned jointly with the network (``crf="dense-learnable"``).
+4. **+ learned bandwidths** — Schwing & Urtasun (2015): also the kernel bandwidths θα, θβ, θγ
+   (``crf="dense-bandwidths"``).
+5. **Deep Gaussian CRF** — Chandra & Kokkinos (2016): quadratic energy, exact inference by
+   conjugate gradient on the stride-8 grid (``small_gcrf``), trained end to end.
+6. **Contextual CRF** — Lin et al. (2016): CNN pairwise potentials on a range-box graph,
+   piecewise training (``small_contextual``).
+
+A row whose piece is not in this installation is skipped, and the report says so; the check is
+by import (:mod:`importlib.util.find_spec`) and by the model registry, so that a piece that
+exists but fails still raises.  Every CRF row starts from a copy of the trained CNN's weights
+and trains for a few more steps with its CRF in the loop.
+
+Determinism: data are generated from fixed seeds, training seeds every RNG
+(:func:`deepcrf.engine.fit`), evaluation has no randomness, and the run enables
+``torch.use_deterministic_algorithms`` (restored afterwards).  Two runs on the same machine with
+the same number of threads give the same numbers; a different thread count or CPU may change
+the float summation order and hence the last digits.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["FULL", "QUICK", "DemoSettings", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes, steps and learning rates of one demo run.
+
+    Args:
+        size: synthetic image side in pixels.
+        num_classes: classes including background (2-8).
+        n_train: training images.
+        n_val: validation images (every row is evaluated on all of them).
+        n_tune: held-out images for the dense-CRF grid search.
+        width: width of the ``small`` backbone (channels of its first level).
+        unary_steps: optimiser steps of the CNN alone.
+        batch_size: images per step of the CNN alone.
+        lr: Adam learning rate of the CNN alone.
+        crf_steps: joint (CNN + CRF) steps of each end-to-end CRF row.
+        contextual_steps: piecewise steps of the contextual CRF's new head on the CNN's trunk.
+        crf_batch_size: images per joint step.
+        finetune_lr: Adam learning rate of the network during joint training.
+        crf_lr: Adam learning rate of the CRF parameters during joint training.
+        crf_train_iters: mean-field iterations while training (CRF-as-RNN: 5).
+        crf_eval_iters: mean-field iterations at test time (CRF-as-RNN: 10).
+        tune_grid: dense-CRF grid ``{param: values}`` searched on the tune split.
+        tune_rounds: coarse-to-fine rounds of the grid search.
+        trimap_bands: band half-widths (px) of the trimap curve.
+        trimap_band: the band reported in the table.
+        overlay_images: validation images drawn under every model.
+        seed: base seed of data and training.
+    """
+
+    size: int = 96
+    num_classes: int = 6
+    n_train: int = 512
+    n_val: int = 48
+    n_tune: int = 16
+    width: int = 16
+    unary_steps: int = 400
+    batch_size: int = 8
+    lr: float = 2e-3
+    crf_steps: int = 40
+    contextual_steps: int = 150
+    crf_batch_size: int = 4
+    finetune_lr: float = 1e-4
+    crf_lr: float = 1e-2
+    crf_train_iters: int = 5
+    crf_eval_iters: int = 10
+    tune_grid: Mapping[str, Sequence[float]] = dataclasses.field(
+        default_factory=lambda: {
+            "w_bilateral": [3.0, 6.0, 10.0],
+            "theta_alpha": [8.0, 16.0, 32.0],
+            "theta_beta": [8.0, 16.0, 32.0],
+            "w_gaussian": [3.0],
+            "theta_gamma": [1.0],
+        }
+    )
+    tune_rounds: int = 1
+    trimap_bands: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
+    trimap_band: int = 3
+    overlay_images: int = 4
+    seed: int = 0
+
+    def check(self) -> DemoSettings:
+        """Validate every field; returns ``self``."""
+        for name in ("size", "n_train", "n_val", "n_tune", "width", "unary_steps", "batch_size",
+                     "crf_steps", "contextual_steps", "crf_batch_size", "crf_train_iters",
+                     "crf_eval_iters", "tune_rounds"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        for name in ("lr", "finetune_lr", "crf_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+        if not self.trimap_bands or any(int(b) < 0 for b in self.trimap_bands):
+            raise ValueError(f"trimap_bands must be non-negative ints; got {self.trimap_bands}")
+        if self.trimap_band not in self.trimap_bands:
+            raise ValueError(
+                f"trimap_band {self.trimap_band} must be one of trimap_bands {self.trimap_bands}"
+            )
+        if not 0 <= self.overlay_images <= self.n_val:
+            raise ValueError(
+                f"overlay_images must be in [0, n_val={self.n_val}]; got {self.overlay_images}"
+            )
+        return self
+
+
+FULL = DemoSettings()
+"""The full demo (about 10 minutes on two unloaded CPU cores; see docs/demo.md)."""
+
+QUICK = DemoSettings(
+    size=48,
+    n_train=64,
+    n_val=4,
+    n_tune=2,
+    width=8,
+    unary_steps=40,
+    batch_size=4,
+    crf_steps=2,
+    contextual_steps=4,
+    crf_batch_size=2,
+    crf_train_iters=2,
+    crf_eval_iters=3,
+    tune_grid={
+        "w_bilateral": [3.0, 6.0],
+        "theta_alpha": [8.0],
+        "theta_beta": [16.0],
+        "w_gaussian": [3.0],
+        "theta_gamma": [1.0],
+    },
+    trimap_bands=(1, 2, 3, 4, 8),
+    overlay_images=2,
+)
+"""``--quick``: tiny sizes and steps, a smoke test of the whole pipeline (under 2 minutes)."""
+
+BASELINE = "CNN alone"
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str
+    name: str
+    method: str
+    module: str | None = None  # must be importable for the row to run
+    model: str | None = None  # must be in the registry for the row to run
+
+
+_ROWS: tuple[_Row, ...] = (
+    _Row("unary", BASELINE, "the `small` stride-8 atrous CNN (Chen et al. 2015's "
+         "architecture, scaled down), trained from scratch with cross-entropy; no CRF."),
+    _Row("dense", "CNN + dense CRF (DeepLab v1)", "Chen et al. 2015: the same CNN's logits "
+         "refined by a fully connected CRF (Krähenbühl & Koltun 2011, permutohedral lattice) "
+         "as post-processing; parameters grid-searched on the held-out tune split.",
+         module="deepcrf.crf.dense"),
+    _Row("crfrnn", "CRF-as-RNN", "Zheng et al. 2015: mean-field iterations as recurrent "
+         "layers; compatibility matrix and kernel weight matrices learned jointly with the CNN "
+         "(initialised from the tuned DeepLab CRF).", module="deepcrf.crf.dense"),
+    _Row("bandwidths", "+ learned bandwidths", "Schwing & Urtasun 2015: as CRF-as-RNN, and the "
+         "kernel bandwidths θα, θβ, θγ learned too (exact gradients through the lattice).",
+         module="deepcrf.crf.dense"),
+    _Row("gcrf", "Deep Gaussian CRF", "Chandra & Kokkinos 2016: quadratic energy with "
+         "pairwise terms from learned pixel embeddings, exact inference by conjugate gradient "
+         "on the stride-8 grid, trained end to end.", model="small_gcrf"),
+    _Row("contextual", "Contextual CRF (Lin et al.)", "Lin et al. 2016: pairwise potentials "
+         "from a CNN on a range-box graph, piecewise training, mean-field inference.",
+         model="small_contextual"),
+)  # fmt: skip
+
+
+def _missing(row: _Row) -> str | None:
+    """Why ``row`` cannot run in this installation, or ``None`` when it can."""
+    if row.module is not None and importlib.util.find_spec(row.module) is None:
+        return f"`{row.module}` is not part of this installation yet"
+    if row.model is not None:
+        from .. import models
+
+        if row.model not in models.available():
+            return f"model `{row.model}` is not in the registry of this installation yet"
+    return None
+
+
+def _transfer_unary(
+    dst: nn.Module, unary_state: Mapping[str, torch.Tensor], *, prefix: str = ""
+) -> list[str]:
+    """Copy the trained CNN's weights into ``dst``; returns the names left at initialisation.
+
+    ``dst`` is a ``CRFSegmenter`` (the CNN is ``dst.model``) or a model whose CNN parameters
+    have the CNN's names (``backbone.*``, ``head.*``, ``classifier.*``).  With ``prefix`` only
+    the CNN's tensors whose names start with it are copied (e.g. ``"backbone."`` for a model
+    that shares only the trunk).  Every copied tensor must find its place, with the same shape:
+    anything else is a bug and raises.
+    """
+    state = {k: v for k, v in unary_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"the trained CNN has no weights starting with {prefix!r}")
+    target = dst.model if isinstance(getattr(dst, "model", None), nn.Module) else dst
+    result = target.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(
+            f"the trained CNN's weights {result.unexpected_keys[:5]} have no place in "
+            f"{type(dst).__name__}; cannot start this row from the trained CNN"
+        )
+    return list(result.missing_keys)
+
+
+def _select(row_model: nn.Module, use_crf: bool, postprocess: Callable | None) -> Callable:
+    from .evaluate import predict_logits
+
+    def predict(image: torch.Tensor) -> np.ndarray:
+        logits = predict_logits(row_model, image[None], use_crf=use_crf, postprocess=postprocess)
+        return logits.argmax(1)[0].to(torch.uint8).numpy()
+
+    return predict
+
+
+def _crf_stats(model: nn.Module) -> dict[str, Any]:
+    """Learned CRF scalars worth printing (bandwidths, mean kernel weights)."""
+    crf = getattr(model, "crf", None)
+    out: dict[str, Any] = {}
+    if crf is None:
+        return out
+    for name, tensor in crf.state_dict().items():
+        if tensor.numel() == 1:
+            value = float(tensor)
+            out[name] = value
+            if name.startswith("log_"):
+                out[name[4:]] = math.exp(value)
+    return out
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str],
+    *,
+    quick: bool = False,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train, compare every available CNN+CRF model, and write the report into ``out_dir``.
+
+    Args:
+        out_dir: output folder; ``results.json``, ``report.md``, ``trimap.png`` and
+            ``overlays/*.png`` are written (atomically) into it.
+        quick: use :data:`QUICK` instead of :data:`FULL` (ignored when ``settings`` is given).
+        settings: explicit sizes and steps.
+        progress: tqdm progress bars on stderr.
+        log: where status lines and the final table go.
+
+    Returns:
+        ``{"rows": [...], "skipped": [(name, reason)], "files": {...}, "seconds": float}``.
+    """
+    from ..data.synthetic import SyntheticSegmentation
+    from . import report
+
+    cfg = (settings or (QUICK if quick else FULL)).check()
+    out = Path(out_dir)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    try:
+        rows, skipped, images, labels, predictions, extras = _run_rows(
+            cfg, SyntheticSegmentation, progress, log
+        )
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    seconds = time.perf_counter() - t_start
+    cpu_seconds = time.process_time() - cpu_start
+    meta = {
+        "settings": dataclasses.asdict(cfg),
+        "mode": "custom" if settings is not None else ("quick" if quick else "full"),
+        "dense_crf_params": extras.get("dense_crf_params"),
+        "learned_crf": extras.get("learned_crf"),
+        "total_seconds": seconds,
+        "total_cpu_seconds": cpu_seconds,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    notes = _notes(cfg, extras, seconds, cpu_seconds)
+    files = report.write_report(
+        out,
+        rows,
+        baseline=BASELINE,
+        images=images,
+        labels=labels,
+        predictions=predictions,
+        skipped=skipped,
+        meta=meta,
+        intro=_intro(cfg),
+        notes=notes,
+    )
+    log("")
+    log(files["table"])
+    log("")
+    for verdict in files["verdicts"]:
+        log("- " + verdict.replace("**", ""))
+    for name, reason in skipped:
+        log(f"- skipped {name}: {reason}")
+    log(f"\nreport: {files['report']}  ({seconds:.0f} s wall, {cpu_seconds:.0f} s CPU)")
+    return {"rows": rows, "skipped": skipped, "files": files, "seconds": seconds}
+
+
+def _intro(cfg: DemoSettings) -> str:
+    return (
+        f"A `small` stride-8 CNN trained from scratch on {cfg.n_train} built-in synthetic "
+        f"{cfg.size}×{cfg.size} images ({cfg.num_classes} classes: textured objects with thin "
+        f"parts, occlusion, soft edges and noise on cluttered backgrounds; "
+        f"`deepcrf.data.synthetic`), then each structured model evaluated on the same "
+        f"{cfg.n_val} validation images. Numbers are fractions shown as percentages; "
+        f"trimap accuracy is pixel accuracy within ±{cfg.trimap_band} px of a ground-truth "
+        f"boundary."
+    )
+
+
+def _notes(
+    cfg: DemoSettings, extras: Mapping[str, Any], seconds: float, cpu_seconds: float
+) -> list[str]:
+    notes = [
+        f"The CNN alone trained {cfg.unary_steps} Adam steps of {cfg.batch_size} images "
+        f"(lr {cfg.lr:g}, poly decay). Every end-to-end CRF row starts from a copy of it and "
+        f"trains {cfg.crf_steps} more steps of {cfg.crf_batch_size} images with the CRF in the "
+        f"loop (network lr {cfg.finetune_lr:g}, CRF lr {cfg.crf_lr:g}); the dense-CRF rows use "
+        f"{cfg.crf_train_iters} mean-field iterations in training and {cfg.crf_eval_iters} at "
+        f"test time, as CRF-as-RNN does (5 and 10).",
+        "Time per image is the wall time of the forward pass (network + CRF) measured by "
+        "`deepcrf.engine.evaluate`, one image at a time on the CPU; on a shared or loaded "
+        "machine it is noisy. Training seconds are wall time too.",
+        f"This run took {seconds:.0f} s wall and {cpu_seconds:.0f} s of CPU time with "
+        f"{torch.get_num_threads()} torch threads.",
+        "Same seeds, same numbers: data, initialisation and batch order are seeded, evaluation "
+        "is deterministic and `torch.use_deterministic_algorithms(True)` is on; another thread "
+        "count or CPU can change float summation order and so the last digits.",
+    ]
+    if extras.get("dense_crf_params"):
+        p = extras["dense_crf_params"]
+        notes.append(
+            "Dense-CRF parameters chosen on the tune split: "
+            + ", ".join(f"{k}={v:g}" for k, v in p.items() if isinstance(v, (int, float)))
+            + f" (tune-split mIoU {100 * extras['tune_miou']:.1f} with CRF vs "
+            f"{100 * extras['tune_baseline_miou']:.1f} without)."
+        )
+    return notes
+
+
+def _run_rows(
+    cfg: DemoSettings,
+    dataset_cls: Any,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[list[dict], list[tuple[str, str]], np.ndarray, np.ndarray, dict, dict]:
+    from .. import models
+    from .evaluate import evaluate
+    from .train import fit
+
+    k = cfg.num_classes
+    data_kw = {"size": cfg.size, "seed": cfg.seed, "num_classes": k}
+    train = dataset_cls("train", cfg.n_train, **data_kw)
+    val = dataset_cls("val", cfg.n_val, **data_kw)
+    tune = dataset_cls("tune", cfg.n_tune, **data_kw)
+    class_names = list(train.class_names)
+    samples = [val.sample(i) for i in range(cfg.overlay_images)]
+    images = np.stack([s[0] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
+    labels = np.stack([s[1] for s in samples]) if samples else np.zeros((0, 1, 1), np.uint8)
+    overlay_inputs = [val[i][0] for i in range(cfg.overlay_images)]
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    predictions: dict[str, np.ndarray] = {}
+    extras: dict[str, Any] = {"learned_crf": {}}
+
+    def record(
+        spec: _Row,
+        model: nn.Module,
+        *,
+        use_crf: bool,
+        postprocess: Callable | None = None,
+        train_seconds: float | None = None,
+        note: str = "",
+    ) -> None:
+        log(f"[demo] evaluating {spec.name} on {cfg.n_val} validation images")
+        result = evaluate(
+            model,
+            val,
+            num_classes=k,
+            use_crf=use_crf,
+            postprocess=postprocess,
+            trimap_bands=cfg.trimap_bands,
+            progress=progress,
+            class_names=class_names,
+        )
+        curve = {int(b): v for b, v in result["trimap_accuracy"].items()}
+        rows.append(
+            {
+                "name": spec.name,
+                "method": spec.method,
+                "miou": result["miou"],
+                "pixel_accuracy": result["pixel_accuracy"],
+                "trimap_accuracy": curve[cfg.trimap_band],
+                "trimap_band": cfg.trimap_band,
+                "trimap_curve": curve,
+                "seconds_per_image": result["seconds_per_image"],
+                "train_seconds": train_seconds,
+                "per_class_iou": result["per_class_iou"],
+                "note": note,
+            }
+        )
+        predict = _select(model, use_crf, postprocess)
+        with torch.no_grad():
+            model.eval()
+            predictions[spec.name] = (
+                np.stack([predict(x) for x in overlay_inputs])
+                if overlay_inputs
+                else np.zeros((0, 1, 1), np.uint8)
+            )
+
+    def joint_fit(model: nn.Module, stage: str = "joint") -> float:
+        result = fit(
+            model,
+            train,
+            stage=stage,
+            steps=cfg.crf_steps,
+            batch_size=cfg.crf_batch_size,
+            lr=cfg.finetune_lr,
+            crf_lr=cfg.crf_lr,
+            optimizer="adam",
+            weight_decay=0.0,
+            seed=cfg.seed + 1,
+            progress=progress,
+        )
+        return float(result["seconds"])
+
+    specs = {r.key: r for r in _ROWS}
+
+    # 1. The CNN alone.
+    log(f"[demo] training the CNN alone: {cfg.unary_steps} steps on {cfg.n_train} images")
+    unary = models.create("small", k, width=cfg.width)
+    fitted = fit(
+        unary,
+        train,
+        stage="unary",
+        steps=cfg.unary_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        optimizer="adam",
+        weight_decay=0.0,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    unary_state = copy.deepcopy(unary.state_dict())
+    record(specs["unary"], unary, use_crf=False, train_seconds=float(fitted["seconds"]))
+
+    # 2. Dense CRF post-processing with parameters tuned on held-out images.
+    dense_params: dict[str, Any] | None = None
+    reason = _missing(specs["dense"])
+    if reason is None:
+        from ..crf.dense import dense_crf
+        from .tune import tune_dense_crf
+
+        log(f"[demo] tuning the dense CRF on {cfg.n_tune} held-out images")
+        tuned = tune_dense_crf(
+            unary,
+            tune,
+            num_classes=k,
+            grid=cfg.tune_grid,
+            iters=cfg.crf_eval_iters,
+            rounds=cfg.tune_rounds,
+            max_images=None,
+            progress=progress,
+        )
+        dense_params = dict(tuned["best"]["params"])
+        extras["dense_crf_params"] = dense_params
+        extras["tune_miou"] = tuned["best"]["miou"]
+        extras["tune_baseline_miou"] = tuned["baseline_miou"]
+        post_kw = dict(dense_params)
+
+        def postprocess(logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+            return dense_crf(logits, image, **post_kw)
+
+        record(
+            specs["dense"],
+            unary,
+            use_crf=False,
+            postprocess=postprocess,
+            train_seconds=float(tuned["seconds"]),
+            note=f"Training seconds here are the grid search ({len(tuned['trials'])} settings).",
+        )
+    else:
+        skipped.append((specs["dense"].name, reason))
+
+    # 3-4. CRF-as-RNN and learned bandwidths, end to end from the trained CNN.
+    for key, kind in (("crfrnn", "dense-learnable"), ("bandwidths", "dense-bandwidths")):
+        spec = specs[key]
+        reason = _missing(spec)
+        if reason is not None:
+            skipped.append((spec.name, reason))
+            continue
+        init = dense_params or {}
+        crf_kwargs = {
+            name: float(init[name])
+            for name in ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian")
+            if name in init
+        }
+        crf_kwargs.update(
+            iters=cfg.crf_train_iters, eval_iters=cfg.crf_eval_iters, weight_shape="matrix"
+        )
+        log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
+        model = models.create("small", k, width=cfg.width, crf=kind, crf_kwargs=crf_kwargs)
+        _transfer_unary(model, unary_state)
+        seconds = joint_fit(model)
+        extras["learned_crf"][spec.name] = _crf_stats(model)
+        record(spec, model, use_crf=True, train_seconds=seconds)
+
+    # 5. Deep Gaussian CRF.
+    spec = specs["gcrf"]
+    reason = _missing(spec)
+    if reason is None:
+        log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
+        model = models.create("small_gcrf", k, width=cfg.width)
+        _transfer_unary(model, unary_state)
+        seconds = joint_fit(model)
+        extras["learned_crf"][spec.name] = _crf_stats(model)
+        record(spec, model, use_crf=True, train_seconds=seconds)
+    else:
+        skipped.append((spec.name, reason))
+
+    # 6. Contextual CRF with CNN pairwise potentials, piecewise training.
+    spec = specs["contextual"]
+    reason = _missing(spec)
+    if reason is None:
+        log(f"[demo] training {spec.name}: {cfg.contextual_steps} piecewise steps on the trunk")
+        model = models.create("small_contextual", k, width=cfg.width)
+        # Only the trunk is shared: FeatMap-Net's per-scale blocks and the CRF's unary and
+        # pairwise nets are new, so they train at the CNN's rate with the trunk frozen.
+        _transfer_unary(model, unary_state, prefix="backbone.")
+        result = fit(
+            model,
+            train,
+            stage="piecewise",
+            steps=cfg.contextual_steps,
+            batch_size=cfg.crf_batch_size,
+            lr=cfg.lr,
+            optimizer="adam",
+            weight_decay=0.0,
+            seed=cfg.seed + 2,
+            progress=progress,
+            freeze_backbone=True,
+        )
+        record(
+            spec,
+            model,
+            use_crf=True,
+            train_seconds=float(result["seconds"]),
+            note=(
+                "Only the trained CNN's trunk is shared; its multi-scale FeatMap-Net head and "
+                f"the CRF's unary and pairwise nets trained {cfg.contextual_steps} piecewise "
+                "steps from scratch on the frozen trunk."
+            ),
+        )
+    else:
+        skipped.append((spec.name, reason))
+
+    return rows, skipped, images, labels, predictions, extras
+
+
+def results_summary(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a ``results.json`` written by :func:`run_demo` (for scripts and tests)."""
+    doc = json.loads(Path(path).read_text())
+    return list(doc["rows"])
