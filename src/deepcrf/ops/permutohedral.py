@@ -97,34 +97,26 @@ class _Code:
 
     A vertex key of the lattice has coordinates ``(d+1)·q_i + r`` with the same remainder r
     for every coordinate, so it is stored as (r, q) — a (d+1)^d smaller range than the raw
-    coordinates.  Each q_i is offset by its minimum minus a margin of one so that the blur
+    coordinates.  Each q_i is offset by its minimum minus a margin so that the blur
     neighbours (q ± 1) are representable without collisions.
     """
 
-    def __init__(self, q_min: torch.Tensor, q_max: torch.Tensor, batch: int, d: int) -> None:
-        lo = [int(v) - 2 for v in q_min.tolist()]
-        hi = [int(v) + 1 for v in q_max.tolist()]
-        ranges = [h - low + 1 for h, low in zip(hi, lo, strict=True)]
+    def __init__(self, v_min: list[int], v_max: list[int], batch: int, d: int) -> None:
+        # Vertices have q_i in [v_min − 1, v_max]; neighbours one further on each side.
+        self.lo = [int(v) - 2 for v in v_min]
+        ranges = [int(h) + 1 - low + 1 for h, low in zip(v_max, self.lo, strict=True)]
         strides = [1] * d
         for i in range(d - 2, -1, -1):
             strides[i] = strides[i + 1] * ranges[i + 1]
-        block = strides[0] * ranges[0] if d else 1
-        if batch * (d + 1) * block >= 2**62:
+        self.block = strides[0] * ranges[0]
+        if batch * (d + 1) * self.block >= 2**62:
             raise ValueError(
                 "features span too large a range for the lattice's int64 keys "
                 f"(d={d}, {ranges} lattice cells per dimension, batch {batch}); "
                 "divide the features by larger bandwidths"
             )
-        self.lo = lo
         self.strides = strides
-        self.block = block
         self.d = d
-
-    def pack(self, batch_idx: torch.Tensor, rem: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        code = (batch_idx * (self.d + 1) + rem) * self.block
-        for i in range(self.d):
-            code = code + (q[..., i] - self.lo[i]) * self.strides[i]
-        return code
 
 
 def _csr(
@@ -207,116 +199,110 @@ class PermutohedralLattice:
         f = features.reshape(batch * n, d)
         if feature_scale != 1.0:
             f = f * feature_scale
-        num_real = batch * n
-        batch_idx = torch.arange(batch, device=dev).repeat_interleave(n)
-        if self.pydensecrf_compatible and n % 4:
+        pad = (-n) % 4 if self.pydensecrf_compatible else 0
+        if pad:
             # densecrf's SSE build processes points in blocks of 4 and inserts the zero
-            # features of the padding into the hash table: they add (empty) vertices that
+            # features of the padding into its hash table: they add (empty) vertices that
             # carry blurred mass, so reproduce them (with zero splat weight, see below).
-            pad = 4 - n % 4
-            f = torch.cat([f.reshape(batch, n, d), f.new_zeros(batch, pad, d)], dim=1).reshape(
-                -1, d
-            )
-            batch_idx = torch.arange(batch, device=dev).repeat_interleave(n + pad)
-            real = (torch.arange(n + pad, device=dev) < n).repeat(batch)
-        else:
-            pad = 0
-            real = None
+            f = torch.cat([f.reshape(batch, n, d), f.new_zeros(batch, pad, d)], dim=1)
+            f = f.reshape(-1, d)
         npts = f.shape[0]
+        batch_idx = torch.arange(batch, device=dev).repeat_interleave(n + pad)
 
         elevated = _elevate(f)
         inv_dp1 = float(torch.tensor(1.0 / dp1, dtype=torch.float32))
         # Nearest remainder-0 lattice point: round half to even as SSE's cvtps does.
         v = torch.round(elevated * inv_dp1)
-        rem0 = v * dp1
-        coord_sum = v.sum(dim=1, keepdim=True)
-        diff = elevated - rem0
-        # rank_i = position of coordinate i in decreasing order of diff, ties to the lower index
-        order = torch.sort(diff, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(dp1, device=dev).expand(npts, dp1).contiguous())
-        rank = rank + coord_sum.to(rank.dtype)
+        diff = elevated - v * dp1
+        # rank_i = number of coordinates with a larger diff, ties going to the lower index —
+        # the same pairwise comparisons densecrf makes (d(d+1)/2 cheap column operations).
+        cols = diff.unbind(1)
+        rank_cols = [torch.zeros(npts, dtype=torch.int64, device=dev) for _ in range(dp1)]
+        for i in range(d):
+            for j in range(i + 1, dp1):
+                less = cols[i] < cols[j]
+                rank_cols[i] += less
+                rank_cols[j] += ~less
+        rank = torch.stack(rank_cols, dim=1) + v.sum(dim=1, keepdim=True).to(torch.int64)
         wrap_up = rank < 0
         wrap_down = rank > d
-        rank = torch.where(wrap_up, rank + dp1, torch.where(wrap_down, rank - dp1, rank))
-        v = v + wrap_up.to(v.dtype) - wrap_down.to(v.dtype)
-        rem0 = v * dp1
-        bw = (elevated - rem0) * inv_dp1
+        shift = wrap_up.to(torch.int64) - wrap_down.to(torch.int64)
+        rank = rank + dp1 * shift
+        v = v + shift.to(v.dtype)
+        bw = (elevated - v * dp1) * inv_dp1
         bary = bw.new_zeros(npts, d + 2)
         bary.scatter_add_(1, d - rank, bw)
         bary.scatter_add_(1, d - rank + 1, -bw)
         bary[:, 0] += 1.0 + bary[:, d + 1]
-        bary = bary[:, :dp1]
+        bary = bary[:, :dp1].contiguous()
 
-        # Vertex r of the simplex: key_i = rem0_i + r − (d+1)·[rank_i > d − r], i.e. (r, q) with
-        # q_i = v_i − [rank_i > d − r].  Only the first d coordinates identify a vertex.
+        # Vertex r of the simplex has q_i = v_i − [rank_i > d − r] (remainder r).  Its code is
+        # base + r·block − Σ_i stride_i·[rank_i ≥ d − r + 1]: a suffix sum, over ranks, of the
+        # stride of the coordinate holding each rank (the implicit last coordinate has none).
         v_int = v[:, :d].to(torch.int64)
-        rank_d = rank[:, :d]
-        rem = torch.arange(dp1, device=dev)
-        q = v_int[:, None, :] - (rank_d[:, None, :] > (d - rem)[None, :, None]).to(torch.int64)
-        code_book = _Code(v_int.amin(0) if d else v_int, v_int.amax(0) if d else v_int, batch, d)
-        codes = code_book.pack(batch_idx[:, None], rem[None, :], q).reshape(-1)
-        del q
+        book = _Code(v_int.amin(0).tolist(), v_int.amax(0).tolist(), batch, d)
+        base = batch_idx * (dp1 * book.block)
+        for i in range(d):
+            base = base + (v_int[:, i] - book.lo[i]) * book.strides[i]
+        stride_ext = torch.tensor([*book.strides, 0], dtype=torch.int64, device=dev)
+        stride_of_rank = torch.empty_like(rank).scatter_(1, rank, stride_ext.expand(npts, dp1))
+        suffix = torch.cumsum(stride_of_rank.flip(1), dim=1)
+        codes = (base[:, None] + torch.arange(dp1, device=dev) * book.block) - torch.cat(
+            [torch.zeros_like(suffix[:, :1]), suffix[:, :d]], dim=1
+        )
+        del stride_of_rank, suffix
 
-        sorted_codes, perm = torch.sort(codes)
-        is_new = torch.ones_like(sorted_codes, dtype=torch.bool)
-        is_new[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        vertex_sorted = torch.cumsum(is_new, 0) - 1
+        # One sort gives the unique vertices, each entry's vertex and the splat's CSR layout.
+        sorted_codes, perm = torch.sort(codes.reshape(-1))
+        is_new = torch.empty_like(sorted_codes, dtype=torch.bool)
+        is_new[0] = True
+        torch.ne(sorted_codes[1:], sorted_codes[:-1], out=is_new[1:])
+        vertex_sorted = torch.cumsum(is_new, 0)
+        vertex_sorted -= 1
         unique_codes = sorted_codes[is_new]
-        num_vertices = unique_codes.shape[0]
-        vertex_of_entry = torch.empty_like(vertex_sorted)
-        vertex_of_entry[perm] = vertex_sorted
-        vertex_of_entry = vertex_of_entry.reshape(npts, dp1)
-        bary_flat = bary.reshape(-1)
-
-        if real is not None:
-            keep_sorted = real[perm // dp1]
-            perm = perm[keep_sorted]
-            vertex_sorted = vertex_sorted[keep_sorted]
-            vertex_of_entry = vertex_of_entry[real]
+        m = unique_codes.shape[0]
+        vertex_of_entry = torch.empty_like(vertex_sorted).scatter_(0, perm, vertex_sorted)
+        point_of_sorted = torch.div(perm, dp1, rounding_mode="floor")
+        splat_w = bary.reshape(-1)[perm]
+        if pad:
+            real = (torch.arange(n + pad, device=dev) < n).repeat(batch)
+            keep = real[point_of_sorted]
+            vertex_sorted = vertex_sorted[keep]
+            splat_w = splat_w[keep]
+            point_of_sorted = point_of_sorted[keep]
+            point_of_sorted -= torch.div(point_of_sorted, n + pad, rounding_mode="floor") * pad
+            vertex_of_entry = vertex_of_entry.reshape(npts, dp1)[real].reshape(-1)
             bary = bary[real]
-            point_of_sorted = perm // dp1
-            point_of_sorted = point_of_sorted - (point_of_sorted // (n + pad)) * pad
-        else:
-            point_of_sorted = perm // dp1
-        counts = torch.bincount(vertex_sorted, minlength=num_vertices)
-        splat_crow = torch.zeros(num_vertices + 1, dtype=torch.int64, device=dev)
+        # Row m of every matrix is an always-zero vertex that missing neighbours point to, so
+        # each blur row has exactly three entries and needs no masking (densecrf's slot 0).
+        counts = torch.bincount(vertex_sorted, minlength=m + 1)
+        splat_crow = torch.zeros(m + 2, dtype=torch.int64, device=dev)
         torch.cumsum(counts, 0, out=splat_crow[1:])
-        self._splat_idx = (splat_crow, point_of_sorted, bary_flat[perm])
-        self._slice_idx = (vertex_of_entry.reshape(-1), bary.reshape(-1))
-        self.num_vertices = num_vertices
+        self._splat_idx = (splat_crow, point_of_sorted, splat_w)
+        self._slice_idx = (vertex_of_entry, bary.reshape(-1))
+        self.num_vertices = m
 
-        # Blur neighbours along each direction j: n1 = key − 1 (+ (d+1) at j), n2 = key + 1
-        # (− (d+1) at j); in (r, q) form this is a remainder step with a borrow/carry.
-        vr = (unique_codes // code_book.block) % dp1
-        borrow = (vr == 0).to(torch.int64)
-        carry = (vr == d).to(torch.int64)
-        all_strides = sum(code_book.strides)
-        base1 = unique_codes - code_book.block + borrow * (dp1 * code_book.block - all_strides)
-        base2 = unique_codes + code_book.block - carry * (dp1 * code_book.block - all_strides)
-        rows = torch.arange(num_vertices, device=dev)
+        # Blur neighbours along direction j: n1 = key − 1 (+ (d+1) at j), n2 = key + 1
+        # (− (d+1) at j); in (r, q) form a remainder step with a borrow/carry.  n2 is the
+        # inverse of n1, so only n1 is looked up.
+        rem = torch.div(unique_codes, book.block, rounding_mode="floor") % dp1
+        wrap = dp1 * book.block - sum(book.strides)
+        base1 = unique_codes - book.block + (rem == 0).to(torch.int64) * wrap
+        rows = torch.arange(m, device=dev)
+        blur_crow = torch.arange(0, 3 * m + 1, 3, device=dev)
+        blur_crow = torch.cat([blur_crow, blur_crow[-1:]])
         blur = []
         for j in range(dp1):
-            step = code_book.strides[j] if j < d else 0
-            cols = [rows]
-            vals = []
-            masks = []
-            for target in (base1 + step, base2 - step):
-                idx = torch.searchsorted(unique_codes, target).clamp_(max=num_vertices - 1)
-                found = unique_codes[idx] == target
-                cols.append(idx)
-                masks.append(found)
-            col = torch.stack(cols, dim=1)
-            mask = torch.stack([torch.ones_like(masks[0]), *masks], dim=1)
-            vals = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64, device=dev).expand(
-                num_vertices, 3
-            )
-            crow = torch.zeros(num_vertices + 1, dtype=torch.int64, device=dev)
-            torch.cumsum(mask.sum(1), 0, out=crow[1:])
-            blur.append((crow, col[mask], vals[mask]))
+            target = base1 + book.strides[j] if j < d else base1
+            idx = torch.searchsorted(unique_codes, target).clamp_(max=m - 1)
+            n1 = torch.where(unique_codes[idx] == target, idx, m)
+            n2 = torch.full((m + 1,), m, dtype=torch.int64, device=dev)
+            n2.scatter_(0, n1, rows)
+            n2[m] = m
+            col = torch.stack([rows, n1, n2[:m]], dim=1).reshape(-1)
+            blur.append((blur_crow, col))
         self._blur_idx = blur
         self.pad = pad
-        self.num_real = num_real
 
     # ------------------------------------------------------------------ matrices
     def _matrices(self, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -324,14 +310,16 @@ class PermutohedralLattice:
         if cached is not None:
             return cached
         n_all = self.batch_size * self.num_points
-        m = self.num_vertices
+        m1 = self.num_vertices + 1
         dp1 = self.dim + 1
         crow, col, val = self._splat_idx
-        splat = _csr(crow, col, val.to(dtype), (m, n_all))
+        splat = _csr(crow, col, val.to(dtype), (m1, n_all))
         vcol, vval = self._slice_idx
         slice_crow = torch.arange(0, n_all * dp1 + 1, dp1, device=self.device)
-        slice_ = _csr(slice_crow, vcol, (vval * self.output_scale).to(dtype), (n_all, m))
-        blur = [_csr(c, i, w.to(dtype), (m, m)) for c, i, w in self._blur_idx]
+        slice_ = _csr(slice_crow, vcol, (vval * self.output_scale).to(dtype), (n_all, m1))
+        weights = torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=self.device)
+        weights = weights.repeat(self.num_vertices)
+        blur = [_csr(c, i, weights, (m1, m1)) for c, i in self._blur_idx]
         out = (splat, blur, slice_)
         self._cache[dtype] = out
         return out
