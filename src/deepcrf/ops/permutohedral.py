@@ -332,6 +332,25 @@ class PermutohedralLattice:
             x = b @ x
         return slice_ @ x
 
+    def _scaled_operator(
+        self, pre: torch.Tensor | None, post: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[Any, ...]:
+        """(splat, blurs, slice) of diag(post) · filter · diag(pre), scales folded into the CSR.
+
+        Per-point normalisations and kernel weights then cost nothing per filtering (used by
+        the pydensecrf compat layer, whose terms are N K N' with fixed N, N').
+        """
+        splat, blur, slice_ = self._matrices(dtype)
+        crow, col, val = self._splat_idx
+        if pre is not None:
+            splat = _csr(crow, col, val.to(dtype) * pre.to(dtype)[col], splat.shape)
+        if post is not None:
+            vcol, vval = self._slice_idx
+            dp1 = self.dim + 1
+            vals = (vval.to(dtype) * self.output_scale).reshape(-1, dp1) * post.to(dtype)[:, None]
+            slice_ = _csr(slice_.crow_indices(), vcol, vals.reshape(-1), slice_.shape)
+        return splat, blur, slice_
+
     # ------------------------------------------------------------------ public
     def filter(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Gaussian-filter ``values`` through the lattice (differentiable w.r.t. ``values``).

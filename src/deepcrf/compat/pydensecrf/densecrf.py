@@ -192,6 +192,14 @@ class _Pairwise:
         self.pre = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE)
         self.post = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
         self._set_compat(compat, nlabels)
+        # Fold the normalisations (and a Potts weight −w) into the lattice's sparse matrices:
+        # one filtering per iteration, no extra passes over the (N, L) arrays.
+        post = norm if self.post else None
+        if self.mode == "potts":
+            post = -self.weight * (norm if self.post else torch.ones_like(norm))
+        self.operator = self.lattice._scaled_operator(
+            norm if self.pre else None, post, torch.float32
+        )
 
     def _set_compat(self, compat: Any, nlabels: int) -> None:
         if isinstance(compat, Number) and not isinstance(compat, bool):
@@ -229,18 +237,27 @@ class _Pairwise:
             "meaningful)"
         )
 
-    def message(self, q: torch.Tensor) -> torch.Tensor:
-        """The term pydensecrf subtracts from −U: C(N K N' q), q (N, L) float32."""
-        x = q * self.norm if self.pre else q
-        x = self.lattice._apply(x, False)
-        if self.post:
-            x = x * self.norm
+    def message(self, q: torch.Tensor, subtract_from: torch.Tensor | None = None) -> torch.Tensor:
+        """The term pydensecrf subtracts from −U: C(N K N' q), q (N, L) float32.
+
+        With ``subtract_from`` given, returns ``subtract_from − message`` instead (fused into
+        the last sparse product for Potts terms).
+        """
+        splat, blur, slice_ = self.operator
+        x = splat @ q
+        for b in blur:
+            x = b @ x
         if self.mode == "potts":
-            return x.mul_(-self.weight)
+            if subtract_from is not None:
+                return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
+            return slice_ @ x
+        x = slice_ @ x
         if self.mode == "diag":
-            return x.mul_(self.diag)
-        # out_i = M_sym x_i for each variable i; M_sym is symmetric so x @ M_sym is the same.
-        return x @ self.matrix
+            x = x.mul_(self.diag)
+        else:
+            # out_i = M_sym x_i for each variable i; M_sym is symmetric, so x @ M_sym.
+            x = x @ self.matrix
+        return x if subtract_from is None else subtract_from - x
 
 
 class DenseCRF:
@@ -345,13 +362,18 @@ class DenseCRF:
             return torch.zeros(self._nvar, self._nlabel, dtype=torch.float32)
         return self._unary
 
-    def _step(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _step(
+        self, q: torch.Tensor, keep_last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One mean-field update; returns (new Q, its logits −U − Σ messages, last message)."""
         logits = -self._unary_or_zero()
         last = None
-        for term in self._pairwise:
-            last = term.message(q)
-            logits = logits - last
+        for k, term in enumerate(self._pairwise):
+            if k == len(self._pairwise) - 1 and keep_last:
+                last = term.message(q)
+                logits = logits - last
+            else:
+                logits = term.message(q, subtract_from=logits)
         return torch.softmax(logits, dim=1), logits, last
 
     @staticmethod
@@ -396,7 +418,7 @@ class DenseCRF:
         t2 = self._read_q(tmp2, "tmp2")
         with torch.no_grad():
             q = torch.from_numpy(np.ascontiguousarray(q_arr.T))
-            new_q, logits, last = self._step(q)
+            new_q, logits, last = self._step(q, keep_last=True)
         q_arr[...] = new_q.numpy().T
         t1[...] = logits.numpy().T
         if last is not None:
