@@ -28,11 +28,13 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
@@ -50,6 +52,8 @@ _LEARNABLE = ("compat", "weights", "bandwidths")
 # Kernel row sums below this are treated as this value: keeps 1/n finite for a pixel that has
 # no neighbour at all (possible only with exclude_self=True).
 _NORM_EPS = 1e-10
+# Radius of the separable spatial filter's taps, in standard deviations (weights < 3.4e-4 cut).
+_SPATIAL_TRUNCATE = 4.0
 
 Scalar = float | torch.Tensor
 
@@ -66,7 +70,9 @@ def _check_theta(value: Scalar, name: str) -> Scalar:
                 f"{name} must be a scalar (0-d tensor); got shape {tuple(value.shape)}"
             )
         if not bool(torch.isfinite(value)) or not bool(value > 0):
-            raise ValueError(f"{name} must be a finite positive number; got {float(value)!r}")
+            raise ValueError(
+                f"{name} must be a finite positive number; got {float(value.detach())!r}"
+            )
         return value
     return check_positive(value, name)
 
@@ -198,10 +204,20 @@ def _spatial_filter(
         return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
     from ..ops.filters import spatial_gaussian_filter
 
+    # When the taps reach the whole image height (radius >= H - 1) the separable filter crops
+    # its vertical kernel to 2H - 1 rows, and oneDNN's conv2d (torch 2.13 CPU) then returns
+    # garbage weight gradients (or crashes) for θγ. Zero rows below the image change nothing
+    # (the sum is over pixels inside the image) and keep the kernel uncropped.
+    radius = math.ceil(_SPATIAL_TRUNCATE * float(theta_gamma.detach()))
+    pad_rows = max(0, radius + 2 - h)
+
     def filt(q: torch.Tensor) -> torch.Tensor:
         c = q.shape[-1]
         grid = q.transpose(1, 2).reshape(b, c, h, w)
-        out = spatial_gaussian_filter(grid, theta_gamma).reshape(b, c, h * w).transpose(1, 2)
+        if pad_rows:
+            grid = F.pad(grid, (0, 0, 0, pad_rows))
+        out = spatial_gaussian_filter(grid, theta_gamma, truncate=_SPATIAL_TRUNCATE)
+        out = out[:, :, :h].reshape(b, c, h * w).transpose(1, 2)
         return out - q if exclude_self else out
 
     return filt
@@ -389,7 +405,9 @@ def _mean_field(
             z = _checkpoint(step, z, use_reentrant=False)
         else:
             z = step(z)
-    return z.log_softmax(dim=-1).transpose(1, 2).reshape(b, num_labels, h, w)
+    # contiguous: a (B, L, H, W) view of the (B, N, L) buffer would have odd strides, which
+    # some consumers reject (CPU nll_loss2d's backward).
+    return z.log_softmax(dim=-1).transpose(1, 2).reshape(b, num_labels, h, w).contiguous()
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,17 +551,17 @@ class DenseCRF(nn.Module):
     @property
     def theta_alpha(self) -> float:
         """Current bilateral spatial bandwidth θα (pixels)."""
-        return float(self.log_theta_alpha.exp())
+        return float(self.log_theta_alpha.detach().exp())
 
     @property
     def theta_beta(self) -> float:
         """Current bilateral colour bandwidth θβ (colour units)."""
-        return float(self.log_theta_beta.exp())
+        return float(self.log_theta_beta.detach().exp())
 
     @property
     def theta_gamma(self) -> float:
         """Current spatial bandwidth θγ (pixels)."""
-        return float(self.log_theta_gamma.exp())
+        return float(self.log_theta_gamma.detach().exp())
 
     def num_iters(self) -> int:
         """Iterations the next forward will run: ``iters`` in training, ``eval_iters`` in eval."""
