@@ -1,0 +1,301 @@
+"""Dense CRF inference: deepcrf vs pydensecrf, measured in the same run.
+
+Every (implementation, image size, iterations) case runs in a fresh Python subprocess so that
+its peak resident memory can be read from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``; the
+figure reported is that peak minus the peak of an idle interpreter that imported the same
+modules (numpy + torch + deepcrf, and pydensecrf where installed) — i.e. the extra memory the
+CRF itself needed.  Times are the median over ``--repeats`` runs inside the subprocess of the
+full work a user pays for: building the CRF (unary, Gaussian and bilateral terms, lattices)
+plus ``iters`` mean-field iterations.
+
+Parameters: DeepLab v1 (bilateral w=4, θα=121, θβ=5; Gaussian w=3, θγ=3), 21 labels, the
+unary from a smooth random 21-class softmax, the image the reference photo
+(shared/reference/densecrf_voc_case.npz) resized to each size when available, else a
+synthetic one.
+
+Implementations:
+    pydensecrf        pydensecrf2 from PyPI (optional; single-threaded C++)
+    deepcrf-compat    deepcrf.compat.pydensecrf (same lattice as pydensecrf, PyTorch ops)
+    deepcrf-dense     deepcrf.dense_crf (the trainable layer, no_grad), CPU
+    deepcrf-dense-cuda  the same on CUDA when a GPU is present (synchronised timings)
+
+Usage:
+    python benchmarks/bench_densecrf.py                 # full table
+    python benchmarks/bench_densecrf.py --quick         # smoke run on small images
+    python benchmarks/bench_densecrf.py --threads 1     # torch.set_num_threads(1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "densecrf_voc_case.npz"
+LABELS = 21
+PARAMS = {
+    "w_bilateral": 4.0,
+    "theta_alpha": 121.0,
+    "theta_beta": 5.0,
+    "w_gaussian": 3.0,
+    "theta_gamma": 3.0,
+}
+IMPLS = ("pydensecrf", "deepcrf-compat", "deepcrf-dense", "deepcrf-dense-cuda")
+
+
+def _make_case(width: int, height: int, labels: int = LABELS):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if REFERENCE.exists():
+        from PIL import Image
+
+        photo = np.load(REFERENCE)["image"]
+        image = np.array(Image.fromarray(photo).resize((width, height), Image.BILINEAR))
+    else:
+        yy, xx = np.mgrid[0:height, 0:width]
+        image = np.stack(
+            [
+                (xx * 255 // max(width - 1, 1)),
+                (yy * 255 // max(height - 1, 1)),
+                ((xx // 32 + yy // 32) % 2) * 200,
+            ],
+            axis=-1,
+        ).astype(np.uint8)
+    coarse = rng.normal(size=(labels, max(height // 16, 2), max(width // 16, 2))) * 3
+    # Nearest-neighbour upsampling of a coarse logit grid, then softmax: blocky class regions.
+    rows = np.minimum(np.arange(height) * coarse.shape[1] // height, coarse.shape[1] - 1)
+    cols = np.minimum(np.arange(width) * coarse.shape[2] // width, coarse.shape[2] - 1)
+    logits = coarse[:, rows][:, :, cols] + rng.normal(size=(labels, height, width))
+    probs = np.exp(logits - logits.max(0))
+    probs /= probs.sum(0)
+    unary = np.ascontiguousarray((-np.log(np.clip(probs, 1e-5, 1))).reshape(labels, -1))
+    return np.ascontiguousarray(image), unary.astype(np.float32)
+
+
+def _run_pydensecrf_like(module, image, unary, iters):
+    height, width = image.shape[:2]
+    crf = module.DenseCRF2D(width, height, unary.shape[0])
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_gaussian"])
+    crf.addPairwiseBilateral(
+        sxy=PARAMS["theta_alpha"],
+        srgb=PARAMS["theta_beta"],
+        rgbim=image,
+        compat=PARAMS["w_bilateral"],
+    )
+    import numpy as np
+
+    return np.array(crf.inference(iters))
+
+
+def _worker(impl: str, width: int, height: int, iters: int, repeats: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    import deepcrf  # noqa: F401  (same imports in every worker and in the baseline)
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        import pydensecrf.densecrf as pyd
+    except ImportError:
+        pyd = None
+    if impl == "baseline":
+        # Warm up every implementation on a tiny image so that lazily loaded library code and
+        # one-off allocations are in the baseline, and "extra" is the size-dependent memory.
+        import deepcrf.compat.pydensecrf.densecrf as ours
+
+        image, unary = _make_case(8, 8)
+        for module in (pyd, ours):
+            if module is not None:
+                _run_pydensecrf_like(module, image, unary, 2)
+        try:
+            from deepcrf.crf.dense import dense_crf
+
+            with torch.no_grad():
+                dense_crf(
+                    -torch.from_numpy(unary).reshape(1, LABELS, 8, 8),
+                    torch.from_numpy(image).permute(2, 0, 1)[None].float(),
+                    iters=2,
+                    **PARAMS,
+                )
+        except ImportError:
+            pass
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    image, unary = _make_case(width, height)
+    if impl == "pydensecrf":
+        if pyd is None:
+            return {"skipped": "pydensecrf not installed"}
+
+        def run():
+            return _run_pydensecrf_like(pyd, image, unary, iters)
+    elif impl == "deepcrf-compat":
+        import deepcrf.compat.pydensecrf.densecrf as ours
+
+        def run():
+            return _run_pydensecrf_like(ours, image, unary, iters)
+    elif impl.startswith("deepcrf-dense"):
+        device = "cuda" if impl.endswith("cuda") else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            return {"skipped": "no CUDA device"}
+        try:
+            from deepcrf.crf.dense import dense_crf
+        except ImportError as exc:
+            return {"skipped": f"deepcrf.crf.dense unavailable ({exc})"}
+        image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
+        logits_t = (-torch.from_numpy(unary)).reshape(1, LABELS, height, width).to(device)
+
+        def run():
+            with torch.no_grad():
+                out = dense_crf(logits_t, image_t, iters=iters, **PARAMS)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    out = {
+        "seconds": statistics.median(times),
+        "seconds_all": times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if impl.endswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _spawn(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> dict:
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["pydensecrf2"] = version("pydensecrf2")
+    except Exception:
+        info["pydensecrf2"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes",
+        default="320x240,500x375,800x600,1024x768",
+        help="comma-separated WxH image sizes",
+    )
+    parser.add_argument("--iters", default="5,10", help="comma-separated iteration counts")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in the workers (0: leave torch's default)",
+    )
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        impl, w, h, iters, repeats, threads = args.worker
+        print(json.dumps(_worker(impl, int(w), int(h), int(iters), int(repeats), int(threads))))
+        return 0
+
+    if args.quick:
+        args.sizes, args.iters, args.repeats = "64x48,96x72", "5", 1
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    iters_list = [int(v) for v in args.iters.split(",")]
+    impls = [i for i in args.impls.split(",") if i]
+    machine = _machine()
+    print(f"# machine: {json.dumps(machine)}")
+    baseline = _spawn(["baseline", "1", "1", "0", "1", str(args.threads)])
+    base_mb = baseline.get("peak_rss_mb", 0.0)
+    print(
+        f"# baseline peak RSS: {base_mb:.0f} MB (interpreter with numpy, torch, deepcrf and "
+        "pydensecrf imported, each warmed up on an 8x8 image); 'extra peak MB' = case - baseline"
+    )
+    header = (
+        f"{'size':>10} {'iters':>5} {'impl':>20} {'seconds':>9} {'x pydensecrf':>13} "
+        f"{'extra peak MB':>14}"
+    )
+    print(header)
+    results = []
+    for width, height in sizes:
+        for iters in iters_list:
+            ref_seconds = None
+            for impl in impls:
+                res = _spawn(
+                    [
+                        impl,
+                        str(width),
+                        str(height),
+                        str(iters),
+                        str(args.repeats),
+                        str(args.threads),
+                    ]
+                )
+                res.update(impl=impl, width=width, height=height, iters=iters)
+                results.append(res)
+                if "seconds" not in res:
+                    reason = res.get("skipped") or res.get("error")
+                    print(f"{width}x{height:<5} {iters:>5} {impl:>20}   skipped: {reason}")
+                    continue
+                if impl == "pydensecrf":
+                    ref_seconds = res["seconds"]
+                speedup = f"{ref_seconds / res['seconds']:.2f}x" if ref_seconds else "-"
+                extra = res["peak_rss_mb"] - base_mb
+                res["extra_peak_mb"] = extra
+                line = (
+                    f"{width}x{height:<5} {iters:>5} {impl:>20} {res['seconds']:>9.3f} "
+                    f"{speedup:>13} {extra:>14.0f}"
+                )
+                if "cuda_peak_mb" in res:
+                    line += f"  (CUDA peak {res['cuda_peak_mb']:.0f} MB)"
+                print(line, flush=True)
+    if args.json is not None:
+        payload = {"machine": machine, "baseline_peak_mb": base_mb, "results": results}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
