@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import deepcrf.crf.dense as dense_module
 from deepcrf.crf.dense import DenseCRF, dense_crf, refine
 
 DT = torch.float64
@@ -261,9 +262,13 @@ def test_lattice_gradients_match_exact_32x32(normalization):
         assert float(cos) >= 0.99, (name, float(cos), lat[name], ex[name])
 
 
-def test_spatial_bandwidth_gradient_when_kernel_covers_the_image():
+@pytest.mark.parametrize("spatial_path", ["matmul", "conv"])
+def test_spatial_bandwidth_gradient_when_kernel_covers_the_image(spatial_path, monkeypatch):
     # θγ with 4θγ >= H - 1: the separable filter's taps span the whole image (a oneDNN conv
-    # weight-gradient failure mode, worked around in dense.py); must match the exact path.
+    # weight-gradient failure mode, worked around in dense.py); both spatial paths (dense
+    # matrices for small images, convolutions for large ones) must match the exact path.
+    if spatial_path == "conv":
+        monkeypatch.setattr(dense_module, "_SEPARABLE_MATMUL_MAX", 0)
     logits, image, labels = toy_scene(h=12, w=12)
     grads = []
     for method in ("lattice", "exact"):

@@ -54,6 +54,9 @@ _LEARNABLE = ("compat", "weights", "bandwidths")
 _NORM_EPS = 1e-10
 # Radius of the separable spatial filter's taps, in standard deviations (weights < 3.4e-4 cut).
 _SPATIAL_TRUNCATE = 4.0
+# Up to this image side the spatial kernel is two dense (side × side) matrix products (exact,
+# faster than convolutions); beyond, the O(side²) matrices cost more than 1-D convolutions.
+_SEPARABLE_MATMUL_MAX = 1024
 
 Scalar = float | torch.Tensor
 
@@ -202,12 +205,29 @@ def _spatial_filter(
     if method == "exact":
         features = (positions / theta_gamma).expand(b, -1, -1)
         return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
+    if max(h, w) <= _SEPARABLE_MATMUL_MAX:
+        # Exact (untruncated) separable filter as two dense Gaussian matrix products applied
+        # in the (B, H, W, L) layout the iterations keep: no transposes, BLAS speed. At VOC size
+        # this measured ~4x faster than 1-D convolutions through oneDNN, whose 1×k kernels are
+        # slow on CPU; θγ gradients are plain autograd through the two matrices.
+        g_rows = _gaussian_matrix(h, theta_gamma)
+        g_cols = _gaussian_matrix(w, theta_gamma)
+
+        def filt_matmul(q: torch.Tensor) -> torch.Tensor:
+            c = q.shape[-1]
+            x = g_rows @ q.reshape(b, h, w * c)  # along rows: (H, H) @ (B, H, W·C)
+            x = g_cols @ x.reshape(b * h, w, c)  # along columns: (W, W) @ (B·H, W, C)
+            out = x.reshape(b, h * w, c)
+            return out - q if exclude_self else out
+
+        return filt_matmul
+
     from ..ops.filters import spatial_gaussian_filter
 
-    # When the taps reach the whole image height (radius >= H - 1) the separable filter crops
-    # its vertical kernel to 2H - 1 rows, and oneDNN's conv2d (torch 2.13 CPU) then returns
-    # garbage weight gradients (or crashes) for θγ. Zero rows below the image change nothing
-    # (the sum is over pixels inside the image) and keep the kernel uncropped.
+    # Large images: 1-D convolutions with taps to 4θγ. When the taps reach the whole image
+    # height (radius >= H - 1) that filter crops its vertical kernel to 2H - 1 rows, and
+    # oneDNN's conv2d (torch 2.13 CPU) then returns garbage weight gradients for θγ; zero rows
+    # below the image change nothing and keep the kernel uncropped.
     radius = math.ceil(_SPATIAL_TRUNCATE * float(theta_gamma.detach()))
     pad_rows = max(0, radius + 2 - h)
 
@@ -221,6 +241,12 @@ def _spatial_filter(
         return out - q if exclude_self else out
 
     return filt
+
+
+def _gaussian_matrix(n: int, theta: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix exp(−(i − j)² / 2θ²) over pixel indices along one axis."""
+    idx = torch.arange(n, device=theta.device, dtype=theta.dtype)
+    return torch.exp(-0.5 * ((idx[:, None] - idx[None, :]) / theta).square())
 
 
 def _apply_weight(weight: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
@@ -262,9 +288,10 @@ def dense_crf(
     when they are tensors that require grad.
 
     The bilateral kernel goes through the permutohedral lattice (built once per image, reused by
-    every iteration); the spatial kernel through an exact separable convolution
-    (:func:`deepcrf.ops.filters.spatial_gaussian_filter`). ``filter="exact"`` uses the O(N²)
-    brute-force filter for both kernels (tests and small images only).
+    every iteration); the spatial kernel is exact and separable: two dense Gaussian matrix
+    products along rows and columns (images up to 1024 px a side), else 1-D convolutions
+    (:func:`deepcrf.ops.filters.spatial_gaussian_filter`, taps to 4θγ). ``filter="exact"``
+    uses the O(N²) brute-force filter for both kernels (tests and small images only).
 
     Args:
         logits: unary scores, higher = more likely (U = −logits; log-probabilities work).
