@@ -34,8 +34,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "densecrf_voc_case.npz"
 LABELS = 21
@@ -50,8 +53,6 @@ IMPLS = ("pydensecrf", "deepcrf-compat", "deepcrf-dense", "deepcrf-dense-cuda")
 
 
 def _make_case(width: int, height: int, labels: int = LABELS):
-    import numpy as np
-
     rng = np.random.default_rng(0)
     if REFERENCE.exists():
         from PIL import Image
@@ -90,12 +91,10 @@ def _run_pydensecrf_like(module, image, unary, iters):
         rgbim=image,
         compat=PARAMS["w_bilateral"],
     )
-    import numpy as np
-
     return np.array(crf.inference(iters))
 
 
-def _worker(impl: str, width: int, height: int, iters: int, repeats: int, threads: int) -> dict:
+def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dict:
     import resource
 
     import torch
@@ -130,7 +129,11 @@ def _worker(impl: str, width: int, height: int, iters: int, repeats: int, thread
         except ImportError:
             pass
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    image, unary = _make_case(width, height)
+    # The case is made by the parent and loaded here, so the inputs (the only memory both
+    # implementations must hold) do not inflate the peak with the generator's temporaries.
+    with np.load(case) as data:
+        image, unary = data["image"], data["unary"]
+    height, width = image.shape[:2]
     if impl == "pydensecrf":
         if pyd is None:
             return {"skipped": "pydensecrf not installed"}
@@ -218,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--sizes",
-        default="320x240,500x375,800x600,1024x768",
-        help="comma-separated WxH image sizes",
+        default=None,
+        help="comma-separated WxH image sizes (default 320x240,500x375,800x600,1024x768; "
+        "--quick: 64x48,96x72)",
     )
     parser.add_argument("--iters", default="5,10", help="comma-separated iteration counts")
     parser.add_argument("--repeats", type=int, default=3)
@@ -232,22 +236,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        impl, w, h, iters, repeats, threads = args.worker
-        print(json.dumps(_worker(impl, int(w), int(h), int(iters), int(repeats), int(threads))))
+        impl, case, iters, repeats, threads = args.worker
+        print(json.dumps(_worker(impl, case, int(iters), int(repeats), int(threads))))
         return 0
 
     if args.quick:
-        args.sizes, args.iters, args.repeats = "64x48,96x72", "5", 1
+        args.sizes, args.iters, args.repeats = args.sizes or "64x48,96x72", "5", 1
+    args.sizes = args.sizes or "320x240,500x375,800x600,1024x768"
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     iters_list = [int(v) for v in args.iters.split(",")]
     impls = [i for i in args.impls.split(",") if i]
     machine = _machine()
     print(f"# machine: {json.dumps(machine)}")
-    baseline = _spawn(["baseline", "1", "1", "0", "1", str(args.threads)])
+    baseline = _spawn(["baseline", "-", "0", "1", str(args.threads)])
     base_mb = baseline.get("peak_rss_mb", 0.0)
     print(
         f"# baseline peak RSS: {base_mb:.0f} MB (interpreter with numpy, torch, deepcrf and "
@@ -259,20 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     results = []
+    tmp = tempfile.TemporaryDirectory()
     for width, height in sizes:
+        case = Path(tmp.name) / f"case_{width}x{height}.npz"
+        image, unary = _make_case(width, height)
+        np.savez(case, image=image, unary=unary)
+        del image, unary
         for iters in iters_list:
             ref_seconds = None
             for impl in impls:
-                res = _spawn(
-                    [
-                        impl,
-                        str(width),
-                        str(height),
-                        str(iters),
-                        str(args.repeats),
-                        str(args.threads),
-                    ]
-                )
+                res = _spawn([impl, str(case), str(iters), str(args.repeats), str(args.threads)])
                 res.update(impl=impl, width=width, height=height, iters=iters)
                 results.append(res)
                 if "seconds" not in res:
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "cuda_peak_mb" in res:
                     line += f"  (CUDA peak {res['cuda_peak_mb']:.0f} MB)"
                 print(line, flush=True)
+    tmp.cleanup()
     if args.json is not None:
         payload = {"machine": machine, "baseline_peak_mb": base_mb, "results": results}
         args.json.write_text(json.dumps(payload, indent=2))

@@ -235,6 +235,7 @@ class PermutohedralLattice:
         bary.scatter_add_(1, d - rank + 1, -bw)
         bary[:, 0] += 1.0 + bary[:, d + 1]
         bary = bary[:, :dp1].contiguous()
+        del bw, diff, cols, rank_cols, wrap_up, wrap_down, shift, elevated
 
         # Vertex r of the simplex has q_i = v_i − [rank_i > d − r] (remainder r).  Its code is
         # base + r·block − Σ_i stride_i·[rank_i ≥ d − r + 1]: a suffix sum, over ranks, of the
@@ -247,23 +248,30 @@ class PermutohedralLattice:
         stride_ext = torch.tensor([*book.strides, 0], dtype=torch.int64, device=dev)
         stride_of_rank = torch.empty_like(rank).scatter_(1, rank, stride_ext.expand(npts, dp1))
         suffix = torch.cumsum(stride_of_rank.flip(1), dim=1)
-        codes = (base[:, None] + torch.arange(dp1, device=dev) * book.block) - torch.cat(
-            [torch.zeros_like(suffix[:, :1]), suffix[:, :d]], dim=1
-        )
-        del stride_of_rank, suffix
+        codes = torch.cat([torch.zeros_like(suffix[:, :1]), suffix[:, :d]], dim=1)
+        del stride_of_rank, suffix, rank, v, v_int
+        torch.sub(base[:, None] + torch.arange(dp1, device=dev) * book.block, codes, out=codes)
+        del base
+        # Memory is dominated by N·(d+1)-sized index arrays: free each as soon as it is used
+        # and keep the final ones in int32 when they fit.
+        index_dtype = torch.int32 if npts * dp1 < 2**31 - 1 else torch.int64
 
         # One sort gives the unique vertices, each entry's vertex and the splat's CSR layout.
         sorted_codes, perm = torch.sort(codes.reshape(-1))
+        del codes
         is_new = torch.empty_like(sorted_codes, dtype=torch.bool)
         is_new[0] = True
         torch.ne(sorted_codes[1:], sorted_codes[:-1], out=is_new[1:])
         vertex_sorted = torch.cumsum(is_new, 0)
         vertex_sorted -= 1
         unique_codes = sorted_codes[is_new]
+        del sorted_codes, is_new
         m = unique_codes.shape[0]
         vertex_of_entry = torch.empty_like(vertex_sorted).scatter_(0, perm, vertex_sorted)
-        point_of_sorted = torch.div(perm, dp1, rounding_mode="floor")
+        vertex_of_entry = vertex_of_entry.to(index_dtype)
         splat_w = bary.reshape(-1)[perm]
+        point_of_sorted = torch.div(perm, dp1, rounding_mode="floor").to(index_dtype)
+        del perm
         if pad:
             real = (torch.arange(n + pad, device=dev) < n).repeat(batch)
             keep = real[point_of_sorted]
@@ -276,8 +284,10 @@ class PermutohedralLattice:
         # Row m of every matrix is an always-zero vertex that missing neighbours point to, so
         # each blur row has exactly three entries and needs no masking (densecrf's slot 0).
         counts = torch.bincount(vertex_sorted, minlength=m + 1)
+        del vertex_sorted
         splat_crow = torch.zeros(m + 2, dtype=torch.int64, device=dev)
         torch.cumsum(counts, 0, out=splat_crow[1:])
+        splat_crow = splat_crow.to(index_dtype)
         self._splat_idx = (splat_crow, point_of_sorted, splat_w)
         self._slice_idx = (vertex_of_entry, bary.reshape(-1))
         self.num_vertices = m
@@ -301,12 +311,6 @@ class PermutohedralLattice:
             n2[m] = m
             col = torch.stack([rows, n1, n2[:m]], dim=1).reshape(-1)
             blur.append((blur_crow, col))
-        # CSR indices in int32 when they fit: half the memory, same speed.
-        index_dtype = torch.int32 if max(npts * dp1, 3 * m) < 2**31 - 1 else torch.int64
-        self._splat_idx = tuple(
-            t.to(index_dtype) if i < 2 else t for i, t in enumerate(self._splat_idx)
-        )
-        self._slice_idx = (self._slice_idx[0].to(index_dtype), self._slice_idx[1])
         self._blur_idx = [(c.to(index_dtype), i.to(index_dtype)) for c, i in blur]
         self._index_dtype = index_dtype
         self.pad = pad
