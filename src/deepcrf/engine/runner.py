@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .distributed import init_from_env, is_main_process, launched_by_torchrun, rank_and_world
-from .evaluate import evaluate, predict_logits
+from .evaluation import evaluate, predict_logits
 from .train import fit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -547,7 +547,7 @@ def _validate(
     config: Mapping[str, Any] | None,
     hyper: Mapping[str, Any],
 ) -> float:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     kwargs = {"progress": False, "device": dev, **dict(val_kwargs or {})}
     if "num_classes" not in kwargs:

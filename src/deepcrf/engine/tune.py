@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import ConfusionMatrix
 from .config import DEEPLAB_GRID, TUNABLE
-from .evaluate import predict_logits
+from .evaluation import predict_logits
 
 
 def refine_grid(grid: Mapping[str, Sequence[float]], best: Mapping[str, float]) -> dict:
