@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import deepcrf.crf.dense as dense_module
-from deepcrf.crf.dense import DenseCRF, dense_crf, refine
+from deepcrf.crf.dense import DenseCRF, _AxisGaussian, dense_crf, refine
 
 DT = torch.float64
 
@@ -262,13 +261,8 @@ def test_lattice_gradients_match_exact_32x32(normalization):
         assert float(cos) >= 0.99, (name, float(cos), lat[name], ex[name])
 
 
-@pytest.mark.parametrize("spatial_path", ["matmul", "conv"])
-def test_spatial_bandwidth_gradient_when_kernel_covers_the_image(spatial_path, monkeypatch):
-    # θγ with 4θγ >= H - 1: the separable filter's taps span the whole image (a oneDNN conv
-    # weight-gradient failure mode, worked around in dense.py); both spatial paths (dense
-    # matrices for small images, convolutions for large ones) must match the exact path.
-    if spatial_path == "conv":
-        monkeypatch.setattr(dense_module, "_SEPARABLE_MATMUL_MAX", 0)
+def test_spatial_bandwidth_gradient_when_kernel_covers_the_image():
+    # 4θγ >= H - 1: the spatial kernel spans the whole image; must match the exact path.
     logits, image, labels = toy_scene(h=12, w=12)
     grads = []
     for method in ("lattice", "exact"):
@@ -277,6 +271,23 @@ def test_spatial_bandwidth_gradient_when_kernel_covers_the_image(spatial_path, m
         torch.nn.functional.nll_loss(out, labels).backward()
         grads.append(float(log_gamma.grad))
     assert grads[0] == pytest.approx(grads[1], rel=0.15), grads
+
+
+@pytest.mark.parametrize("n, theta", [(300, 3.0), (300, 9.0), (130, 2.0), (40, 3.0)])
+def test_banded_spatial_axis_filter_matches_dense(n, theta):
+    x = torch.randn(3, n, 4, dtype=DT)
+    idx = torch.arange(n, dtype=DT)
+    t_band = torch.tensor(theta, dtype=DT, requires_grad=True)
+    t_ref = torch.tensor(theta, dtype=DT, requires_grad=True)
+    band = _AxisGaussian(n, t_band)
+    assert (band.dense is None) == (n >= 130)  # the sizes above exercise both branches
+    out = band(x)
+    ref = torch.exp(-0.5 * ((idx[:, None] - idx[None, :]) / t_ref) ** 2) @ x
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-7)
+    g = torch.randn_like(x)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(t_band.grad, t_ref.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_checkpoint_gives_same_gradients():
