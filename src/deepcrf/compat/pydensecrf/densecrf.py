@@ -280,6 +280,7 @@ class DenseCRF:
         self._nvar = self._positive_int(nvar, "nvar")
         self._nlabel = self._positive_int(nlabels, "nlabels")
         self._unary: torch.Tensor | None = None
+        self._neg_unary: torch.Tensor | None = None
         self._pairwise: list[_Pairwise] = []
 
     @staticmethod
@@ -313,6 +314,7 @@ class DenseCRF:
             )
         arr = _float32_matrix(arr, "unary energy", (self._nlabel, self._nvar))
         self._unary = torch.from_numpy(np.ascontiguousarray(arr.T).copy())
+        self._neg_unary = None
 
     def setUnary(self, u: Unary) -> None:
         """Set a :class:`ConstUnary` or :class:`LogisticUnary` energy."""
@@ -322,6 +324,7 @@ class DenseCRF:
         if not np.isfinite(energy).all():
             raise ValueError("unary energy must be finite")
         self._unary = torch.from_numpy(np.ascontiguousarray(energy.T).copy())
+        self._neg_unary = None
 
     def addPairwiseEnergy(
         self,
@@ -366,7 +369,10 @@ class DenseCRF:
         self, q: torch.Tensor, keep_last: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One mean-field update; returns (new Q, its logits −U − Σ messages, last message)."""
-        logits = -self._unary_or_zero()
+        # −U is computed once per unary; every step below writes new tensors, never into it.
+        if self._neg_unary is None:
+            self._neg_unary = -self._unary_or_zero()
+        logits = self._neg_unary
         last = None
         for k, term in enumerate(self._pairwise):
             if k == len(self._pairwise) - 1 and keep_last:
