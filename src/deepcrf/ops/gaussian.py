@@ -89,23 +89,19 @@ class _LatticeGaussianFilter(torch.autograd.Function):
             grad_values = lattice.filter(grad, transpose=True) if need_values else None
             return grad_values, None, None
 
-        b, n, c = values.shape
-        d = features.shape[-1]
         # The derivative only involves differences f_j − f_i, so shifting the features by a
         # per-image constant changes nothing mathematically but keeps the products f_d·v small
         # (less float32 rounding when the two expanded terms are subtracted).
         f = features - features.mean(dim=1, keepdim=True)
-        # Kᵀ applied to [g, f_1 g, ..., f_d g] in one pass (the first block is grad_values).
-        fg = (f.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(b, n, d * c)
-        kt = lattice.filter(torch.cat([grad, fg], dim=-1), transpose=True)
-        kt_g, kt_fg = kt[..., :c], kt[..., c:].reshape(b, n, d, c)
-        # K applied to [f_1 v, ..., f_d v]; K v itself is the saved forward output.
-        fv = (f.unsqueeze(-1) * values.unsqueeze(-2)).reshape(b, n, d * c)
-        k_fv = lattice.filter(fv).reshape(b, n, d, c)
-
-        term_out = (grad.unsqueeze(-2) * k_fv).sum(-1) - f * (grad * out).sum(-1, keepdim=True)
-        term_in = (values.unsqueeze(-2) * kt_fg).sum(-1) - f * (values * kt_g).sum(-1, keepdim=True)
-        grad_features = term_out + term_in
+        kt_g = lattice.filter(grad, transpose=True)  # also grad_values
+        grad_features = -f * ((grad * out).sum(-1, keepdim=True) + (values * kt_g).sum(-1, True))
+        # One feature dimension at a time: the same filterings as one wide (d·C)-channel pass,
+        # but the lattice's temporaries stay at C channels (peak memory at VOC size).
+        for dim in range(f.shape[-1]):
+            f_d = f[..., dim : dim + 1]
+            k_fv = lattice.filter(f_d * values)  # K(f_d v)
+            kt_fg = lattice.filter(f_d * grad, transpose=True)  # Kᵀ(f_d g)
+            grad_features[..., dim] += (grad * k_fv).sum(-1) + (values * kt_fg).sum(-1)
         return (kt_g if need_values else None), grad_features, None
 
 
