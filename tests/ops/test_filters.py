@@ -115,7 +115,7 @@ def test_spatial_filter_includes_self_and_is_unnormalised():
 
 
 def test_spatial_filter_gradcheck_values_and_sigma():
-    v = torch.rand(1, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     sigma = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, s: spatial_gaussian_filter(a, s), (v, sigma))
 

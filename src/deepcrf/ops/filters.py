@@ -127,17 +127,20 @@ def spatial_gaussian_filter(
         raise ValueError(f"sigma must be a finite positive number; got {sigma_value!r}")
     if not (truncate > 0.0):
         raise ValueError(f"truncate must be positive; got {truncate!r}")
-    batch, channels, height, width = values.shape
+    _, channels, height, width = values.shape
     radius = math.ceil(truncate * sigma_value)
     offsets = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
     scale = sigma_t if sigma_t is not None else sigma_value
     taps = torch.exp(-0.5 * (offsets / scale).square())
-    x = values.reshape(batch * channels, 1, height, width)
-    # Taps longer than the image only add zeros: crop them to keep the convolution small.
+    # Depthwise (one filter per channel) convolutions on a channels-last tensor: the layout
+    # oneDNN vectorises over channels (measured 25x faster than 1-channel convolutions of the
+    # (B·C, 1, H, W) view for 21 channels at 500×375).  Taps longer than the image only add
+    # zeros: crop them to keep the convolutions small.
     rx = min(radius, width - 1)
     ry = min(radius, height - 1)
-    kx = taps[radius - rx : radius + rx + 1].reshape(1, 1, 1, -1)
-    ky = taps[radius - ry : radius + ry + 1].reshape(1, 1, -1, 1)
-    x = F.conv2d(x, kx, padding=(0, rx))
-    x = F.conv2d(x, ky, padding=(ry, 0))
-    return x.reshape(batch, channels, height, width)
+    kx = taps[radius - rx : radius + rx + 1].reshape(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    ky = taps[radius - ry : radius + ry + 1].reshape(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    x = values.contiguous(memory_format=torch.channels_last)
+    x = F.conv2d(x, kx.contiguous(), padding=(0, rx), groups=channels)
+    x = F.conv2d(x, ky.contiguous(), padding=(ry, 0), groups=channels)
+    return x.contiguous()
