@@ -1,5 +1,7 @@
 """dense_crf / DenseCRF: mean-field math against an explicit N×N reference, gradients, learning."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -66,9 +68,7 @@ def reference_mean_field(
                 k = k / r[None, :]
             elif normalization == "after":
                 k = k / r[:, None]
-            else:
-                k = k * n / r.sum()
-            normed.append(k)
+            normed.append(k)  # "none": the plain kernel
         mu = 1 - torch.eye(num_labels, dtype=lo.dtype) if compat is None else compat
         u = lo.reshape(num_labels, n).T  # (N, L)
         q = u.softmax(-1)
@@ -499,3 +499,68 @@ def test_cpu_and_cuda_agree():
         res.append([out.cpu()] + [p.grad.cpu() for p in crf.parameters()])
     for a, b in zip(*res, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# conventions against pydensecrf (the reference implementation)
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_crop():
+    path = Path(__file__).resolve().parents[3] / "shared/reference/densecrf_voc_case.npz"
+    if not path.is_file():
+        pytest.skip(f"reference case not found: {path}")
+    case = np.load(path, allow_pickle=False)
+    sl = (slice(120, 216), slice(200, 328))  # a 96×128 crop with several labels
+    image = np.ascontiguousarray(case["image"][sl])
+    unary = np.ascontiguousarray(case["unary"][:, sl[0], sl[1]])
+    return image, unary
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none", "matrix-compat"])
+def test_matches_pydensecrf_conventions(normalization, one_thread):
+    # Signs, Potts/matrix compatibility, normalisation modes and the j = i term, checked
+    # against pydensecrf2 on a crop of the golden photo. The lattices differ (ours is
+    # calibrated to the Gaussian, pydensecrf's has its own scaling), so compare loosely.
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    image, unary = _reference_crop()
+    num, h, w = unary.shape
+    modes = {
+        "symmetric": dcrf.NORMALIZE_SYMMETRIC,
+        "before": dcrf.NORMALIZE_BEFORE,
+        "after": dcrf.NORMALIZE_AFTER,
+        "none": dcrf.NO_NORMALIZATION,
+    }
+    norm = "symmetric" if normalization == "matrix-compat" else normalization
+    d = dcrf.DenseCRF2D(w, h, num)
+    d.setUnaryEnergy(unary.reshape(num, -1))
+    kw = dict(normalization=modes[norm], kernel=dcrf.DIAG_KERNEL)
+    if normalization == "matrix-compat":
+        g = np.random.default_rng(0)
+        m = g.uniform(0, 4, (num, num)).astype(np.float32)  # asymmetric: pydensecrf symmetrises
+        d.addPairwiseGaussian(sxy=3, compat=m, **kw)
+        d.addPairwiseBilateral(sxy=40, srgb=10, rgbim=image, compat=m, **kw)
+        ours = dict(compat=torch.from_numpy((m + m.T) / 2), w_bilateral=1.0, w_gaussian=1.0)
+        wrong = dict(ours, compat=torch.from_numpy(m))  # not symmetrised: must agree less
+    else:
+        d.addPairwiseGaussian(sxy=3, compat=3, **kw)
+        d.addPairwiseBilateral(sxy=40, srgb=10, rgbim=image, compat=5, **kw)
+        ours = dict(w_bilateral=5.0, w_gaussian=3.0)
+        wrong = dict(ours, compat=-(1 - torch.eye(num)))  # attractive/repulsive swapped
+    ref = np.array(d.inference(5)).reshape(num, h, w)
+
+    def run(params):
+        return dense_crf(
+            -torch.from_numpy(unary)[None], torch.from_numpy(image).permute(2, 0, 1)[None],
+            iters=5, theta_alpha=40.0, theta_beta=10.0, theta_gamma=3.0, normalization=norm,
+            **params,
+        ).softmax(1)[0].numpy()  # fmt: skip
+
+    q = run(ours)
+    agree = (q.argmax(0) == ref.argmax(0)).mean()
+    wrong_agree = (run(wrong).argmax(0) == ref.argmax(0)).mean()
+    unary_agree = (unary.argmin(0) == ref.argmax(0)).mean()
+    assert agree > 0.98 and agree > max(unary_agree, wrong_agree), (
+        agree, unary_agree, wrong_agree,
+    )  # fmt: skip
+    assert np.abs(q - ref).mean() < 5e-3

@@ -154,9 +154,11 @@ def _normalize(filt: _Filter, b: int, n: int, like: torch.Tensor, mode: str) -> 
     """Wrap a kernel filter with pydensecrf's normalisation (computed once, reused per iteration).
 
     With row sums n_i = Σ_j k_ij (the same filter applied to ones): symmetric n^-½ K n^-½,
-    before K n^-1, after n^-1 K, none: K times N / Σ_i n_i (pydensecrf's NO_NORMALIZATION still
-    rescales by the mean row sum, so the kernel weight keeps its meaning across image sizes).
+    before K n^-1, after n^-1 K, none K itself (pydensecrf computes a mean row sum for
+    NO_NORMALIZATION but never applies it, so its "none" is the plain kernel too).
     """
+    if mode == "none":
+        return filt
     ones = torch.ones(b, n, 1, device=like.device, dtype=like.dtype)
     row_sum = filt(ones).clamp_min(_NORM_EPS)
     if mode == "symmetric":
@@ -165,11 +167,8 @@ def _normalize(filt: _Filter, b: int, n: int, like: torch.Tensor, mode: str) -> 
     if mode == "before":
         inv = row_sum.reciprocal()
         return lambda q: filt(inv * q)
-    if mode == "after":
-        inv = row_sum.reciprocal()
-        return lambda q: inv * filt(q)
-    scale = n / row_sum.sum(dim=1, keepdim=True)
-    return lambda q: scale * filt(q)
+    inv = row_sum.reciprocal()
+    return lambda q: inv * filt(q)
 
 
 def _bilateral_filter(
@@ -324,7 +323,7 @@ def dense_crf(
         compat: (L, L) compatibility μ, a penalty (energy) matrix, may be asymmetric; None =
             Potts μ = [l ≠ l′].
         normalization: kernel normalisation as pydensecrf: ``"symmetric"`` (default),
-            ``"before"``, ``"after"`` or ``"none"`` (K rescaled by N / Σ row sums).
+            ``"before"``, ``"after"`` or ``"none"`` (the plain kernel sum).
         exclude_self: drop the j = i term (default False keeps it, as pydensecrf and CRF-RNN).
         filter: ``"lattice"`` (fast, approximate) or ``"exact"`` (brute force, O(N²)).
         checkpoint: recompute each iteration in the backward pass (torch.utils.checkpoint)
