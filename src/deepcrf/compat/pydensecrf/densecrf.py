@@ -200,6 +200,9 @@ class _Pairwise:
         self.operator = self.lattice._scaled_operator(
             norm if self.pre else None, post, torch.float32
         )
+        # The scaled operator shares the lattice's index arrays; drop the lattice's own
+        # (unscaled) weights, which inference never uses.
+        del self.lattice
 
     def _set_compat(self, compat: Any, nlabels: int) -> None:
         if isinstance(compat, Number) and not isinstance(compat, bool):
@@ -237,11 +240,17 @@ class _Pairwise:
             "meaningful)"
         )
 
-    def message(self, q: torch.Tensor, subtract_from: torch.Tensor | None = None) -> torch.Tensor:
+    def message(
+        self,
+        q: torch.Tensor,
+        subtract_from: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The term pydensecrf subtracts from −U: C(N K N' q), q (N, L) float32.
 
         With ``subtract_from`` given, returns ``subtract_from − message`` instead (fused into
-        the last sparse product for Potts terms).
+        the last sparse product for Potts terms), written into ``out`` when given (``out`` may
+        be ``subtract_from`` itself).
         """
         splat, blur, slice_ = self.operator
         x = splat @ q
@@ -249,7 +258,9 @@ class _Pairwise:
             x = b @ x
         if self.mode == "potts":
             if subtract_from is not None:
-                return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
+                if out is None:
+                    return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
+                return torch.addmm(subtract_from, slice_, x, alpha=-1.0, out=out)
             return slice_ @ x
         x = slice_ @ x
         if self.mode == "diag":
@@ -257,7 +268,9 @@ class _Pairwise:
         else:
             # out_i = M_sym x_i for each variable i; M_sym is symmetric, so x @ M_sym.
             x = x @ self.matrix
-        return x if subtract_from is None else subtract_from - x
+        if subtract_from is None:
+            return x
+        return torch.sub(subtract_from, x, out=out) if out is not None else subtract_from - x
 
 
 class DenseCRF:
@@ -365,14 +378,17 @@ class DenseCRF:
             return torch.zeros(self._nvar, self._nlabel, dtype=torch.float32)
         return self._unary
 
+    def _negative_unary(self) -> torch.Tensor:
+        # −U is computed once per unary; inference writes new tensors, never into it.
+        if self._neg_unary is None:
+            self._neg_unary = -self._unary_or_zero()
+        return self._neg_unary
+
     def _step(
         self, q: torch.Tensor, keep_last: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One mean-field update; returns (new Q, its logits −U − Σ messages, last message)."""
-        # −U is computed once per unary; every step below writes new tensors, never into it.
-        if self._neg_unary is None:
-            self._neg_unary = -self._unary_or_zero()
-        logits = self._neg_unary
+        logits = self._negative_unary()
         last = None
         for k, term in enumerate(self._pairwise):
             if k == len(self._pairwise) - 1 and keep_last:
@@ -401,10 +417,20 @@ class DenseCRF:
         if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
             raise ValueError(f"niter must be a non-negative integer; got {niter!r}")
         with torch.no_grad():
-            q = torch.softmax(-self._unary_or_zero(), dim=1)
+            neg_unary = self._negative_unary()
+            q = torch.softmax(neg_unary, dim=1)
+            # Two (N, L) buffers for the whole loop (pydensecrf holds about as many): the
+            # logits are written into one and turned into Q in place, then the roles swap.
+            buf = torch.empty_like(q)
             for _ in range(int(niter)):
-                q = self._step(q)[0]
-        return self._to_numpy(q.contiguous())
+                if not self._pairwise:
+                    buf.copy_(neg_unary)
+                for k, term in enumerate(self._pairwise):
+                    term.message(q, subtract_from=neg_unary if k == 0 else buf, out=buf)
+                buf.sub_(buf.amax(dim=1, keepdim=True)).exp_()
+                buf.div_(buf.sum(dim=1, keepdim=True))
+                q, buf = buf, q
+        return self._to_numpy(q)
 
     def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (Q⁰ = softmax(−U), tmp1, tmp2) for :meth:`stepInference`, each (L, N)."""
