@@ -292,7 +292,7 @@ class DenseCRF:
     def __init__(self, nvar: int, nlabels: int) -> None:
         self._nvar = self._positive_int(nvar, "nvar")
         self._nlabel = self._positive_int(nlabels, "nlabels")
-        self._unary: torch.Tensor | None = None
+        # Only −U is stored (what every step uses), as (N, L) with labels contiguous.
         self._neg_unary: torch.Tensor | None = None
         self._pairwise: list[_Pairwise] = []
 
@@ -326,8 +326,7 @@ class DenseCRF:
                 f"{(self._nlabel, self._nvar)}; got {arr.shape}"
             )
         arr = _float32_matrix(arr, "unary energy", (self._nlabel, self._nvar))
-        self._unary = torch.from_numpy(np.ascontiguousarray(arr.T).copy())
-        self._neg_unary = None
+        self._neg_unary = torch.from_numpy(np.negative(arr.T, order="C"))
 
     def setUnary(self, u: Unary) -> None:
         """Set a :class:`ConstUnary` or :class:`LogisticUnary` energy."""
@@ -336,8 +335,7 @@ class DenseCRF:
         energy = u._energy(self._nlabel, self._nvar).astype(np.float32)
         if not np.isfinite(energy).all():
             raise ValueError("unary energy must be finite")
-        self._unary = torch.from_numpy(np.ascontiguousarray(energy.T).copy())
-        self._neg_unary = None
+        self._neg_unary = torch.from_numpy(np.negative(energy.T, order="C"))
 
     def addPairwiseEnergy(
         self,
@@ -373,15 +371,9 @@ class DenseCRF:
         self._pairwise.append(term)
 
     # ------------------------------------------------------------------ inference
-    def _unary_or_zero(self) -> torch.Tensor:
-        if self._unary is None:
-            return torch.zeros(self._nvar, self._nlabel, dtype=torch.float32)
-        return self._unary
-
     def _negative_unary(self) -> torch.Tensor:
-        # −U is computed once per unary; inference writes new tensors, never into it.
         if self._neg_unary is None:
-            self._neg_unary = -self._unary_or_zero()
+            return torch.zeros(self._nvar, self._nlabel, dtype=torch.float32)
         return self._neg_unary
 
     def _step(
@@ -435,7 +427,7 @@ class DenseCRF:
     def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (Q⁰ = softmax(−U), tmp1, tmp2) for :meth:`stepInference`, each (L, N)."""
         with torch.no_grad():
-            q = torch.softmax(-self._unary_or_zero(), dim=1).contiguous()
+            q = torch.softmax(self._negative_unary(), dim=1).contiguous()
         zeros = np.zeros((self._nlabel, self._nvar), dtype=np.float32, order="F")
         return self._to_numpy(q), zeros, zeros.copy(order="F")
 
@@ -463,8 +455,8 @@ class DenseCRF:
             q = torch.from_numpy(np.ascontiguousarray(q_arr.T))
             qd = q.double()
             kl = float((qd * torch.log(torch.clamp(q, min=1e-20)).double()).sum())
-            if self._unary is not None:
-                kl += float((self._unary.double() * qd).sum())
+            if self._neg_unary is not None:
+                kl -= float((self._neg_unary.double() * qd).sum())
             for term in self._pairwise:
                 kl += float((qd * term.message(q).double()).sum())
         return kl
