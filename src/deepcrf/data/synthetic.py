@@ -332,9 +332,9 @@ def _object_sdist(canvas: _Canvas, shape: str, cx: float, cy: float, r0: float) 
         return canvas.sd_ellipse(cx, cy, r0, r0 * rng.uniform(0.6, 1.0), angle)
     if shape == "star":
         arms = int(rng.integers(4, 8))
-        return canvas.sd_star(cx, cy, r0 * rng.uniform(0.3, 0.45), r0 * 1.1, arms, angle)
+        return canvas.sd_star(cx, cy, r0 * rng.uniform(0.4, 0.55), r0 * 1.1, arms, angle)
     if shape == "ring":
-        thickness = max(rng.uniform(3.0, 7.0) * s, 1.5)
+        thickness = max(rng.uniform(5.0, 10.0) * s, 2.0)
         return canvas.sd_ring(cx, cy, r0 * 0.8, thickness, rng.uniform(0.7, 1.0), angle)
     if shape == "leaf":
         body = canvas.sd_ellipse(cx, cy, r0, r0 * rng.uniform(0.35, 0.55), angle)
@@ -350,7 +350,7 @@ def _object_sdist(canvas: _Canvas, shape: str, cx: float, cy: float, r0: float) 
         )
         return np.minimum(body, stem)
     if shape == "spider":
-        sd = canvas.sd_ellipse(cx, cy, r0 * 0.45, r0 * 0.35, angle)
+        sd = canvas.sd_ellipse(cx, cy, r0 * 0.55, r0 * 0.45, angle)
         legs = int(rng.integers(6, 9))
         for k in range(legs):
             a = angle + 2.0 * math.pi * (k + rng.uniform(-0.2, 0.2)) / legs
@@ -395,7 +395,7 @@ def _generate(
         shape = style.shape
         if rng.random() < _OFF_SHAPE_PROB:
             shape = _OBJECT_SHAPES[int(rng.integers(len(_OBJECT_SHAPES)))]
-        r0 = rng.uniform(12.0, 26.0) * s
+        r0 = rng.uniform(14.0, 28.0) * s
         margin = 0.5 * r0
         cx = rng.uniform(margin, width - margin)
         cy = rng.uniform(margin, height - margin)

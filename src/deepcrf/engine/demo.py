@@ -89,7 +89,7 @@ class DemoSettings:
     width: int = 16
     unary_steps: int = 400
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 3e-3
     crf_steps: int = 40
     contextual_steps: int = 150
     crf_batch_size: int = 4
@@ -236,7 +236,7 @@ def _transfer_unary(
 
 
 def _select(row_model: nn.Module, use_crf: bool, postprocess: Callable | None) -> Callable:
-    from .evaluate import predict_logits
+    from .evaluation import predict_logits
 
     def predict(image: torch.Tensor) -> np.ndarray:
         logits = predict_logits(row_model, image[None], use_crf=use_crf, postprocess=postprocess)
@@ -384,7 +384,7 @@ def _run_rows(
     log: Callable[[str], None],
 ) -> tuple[list[dict], list[tuple[str, str]], np.ndarray, np.ndarray, dict, dict]:
     from .. import models
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .train import fit
 
     k = cfg.num_classes
