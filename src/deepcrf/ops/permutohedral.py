@@ -217,13 +217,14 @@ class PermutohedralLattice:
         # rank_i = number of coordinates with a larger diff, ties going to the lower index —
         # the same pairwise comparisons densecrf makes (d(d+1)/2 cheap column operations).
         cols = diff.unbind(1)
-        rank_cols = [torch.zeros(npts, dtype=torch.int64, device=dev) for _ in range(dp1)]
+        rank_cols = [torch.zeros(npts, dtype=torch.uint8, device=dev) for _ in range(dp1)]
         for i in range(d):
             for j in range(i + 1, dp1):
                 less = cols[i] < cols[j]
                 rank_cols[i] += less
                 rank_cols[j] += ~less
-        rank = torch.stack(rank_cols, dim=1) + v.sum(dim=1, keepdim=True).to(torch.int64)
+        rank = torch.stack(rank_cols, dim=1).to(torch.int64)
+        rank += v.sum(dim=1, keepdim=True).to(torch.int64)
         wrap_up = rank < 0
         wrap_down = rank > d
         shift = wrap_up.to(torch.int64) - wrap_down.to(torch.int64)
@@ -246,8 +247,10 @@ class PermutohedralLattice:
         for i in range(d):
             base = base + (v_int[:, i] - book.lo[i]) * book.strides[i]
         stride_ext = torch.tensor([*book.strides, 0], dtype=torch.int64, device=dev)
-        stride_of_rank = torch.empty_like(rank).scatter_(1, rank, stride_ext.expand(npts, dp1))
-        suffix = torch.cumsum(stride_of_rank.flip(1), dim=1)
+        # Scattering to position d − rank lays the strides out by decreasing rank, so a plain
+        # cumulative sum is the suffix sum over ranks.
+        stride_of_rank = torch.empty_like(rank).scatter_(1, d - rank, stride_ext.expand(npts, dp1))
+        suffix = torch.cumsum(stride_of_rank, dim=1)
         codes = torch.cat([torch.zeros_like(suffix[:, :1]), suffix[:, :d]], dim=1)
         del stride_of_rank, suffix, rank, v, v_int
         torch.sub(base[:, None] + torch.arange(dp1, device=dev) * book.block, codes, out=codes)
