@@ -15,9 +15,9 @@ Rows (each measured in a fresh subprocess so that peak memory is per row):
 * ``exact fwd+bwd``     — the O(N²) brute-force path at a small size, vs the lattice path there.
 
 Peak memory (first run): CPU = the process's peak RSS (ru_maxrss) minus its RSS after the
-inputs were made, with glibc's MALLOC_MMAP_THRESHOLD_ lowered so freed buffers leave the RSS; CUDA = torch.cuda.max_memory_allocated minus the allocation before the run.
-Times: min over the later runs. Ratios are against the deepcrf row with
-the same iterations, measured in the same run.
+inputs were made, with glibc's MALLOC_MMAP_THRESHOLD_ lowered so freed buffers leave the RSS;
+CUDA = torch.cuda.max_memory_allocated minus the allocation before the run. Times: min over
+the later runs. Ratios are against the deepcrf row with the same iterations, same run.
 
     python benchmarks/bench_crf_layer.py                 # 375x500, 21 labels, 5 and 10 iters
     python benchmarks/bench_crf_layer.py --quick         # 96x128 smoke run
