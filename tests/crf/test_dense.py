@@ -84,7 +84,7 @@ def reference_mean_field(
     return torch.stack(outs)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     # Many tiny ops: on the shared 2-core CI machine thread hand-off dominates; one thread is
     # several times faster here and does not change results beyond float summation order.
@@ -175,7 +175,7 @@ def test_lattice_close_to_exact_forward():
 # ------------------------------------------------------------------------------------------
 
 
-def test_gradcheck_whole_layer_exact(one_thread):
+def test_gradcheck_whole_layer_exact():
     logits, image, _ = toy_scene(b=2, h=3, w=4, dtype=DT)
     logits.requires_grad_()
     g = torch.Generator().manual_seed(5)
@@ -205,7 +205,7 @@ def test_gradcheck_whole_layer_exact(one_thread):
 
 
 @pytest.mark.parametrize("weight_shape", ["scalar", "matrix"])
-def test_gradcheck_module_parameters_exact(weight_shape, one_thread):
+def test_gradcheck_module_parameters_exact(weight_shape):
     logits, image, _ = toy_scene(h=4, w=4, dtype=DT)
     crf = DenseCRF(
         3,
@@ -310,7 +310,7 @@ def _bandwidth_error(crf, truth):
 @pytest.mark.parametrize(
     "filter_method", ["exact", pytest.param("lattice", marks=pytest.mark.slow)]
 )
-def test_learning_recovers_bandwidths(filter_method, one_thread):
+def test_learning_recovers_bandwidths(filter_method):
     # Targets made by a known CRF; a CRF started from perturbed bandwidths is trained on them.
     truth = (6.0, 25.0, 2.0)
     logits, image, _ = toy_scene(b=2, h=16, w=16, noise=2.0, seed=4)
@@ -518,7 +518,7 @@ def _reference_crop():
 
 
 @pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none", "matrix-compat"])
-def test_matches_pydensecrf_conventions(normalization, one_thread):
+def test_matches_pydensecrf_conventions(normalization):
     # Signs, Potts/matrix compatibility, normalisation modes and the j = i term, checked
     # against pydensecrf2 on a crop of the golden photo. The lattices differ (ours is
     # calibrated to the Gaussian, pydensecrf's has its own scaling), so compare loosely.

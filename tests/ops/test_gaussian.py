@@ -49,7 +49,7 @@ def _image_features(h=16, w=16, b=1, theta_xy=4.0, theta_rgb=20.0, dtype=torch.f
     return torch.cat([(pos / theta_xy).expand(b, -1, -1), rgb / theta_rgb], -1)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     # gradcheck runs thousands of tiny ops: one thread avoids hand-off stalls on a loaded CI box.
     before = torch.get_num_threads()
@@ -58,7 +58,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_exact_matches_brute_force_and_gradcheck(one_thread):
+def test_exact_matches_brute_force_and_gradcheck():
     v = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
     f = torch.randn(2, 12, 4, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(gaussian_filter(v, f, method="exact"), brute_force(v, f))
@@ -68,7 +68,7 @@ def test_exact_matches_brute_force_and_gradcheck(one_thread):
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_lattice_backward_algebra_gradcheck(exclude_self, one_thread):
+def test_lattice_backward_algebra_gradcheck(exclude_self):
     # The analytic feature gradient (extra filterings of f_d·v and f_d·g) checked against
     # numerical derivatives, with the exact kernel standing in for the lattice.
     v = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
