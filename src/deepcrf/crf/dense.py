@@ -694,11 +694,11 @@ def refine(image_hw3_uint8: np.ndarray, probs_lhw: np.ndarray, **params: Any) ->
     if not np.isfinite(probs).all() or probs.min() < 0:
         raise ValueError("probs must be finite and non-negative")
     sums = probs.sum(axis=0, dtype=np.float64)
-    worst = float(np.abs(sums - 1.0).max())
-    if worst > 1e-3:
+    worst = float(sums.flat[np.abs(sums - 1.0).argmax()])
+    if abs(worst - 1.0) > 1e-3:
         raise ValueError(
-            f"probs must sum to 1 over the label axis (axis 0 of (L, H, W)); worst pixel sums "
-            f"to 1{'+' if sums.flat[np.abs(sums - 1).argmax()] > 1 else '-'}{worst:.3g}"
+            f"probs must sum to 1 over the label axis (axis 0 of (L, H, W)), within 1e-3; "
+            f"the worst pixel sums to {worst:.6g}"
         )
     logits = torch.from_numpy(np.log(np.clip(probs.astype(np.float32), 1e-8, None)))[None]
     img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
