@@ -65,12 +65,13 @@ def test_refine_folders_match_stems(tmp_path, capsys):
     for stem in ["x", "y"]:
         (tmp_path / "img" / f"{stem}.npy").rename(probs_dir / f"{stem}.npy")
         (tmp_path / "img" / f"{stem}_gt.png").unlink()
+    write_label_png(probs_dir / "x.png", np.zeros((20, 24), np.uint8))  # .npy must win
     out = tmp_path / "out"
     argv = [str(tmp_path / "img"), str(probs_dir), "-o", str(out), *FAST]
     assert main(["refine", *argv, "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["x.png", "y.png"]
-    assert len(summary["files"]) == 2
+    assert [row["probs"][-5:] for row in summary["files"]] == ["x.npy", "y.npy"]
     (probs_dir / "y.npy").unlink()
     assert main(["refine", *argv]) == 2
     assert "have no probabilities" in capsys.readouterr().err

@@ -113,8 +113,15 @@ def _refine_pairs(args: argparse.Namespace) -> list[tuple]:
         return [(image, probs, out, gt)]
 
     def by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in suffixes)
-        return {f.stem: f for f in files}
+        # Earlier suffixes win when a stem has several files (probabilities .npy over .png).
+        files = sorted(
+            (f for f in folder.iterdir() if f.suffix.lower() in suffixes),
+            key=lambda f: (f.stem, suffixes.index(f.suffix.lower())),
+        )
+        out: dict[str, Path] = {}
+        for f in files:
+            out.setdefault(f.stem, f)
+        return out
 
     images, probs_files = by_stem(image, _IMAGE_SUFFIXES), by_stem(probs, _PROBS_SUFFIXES)
     if not images:
