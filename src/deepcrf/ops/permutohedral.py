@@ -70,25 +70,27 @@ def _native_scales(d: int) -> tuple[float, float]:
     return NATIVE_FEATURE_SCALE[key], NATIVE_OUTPUT_SCALE[key]
 
 
-def _elevate(features: torch.Tensor) -> torch.Tensor:
-    """Project (P, d) features onto the plane Σx = 0 of R^{d+1}, scaled as in densecrf.
+def _elevate(features_t: torch.Tensor) -> torch.Tensor:
+    """Project (d, P) features onto the plane Σx = 0 of R^{d+1}, scaled as in densecrf.
 
-    Float arithmetic mirrors densecrf (float32 scale factors, accumulation from the last
-    dimension down) so that rounding decisions match pydensecrf exactly in float32.
+    Works on the transposed (coordinate-major) layout so every column operation reads
+    contiguous memory.  Float arithmetic mirrors densecrf (float32 scale factors, accumulation
+    from the last dimension down) so that rounding decisions match pydensecrf exactly.
+    Returns the (d+1, P) elevated coordinates.
     """
-    d = features.shape[1]
+    d = features_t.shape[0]
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
     scale = [
         float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
         for i in range(d)
     ]
-    elevated = features.new_empty(features.shape[0], d + 1)
-    sm = torch.zeros_like(features[:, 0])
+    elevated = features_t.new_empty(d + 1, features_t.shape[1])
+    sm = torch.zeros_like(features_t[0])
     for j in range(d, 0, -1):
-        cf = features[:, j - 1] * scale[j - 1]
-        elevated[:, j] = sm - j * cf
-        sm = sm + cf
-    elevated[:, 0] = sm
+        cf = features_t[j - 1] * scale[j - 1]
+        torch.sub(sm, j * cf, out=elevated[j])
+        sm += cf
+    elevated[0] = sm
     return elevated
 
 
@@ -209,53 +211,62 @@ class PermutohedralLattice:
         npts = f.shape[0]
         batch_idx = torch.arange(batch, device=dev).repeat_interleave(n + pad)
 
-        elevated = _elevate(f)
+        # Everything per point is kept coordinate-major, (d+1, P): contiguous column ops.
+        elevated = _elevate(f.t().contiguous())
+        del f
         inv_dp1 = float(torch.tensor(1.0 / dp1, dtype=torch.float32))
         # Nearest remainder-0 lattice point: round half to even as SSE's cvtps does.
         v = torch.round(elevated * inv_dp1)
         diff = elevated - v * dp1
         # rank_i = number of coordinates with a larger diff, ties going to the lower index —
-        # the same pairwise comparisons densecrf makes (d(d+1)/2 cheap column operations).
-        cols = diff.unbind(1)
-        rank_cols = [torch.zeros(npts, dtype=torch.uint8, device=dev) for _ in range(dp1)]
+        # the same pairwise comparisons densecrf makes (d(d+1)/2 cheap row operations).
+        rank_u8 = torch.zeros(dp1, npts, dtype=torch.uint8, device=dev)
         for i in range(d):
             for j in range(i + 1, dp1):
-                less = cols[i] < cols[j]
-                rank_cols[i] += less
-                rank_cols[j] += ~less
-        rank = torch.stack(rank_cols, dim=1).to(torch.int64)
-        rank += v.sum(dim=1, keepdim=True).to(torch.int64)
-        wrap_up = rank < 0
-        wrap_down = rank > d
-        shift = wrap_up.to(torch.int64) - wrap_down.to(torch.int64)
-        rank = rank + dp1 * shift
-        v = v + shift.to(v.dtype)
+                less = diff[i] < diff[j]
+                rank_u8[i] += less
+                rank_u8[j] += ~less
+        rank = rank_u8.to(torch.int64)
+        del rank_u8, diff
+        rank += v.sum(dim=0, keepdim=True).to(torch.int64)
+        shift = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
+        rank += dp1 * shift
+        v += shift.to(v.dtype)
+        del shift
         bw = (elevated - v * dp1) * inv_dp1
-        bary = bw.new_zeros(npts, d + 2)
-        bary.scatter_add_(1, d - rank, bw)
-        bary.scatter_add_(1, d - rank + 1, -bw)
-        bary[:, 0] += 1.0 + bary[:, d + 1]
-        bary = bary[:, :dp1].contiguous()
-        del bw, diff, cols, rank_cols, wrap_up, wrap_down, shift, elevated
+        del elevated
+        bary = bw.new_zeros(d + 2, npts)
+        bary.scatter_add_(0, d - rank, bw)
+        bary.scatter_add_(0, d - rank + 1, -bw)
+        del bw
+        bary[0] += 1.0 + bary[d + 1]
+        bary = bary[:dp1]
 
         # Vertex r of the simplex has q_i = v_i − [rank_i > d − r] (remainder r).  Its code is
         # base + r·block − Σ_i stride_i·[rank_i ≥ d − r + 1]: a suffix sum, over ranks, of the
         # stride of the coordinate holding each rank (the implicit last coordinate has none).
-        v_int = v[:, :d].to(torch.int64)
-        book = _Code(v_int.amin(0).tolist(), v_int.amax(0).tolist(), batch, d)
+        v_int = v[:d].to(torch.int64)
+        del v
+        book = _Code(v_int.amin(1).tolist(), v_int.amax(1).tolist(), batch, d)
         base = batch_idx * (dp1 * book.block)
         for i in range(d):
-            base = base + (v_int[:, i] - book.lo[i]) * book.strides[i]
+            base += (v_int[i] - book.lo[i]) * book.strides[i]
+        del v_int
         stride_ext = torch.tensor([*book.strides, 0], dtype=torch.int64, device=dev)
         # Scattering to position d − rank lays the strides out by decreasing rank, so a plain
         # cumulative sum is the suffix sum over ranks.
-        stride_of_rank = torch.empty_like(rank).scatter_(1, d - rank, stride_ext.expand(npts, dp1))
-        suffix = torch.cumsum(stride_of_rank, dim=1)
-        codes = torch.cat([torch.zeros_like(suffix[:, :1]), suffix[:, :d]], dim=1)
-        del stride_of_rank, suffix, rank, v, v_int
-        torch.sub(base[:, None] + torch.arange(dp1, device=dev) * book.block, codes, out=codes)
+        codes = torch.empty_like(rank).scatter_(0, d - rank, stride_ext[:, None].expand(dp1, npts))
+        del rank
+        suffix = torch.cumsum(codes, dim=0)
+        # codes[r] = base + r·block − suffix[r − 1] (suffix[−1] = 0): shift by one remainder.
+        codes[0] = 0
+        codes[1:] = suffix[:-1]
+        del suffix
+        torch.sub(
+            base[None, :] + (torch.arange(dp1, device=dev) * book.block)[:, None], codes, out=codes
+        )
         del base
-        # Memory is dominated by N·(d+1)-sized index arrays: free each as soon as it is used
+        # Memory is dominated by P·(d+1)-sized index arrays: free each as soon as it is used
         # and keep the final ones in int32 when they fit.
         index_dtype = torch.int32 if npts * dp1 < 2**31 - 1 else torch.int64
 
@@ -270,10 +281,11 @@ class PermutohedralLattice:
         unique_codes = sorted_codes[is_new]
         del sorted_codes, is_new
         m = unique_codes.shape[0]
+        # Entries are numbered r·P + p (coordinate-major), so p = entry mod P.
         vertex_of_entry = torch.empty_like(vertex_sorted).scatter_(0, perm, vertex_sorted)
-        vertex_of_entry = vertex_of_entry.to(index_dtype)
+        vertex_of_entry = vertex_of_entry.to(index_dtype).reshape(dp1, npts)
         splat_w = bary.reshape(-1)[perm]
-        point_of_sorted = torch.div(perm, dp1, rounding_mode="floor").to(index_dtype)
+        point_of_sorted = torch.remainder(perm, npts).to(index_dtype)
         del perm
         if pad:
             real = (torch.arange(n + pad, device=dev) < n).repeat(batch)
@@ -282,8 +294,11 @@ class PermutohedralLattice:
             splat_w = splat_w[keep]
             point_of_sorted = point_of_sorted[keep]
             point_of_sorted -= torch.div(point_of_sorted, n + pad, rounding_mode="floor") * pad
-            vertex_of_entry = vertex_of_entry.reshape(npts, dp1)[real].reshape(-1)
-            bary = bary[real]
+            vertex_of_entry = vertex_of_entry[:, real]
+            bary = bary[:, real]
+        # The slice reads, per point, its d+1 vertices: point-major (P, d+1) rows.
+        vertex_of_entry = vertex_of_entry.t().contiguous().reshape(-1)
+        bary = bary.t().contiguous()
         # Row m of every matrix is an always-zero vertex that missing neighbours point to, so
         # each blur row has exactly three entries and needs no masking (densecrf's slot 0).
         counts = torch.bincount(vertex_sorted, minlength=m + 1)
