@@ -8,6 +8,7 @@ from deepcrf.crf.contextual import (
     ContextualCRF,
     PairwiseNet,
     downsample_labels,
+    interaction_part,
     mean_field,
     piecewise_loss,
     range_box_edges,
@@ -115,6 +116,51 @@ def test_mean_field_matches_loops(iters):
     got = mean_field(unary, edges, pairwise, iters=iters, pairwise_weight=0.7)
     ref = naive_mean_field(unary, edges, pairwise, iters, weight=0.7)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_interaction_mode_matches_loops_on_centred_tables():
+    unary, edges, pairwise = random_graph()
+    got = mean_field(unary, edges, pairwise, iters=3, pairwise_weight=0.3,
+                     pairwise_mode="interaction")
+    centred = []
+    for z in pairwise:
+        # Centre each table by explicit loops over its rows and columns.
+        g = z.clone()
+        k = z.shape[-1]
+        for b, e in itertools.product(range(z.shape[0]), range(z.shape[1])):
+            t = z[b, e]
+            for i, j in itertools.product(range(k), range(k)):
+                g[b, e, i, j] = t[i, j] - t[i, :].mean() - t[:, j].mean() + t.mean()
+        centred.append(g)
+    torch.testing.assert_close(got, naive_mean_field(unary, edges, centred, 3, weight=0.3),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_interaction_part_removes_row_and_column_terms():
+    z = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    g = interaction_part(z)
+    torch.testing.assert_close(g.sum(-1), torch.zeros(2, 5, 3, dtype=torch.float64))
+    torch.testing.assert_close(g.sum(-2), torch.zeros(2, 5, 3, dtype=torch.float64))
+    shifted = z + torch.randn(2, 5, 3, 1, dtype=torch.float64) + torch.randn(2, 5, 1, 3,
+                                                                             dtype=torch.float64)
+    torch.testing.assert_close(interaction_part(shifted), g)
+    unary, edges, pairwise = random_graph()
+    # Full mode on centred tables == interaction mode on the raw tables.
+    torch.testing.assert_close(
+        mean_field(unary, edges, [interaction_part(p) for p in pairwise]),
+        mean_field(unary, edges, pairwise, pairwise_mode="interaction"))
+    with pytest.raises(ValueError, match="pairwise_mode must be one of"):
+        mean_field(unary, edges, pairwise, pairwise_mode="centred")
+
+
+def test_interaction_mode_gradcheck():
+    unary, edges, pairwise = random_graph(b=1, h=2, w=2, k=2, scale=0.5)
+    inputs = (unary.requires_grad_(True), *(z.requires_grad_(True) for z in pairwise))
+
+    def fn(u, z0, z1):
+        return mean_field(u, edges, [z0, z1], iters=2, pairwise_mode="interaction")
+
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_mean_field_no_edges_is_exact():
@@ -306,14 +352,16 @@ def test_module_pairwise_path_gradcheck():
     assert torch.autograd.gradcheck(lambda f: crf.piecewise_loss(f, labels), (feats,))
 
 
-def test_module_equals_functional():
-    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_weight=0.5)
+@pytest.mark.parametrize("mode", ["full", "interaction"])
+def test_module_equals_functional(mode):
+    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_weight=0.5,
+                        pairwise_mode=mode)
     feats = torch.randn(2, 6, 4, 5)
     labels = torch.randint(0, 3, (2, 4, 5))
     unary, edges, pairwise = crf.potentials(feats)
     assert [e.shape[1] for e in edges] == [range_box_edges(4, 5, r).shape[1]
                                            for r in crf.relations]
-    log_q = mean_field(unary, edges, pairwise, iters=2, pairwise_weight=0.5)
+    log_q = mean_field(unary, edges, pairwise, iters=2, pairwise_weight=0.5, pairwise_mode=mode)
     torch.testing.assert_close(crf(feats), log_q.transpose(1, 2).reshape(2, 3, 4, 5))
     torch.testing.assert_close(crf.piecewise_loss(feats, labels),
                                piecewise_loss(unary, edges, pairwise, labels.view(2, -1)))

@@ -35,6 +35,7 @@ __all__ = [
     "ContextualCRF",
     "PairwiseNet",
     "downsample_labels",
+    "interaction_part",
     "mean_field",
     "piecewise_loss",
     "range_box_edges",
@@ -109,6 +110,7 @@ def mean_field(
     *,
     iters: int = 3,
     pairwise_weight: float = 1.0,
+    pairwise_mode: str = "full",
 ) -> torch.Tensor:
     """Parallel mean-field inference on a CRF with general K×K edge tables.
 
@@ -127,6 +129,12 @@ def mean_field(
         pairwise: ``(B, E, K, K)`` scores ``z_pq(y_p, y_q)`` per relation, matching ``edges``.
         iters: number of mean-field updates (3 in the paper; 0 returns ``log_softmax(unary)``).
         pairwise_weight: ``w``, a multiplier on every pairwise message (1 = the model as trained).
+        pairwise_mode: ``"full"`` uses the tables as they are (the paper); ``"interaction"``
+            first removes each table's row and column means,
+            ``z − mean_l' z − mean_l z + mean z``, keeping only the label *interaction*: a
+            piecewise-trained table is a whole joint model of its pair, so its row/column parts
+            re-count evidence about each node that its unary already holds, once per edge
+            (the over-counting of piecewise training; see docs/contextual_crf.md).
 
     Returns:
         ``log Q``: the log of the approximate marginals (normalised over K).
@@ -140,7 +148,31 @@ def mean_field(
     edge_list, pair_list = _check_graph(unary, edges, pairwise)
     if int(iters) < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
-    return _mean_field(unary, edge_list, pair_list, int(iters), float(pairwise_weight))
+    _check_mode(pairwise_mode)
+    return _mean_field(unary, edge_list, pair_list, int(iters), float(pairwise_weight),
+                       pairwise_mode)
+
+
+PAIRWISE_MODES = ("full", "interaction")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in PAIRWISE_MODES:
+        raise ValueError(f"pairwise_mode must be one of {PAIRWISE_MODES}; got {mode!r}")
+
+
+def interaction_part(pairwise: torch.Tensor) -> torch.Tensor:
+    """The interaction part of K×K tables: ``z − row mean − column mean + grand mean``.
+
+    ``z(l, l') = a(l) + b(l') + g(l, l')`` with ``g``'s rows and columns summing to zero; this
+    returns ``g``.  Adding any ``a(l) + b(l')`` to a table leaves it unchanged.
+
+    Shape:
+        pairwise: (..., K, K)
+        return:   (..., K, K)
+    """
+    return (pairwise - pairwise.mean(-1, keepdim=True) - pairwise.mean(-2, keepdim=True)
+            + pairwise.mean((-2, -1), keepdim=True))
 
 
 def _mean_field(
@@ -149,7 +181,10 @@ def _mean_field(
     pair_list: list[torch.Tensor],
     iters: int,
     weight: float,
+    mode: str = "full",
 ) -> torch.Tensor:
+    if mode == "interaction":
+        pair_list = [interaction_part(z) for z in pair_list]
     log_q = torch.log_softmax(unary, dim=-1)
     for _ in range(iters):
         msg = _messages(log_q.exp(), edge_list, pair_list)
@@ -373,6 +408,8 @@ class ContextualCRF(nn.Module):
         box_fraction: range-box side as a fraction of the map's shorter side (0.4 in the paper).
         iters: mean-field iterations at inference (3 in the paper).
         pairwise_weight: multiplier on the pairwise messages at inference (1 = as trained).
+        pairwise_mode: ``"full"`` (the paper) or ``"interaction"`` tables at inference (see
+            :func:`mean_field`); training is the same.
 
     Shape:
         features: (B, C, h, w)
@@ -394,8 +431,10 @@ class ContextualCRF(nn.Module):
         box_fraction: float = 0.4,
         iters: int = 3,
         pairwise_weight: float = 1.0,
+        pairwise_mode: str = "full",
     ) -> None:
         super().__init__()
+        _check_mode(pairwise_mode)
         if int(in_channels) < 1 or int(num_labels) < 1 or int(hidden_channels) < 1:
             raise ValueError(
                 f"in_channels, num_labels and hidden_channels must be >= 1; got "
@@ -414,6 +453,7 @@ class ContextualCRF(nn.Module):
         self.box_fraction = check_positive(box_fraction, "box_fraction")
         self.iters = int(iters)
         self.pairwise_weight = float(pairwise_weight)
+        self.pairwise_mode = pairwise_mode
         hidden = int(hidden_channels)
         self.unary_net = nn.Sequential(
             nn.Conv2d(self.in_channels, hidden, 1), nn.ReLU(inplace=True),
@@ -484,7 +524,9 @@ class ContextualCRF(nn.Module):
         if iters < 0:
             raise ValueError(f"iters must be >= 0; got {iters}")
         # The potentials are well-formed by construction: skip the functional's validation.
-        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight)
+        _check_mode(self.pairwise_mode)
+        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight,
+                            self.pairwise_mode)
         return log_q.transpose(1, 2).reshape(b, self.num_labels, h, w)
 
     def piecewise_loss(

@@ -228,6 +228,8 @@ class ContextualSegNet(FeatMapNet):
         box_fraction: range-box size as a fraction of the grid's shorter side (0.4).
         iters: mean-field iterations (3).
         pairwise_weight: multiplier on pairwise messages at inference (1 = as trained).
+        pairwise_mode: ``"full"`` tables (the paper) or their ``"interaction"`` part at
+            inference (see :func:`deepcrf.crf.contextual.mean_field`).
         label_mode: ``"majority"`` or ``"nearest"`` node labels for the piecewise loss.
         dense_crf: ``None`` or a dense-CRF module ``forward(logits, image) -> logits`` applied
             after upsampling when ``use_crf`` (e.g. from
@@ -259,6 +261,7 @@ class ContextualSegNet(FeatMapNet):
         box_fraction: float = 0.4,
         iters: int = 3,
         pairwise_weight: float = 1.0,
+        pairwise_mode: str = "full",
         label_mode: str = "majority",
         dense_crf: nn.Module | None = None,
     ) -> None:
@@ -274,7 +277,7 @@ class ContextualSegNet(FeatMapNet):
         self.crf = ContextualCRF(
             self.out_channels, self.num_classes, relations=relations,
             hidden_channels=hidden_channels, box_fraction=box_fraction, iters=iters,
-            pairwise_weight=pairwise_weight)
+            pairwise_weight=pairwise_weight, pairwise_mode=pairwise_mode)
         self.dense_crf = dense_crf
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
