@@ -271,14 +271,17 @@ class PermutohedralLattice:
         index_dtype = torch.int32 if npts * dp1 < 2**31 - 1 else torch.int64
 
         # One sort gives the unique vertices, each entry's vertex and the splat's CSR layout.
-        sorted_codes, perm = torch.sort(codes.reshape(-1))
+        if batch * dp1 * book.block < 2**31:
+            # Most images' codes fit in 31 bits: the (radix) sort of int32 keys is ~2x faster.
+            codes = codes.to(torch.int32)
+        sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
         del codes
         is_new = torch.empty_like(sorted_codes, dtype=torch.bool)
         is_new[0] = True
         torch.ne(sorted_codes[1:], sorted_codes[:-1], out=is_new[1:])
         vertex_sorted = torch.cumsum(is_new, 0)
         vertex_sorted -= 1
-        unique_codes = sorted_codes[is_new]
+        unique_codes = sorted_codes[is_new].to(torch.int64)
         del sorted_codes, is_new
         m = unique_codes.shape[0]
         # Entries are numbered r·P + p (coordinate-major), so p = entry mod P.
