@@ -100,6 +100,15 @@ def test_package_import_forms():
     assert eigen.matrixXf(np.ones((2, 3))).dtype == np.float32
 
 
+def test_non_contiguous_inputs_accepted():
+    image, unary = _small_case(seed=4)
+    ref = _deeplab_crf(dcrf, image, unary, 4).inference(2)
+    image_nc = np.asfortranarray(image)
+    unary_nc = np.asfortranarray(unary)
+    assert not image_nc.flags.c_contiguous and not unary_nc.flags.c_contiguous
+    np.testing.assert_array_equal(_deeplab_crf(dcrf, image_nc, unary_nc, 4).inference(2), ref)
+
+
 def test_compat_does_not_mutate_inputs():
     image, unary = _small_case(seed=3)
     image0, unary0 = image.copy(), unary.copy()
