@@ -274,7 +274,7 @@ def test_spatial_bandwidth_gradient_when_kernel_covers_the_image():
 
 
 @pytest.mark.parametrize("n, theta", [(300, 3.0), (300, 9.0), (130, 2.0), (40, 3.0)])
-def test_banded_spatial_axis_filter_matches_dense(n, theta):
+def test_windowed_spatial_axis_filter_matches_dense(n, theta):
     x = torch.randn(3, n, 4, dtype=DT)
     idx = torch.arange(n, dtype=DT)
     t_band = torch.tensor(theta, dtype=DT, requires_grad=True)
