@@ -226,18 +226,24 @@ class PermutohedralLattice:
                 less = diff[i] < diff[j]
                 rank_u8[i] += less
                 rank_u8[j] += ~less
-        rank = rank_u8.to(torch.int64)
+        # Ranks stay in [−d−1, 2d+1] (the elevated point sums to 0): int8 until an int64
+        # index is needed, which keeps the build's transient memory small.
+        rank = rank_u8.to(torch.int8)
         del rank_u8, diff
-        rank += v.sum(dim=0, keepdim=True).to(torch.int64)
-        shift = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
+        rank += v.sum(dim=0, keepdim=True).to(torch.int8)
+        shift = (rank < 0).to(torch.int8) - (rank > d).to(torch.int8)
         rank += dp1 * shift
         v += shift.to(v.dtype)
         del shift
         bw = (elevated - v * dp1) * inv_dp1
         del elevated
+        position = torch.sub(d, rank.to(torch.int64))  # slot d − rank_i, reused below
+        del rank
         bary = bw.new_zeros(d + 2, npts)
-        bary.scatter_add_(0, d - rank, bw)
-        bary.scatter_add_(0, d - rank + 1, -bw)
+        bary.scatter_add_(0, position, bw)
+        position += 1
+        bary.scatter_add_(0, position, -bw)
+        position -= 1
         del bw
         bary[0] += 1.0 + bary[d + 1]
         bary = bary[:dp1]
@@ -255,8 +261,10 @@ class PermutohedralLattice:
         stride_ext = torch.tensor([*book.strides, 0], dtype=torch.int64, device=dev)
         # Scattering to position d − rank lays the strides out by decreasing rank, so a plain
         # cumulative sum is the suffix sum over ranks.
-        codes = torch.empty_like(rank).scatter_(0, d - rank, stride_ext[:, None].expand(dp1, npts))
-        del rank
+        codes = torch.empty_like(position).scatter_(
+            0, position, stride_ext[:, None].expand(dp1, npts)
+        )
+        del position
         suffix = torch.cumsum(codes, dim=0)
         # codes[r] = base + r·block − suffix[r − 1] (suffix[−1] = 0): shift by one remainder.
         codes[0] = 0
