@@ -20,3 +20,10 @@ def test_python_dash_m_help():
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0
     assert "usage: deepcrf" in out.stdout
+
+
+def test_every_public_name_resolves():
+    for name in deepcrf.__all__:
+        assert getattr(deepcrf, name) is not None, name
+    assert callable(deepcrf.dense_crf)
+    assert callable(deepcrf.models.create)
