@@ -290,6 +290,57 @@ def test_windowed_spatial_axis_filter_matches_dense(n, theta):
     torch.testing.assert_close(t_band.grad, t_ref.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"normalization": "before"},
+        {"normalization": "after"},
+        {"normalization": "none"},
+        {"exclude_self": True},
+        {"exclude_self": True, "normalization": "after", "w_gaussian": 20.0},
+        {"compat": "asym"},
+        {"w_bilateral": "matrix", "w_gaussian": "vector"},
+        {"w_gaussian": "vector"},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_inference_path_matches_autograd_path(kw, dtype):
+    # Under no_grad dense_crf takes a buffer-reusing loop; it must be the same function. The
+    # image is big enough for the windowed spatial filter along both axes (24 + 2·⌈6·1⌉ < 40),
+    # two items check the per-item row products.
+    logits, image, _ = toy_scene(b=2, h=40, w=46, labels=4, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    extra = {}
+    for name, value in kw.items():
+        if value == "asym":
+            value = torch.rand(4, 4, generator=g, dtype=dtype)
+        elif value == "matrix":
+            value = torch.rand(4, 4, generator=g, dtype=dtype) * 3
+        elif value == "vector":
+            value = torch.rand(4, generator=g, dtype=dtype) * 3
+        extra[name] = value
+    params = {**PARAMS, "theta_gamma": 1.0, **extra}
+    with torch.no_grad():
+        fast = dense_crf(logits, image, iters=4, **params)
+    slow = dense_crf(logits.clone().requires_grad_(), image, iters=4, **params)
+    assert slow.requires_grad  # the autograd loop really ran
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(fast.softmax(1), slow.detach().softmax(1), rtol=0, atol=tol)
+
+
+def test_inference_path_is_reentrant():
+    # The reused buffers live in per-call filter objects: two calls, and a call on another
+    # size in between, must not see each other's data.
+    a = toy_scene(h=40, w=46, seed=1)
+    b = toy_scene(h=64, w=30, seed=2)
+    with torch.no_grad():
+        first = dense_crf(a[0], a[1], **PARAMS)
+        dense_crf(b[0], b[1], **PARAMS)
+        again = dense_crf(a[0], a[1], **PARAMS)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
 def test_checkpoint_gives_same_gradients():
     logits, image, labels = toy_scene(h=16, w=16)
     grads = []
