@@ -84,14 +84,14 @@ class DemoSettings:
     size: int = 96
     num_classes: int = 6
     n_train: int = 512
-    n_val: int = 48
-    n_tune: int = 16
+    n_val: int = 32
+    n_tune: int = 8
     width: int = 16
     unary_steps: int = 400
     batch_size: int = 8
     lr: float = 3e-3
-    crf_steps: int = 40
-    contextual_steps: int = 150
+    crf_steps: int = 30
+    contextual_steps: int = 100
     crf_batch_size: int = 4
     finetune_lr: float = 1e-4
     crf_lr: float = 1e-2
@@ -99,9 +99,9 @@ class DemoSettings:
     crf_eval_iters: int = 10
     tune_grid: Mapping[str, Sequence[float]] = dataclasses.field(
         default_factory=lambda: {
-            "w_bilateral": [3.0, 6.0, 10.0],
-            "theta_alpha": [8.0, 16.0, 32.0],
-            "theta_beta": [8.0, 16.0, 32.0],
+            "w_bilateral": [4.0, 8.0],
+            "theta_alpha": [10.0, 25.0],
+            "theta_beta": [12.0, 30.0],
             "w_gaussian": [3.0],
             "theta_gamma": [1.0],
         }

@@ -289,7 +289,8 @@ def write_overlays(
         image = np.clip(images[i], 0, 255).astype(np.uint8)
         gt = labels[i]
         valid = gt != 255
-        fig = Figure(figsize=(1.9 * len(columns), 2.25))
+        # Room above the panels for two-line titles (model name, accuracy).
+        fig = Figure(figsize=(1.9 * len(columns), 2.6))
         axes = fig.subplots(1, len(columns), squeeze=False)[0]
         panels = [image, _overlay(image, np.where(valid, gt, 0), alpha)]
         titles = ["image", "ground truth"]
@@ -302,7 +303,7 @@ def write_overlays(
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(title, fontsize=7)
             ax.set_axis_off()
-        fig.tight_layout(pad=0.3)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.8, wspace=0.05)
         path = out / f"{prefix}_{i:02d}.png"
         _save_figure(fig, path, dpi)
         paths.append(path)
