@@ -269,17 +269,20 @@ class _SeparableSpatial:
                 new(b, rows.out_len, w * c),
                 torch.zeros(1, cols.padded_len, b * h * c, device=like.device, dtype=like.dtype),
                 new(1, cols.out_len, b * h * c),
-                new(b, h * w, c),
             )
             self._buffers = bufs
         return bufs[0][:, rows.offset : rows.offset + h].view(b, h * w, c)
 
     def run(self) -> torch.Tensor:
-        """Filter what :meth:`input_view` holds; returns a (B, N, C) view of a reused buffer."""
+        """Filter what :meth:`input_view` holds; returns a (B, H, W, C) view of a reused buffer.
+
+        The view is strided (W outermost in memory): consumers read it in place instead of
+        paying for one more full copy per filtering.
+        """
         assert self._buffers is not None
         b, h, w = self.b, self.h, self.w
-        row_in, row_out, col_in, col_out, result = self._buffers
-        c = result.shape[-1]
+        row_in, row_out, col_in, col_out = self._buffers
+        c = col_out.shape[-1] // (b * h)
         for i in range(b):
             self.along_rows.product(row_in[i : i + 1], row_out[i : i + 1])
         off = self.along_cols.offset
@@ -287,10 +290,10 @@ class _SeparableSpatial:
             row_out[:, :h].view(b, h, w, c).permute(2, 0, 1, 3)
         )
         self.along_cols.product(col_in, col_out)
-        result.view(b, h, w, c).copy_(col_out[0, :w].view(w, b, h, c).permute(1, 2, 0, 3))
+        result = col_out[0, :w].view(w, b, h, c).permute(1, 2, 0, 3)
         if self.exclude_self:
             off = self.along_rows.offset
-            result.sub_(row_in[:, off : off + h].view(b, h * w, c))
+            result.sub_(row_in[:, off : off + h].view(b, h, w, c))
         return result
 
 
@@ -547,6 +550,7 @@ def _mean_field_inference(
     of fresh 66 MB tensors measured as costly as the arithmetic.
     """
     num_labels = unary.shape[-1]
+    b, h, w = spatial.b, spatial.h, spatial.w
     unary = unary.contiguous()
     eye = torch.eye(num_labels, device=unary.device, dtype=unary.dtype)
     # z = unary − Σ_m (post_m ⊙ K_m(pre_m ⊙ q)) R_m with R_m = W_mᵀ μᵀ (Potts: R_m = −W_mᵀ).
@@ -577,11 +581,13 @@ def _mean_field_inference(
         y_s = spatial.run()
         if diagonal:
             torch.addcmul(unary, y_b, coefs[0], out=z)
-            z.addcmul_(y_s, coefs[1])
+            # in (B, H, W, ·) views: the spatial result is read where the GEMM left it
+            spatial_coef = coefs[1] if coefs[1].dim() < 3 else coefs[1].view(b, h, w, -1)
+            z.view(b, h, w, num_labels).addcmul_(y_s, spatial_coef)
         else:
             z.copy_(unary)
             flat = z.view(-1, num_labels)
-            for y, (_, post), r in zip((y_b, y_s), factors, coefs, strict=True):
+            for y, (_, post), r in zip((y_b, y_s.reshape(y_b.shape)), factors, coefs, strict=True):
                 if post is not None:
                     y.mul_(post)
                 flat.addmm_(y.reshape(-1, num_labels), r, alpha=-1)
