@@ -38,7 +38,15 @@ def test_quick_demo_writes_results_json(quick_run):
     names = [r["name"] for r in rows]
     assert len(names) == len(set(names))
     expected_rows = [r for r in demo._ROWS if _missing(r) is None]
-    assert names == [r.name for r in expected_rows]
+    control = demo.control_name(QUICK)
+    assert names == [control if r.key == "control" else r.name for r in expected_rows]
+    by_name = {r["name"]: r for r in rows}
+    assert control == f"CNN alone (+{QUICK.crf_steps} steps)" and control in by_name
+    # Every end-to-end CRF row is also compared with the CNN trained as many extra steps.
+    for name in ("CRF-as-RNN", "+ learned bandwidths", "Deep Gaussian CRF"):
+        if name in by_name:
+            assert by_name[name]["controls"] == [control]
+    assert by_name[demo.BASELINE]["controls"] == [] and by_name[control]["controls"] == []
     for row in rows:
         assert REQUIRED <= set(row), row["name"]
         assert 0.0 <= row["miou"] <= 1.0
@@ -51,6 +59,16 @@ def test_quick_demo_writes_results_json(quick_run):
     assert meta["mode"] == "quick"
     assert meta["settings"]["size"] == QUICK.size
     assert meta["total_seconds"] > 0 and meta["torch_threads"] >= 1
+    if "small_contextual" in models.available():
+        ctx = meta["contextual_inference"]
+        tried = [(t["pairwise_mode"], t["pairwise_weight"]) for t in ctx["trials"]]
+        assert tried == [(m, float(w)) for m, w in QUICK.contextual_candidates]
+        assert ("full", 1.0) in tried  # the paper's inference competes
+        best = max(t["tune_miou"] for t in ctx["trials"])
+        assert ctx["tune_miou"] == best
+        assert (ctx["pairwise_mode"], ctx["pairwise_weight"]) in tried
+        assert by_name["Contextual CRF (Lin et al.)"]["controls"] == [demo.CONTEXTUAL_UNARY]
+        assert demo.CONTEXTUAL_UNARY in by_name
 
 
 def test_quick_demo_report_and_figures(quick_run):
@@ -69,6 +87,15 @@ def test_quick_demo_report_and_figures(quick_run):
     # One sentence per CRF row, computed against the CNN alone.
     verdicts = re.findall(r"^- \*\*(.+?)\*\* (beats|does \*\*not\*\*)", report, re.M)
     assert [v[0] for v in verdicts] == [r["name"] for r in rows[1:]]
+    # ... and, for rows with a control, against that control too.
+    for row in rows:
+        for control in row["controls"]:
+            assert re.search(
+                rf"^- \*\*{re.escape(row['name'])}\*\* .*Against its control it "
+                rf"(beats|does \*\*not\*\* beat) \*\*{re.escape(control)}\*\*",
+                report,
+                re.M,
+            ), row["name"]
     # Rows that did not run are listed with the reason.
     for spec in demo._ROWS:
         reason = _missing(spec)
@@ -123,6 +150,8 @@ def test_transfer_unary_refuses_foreign_weights():
         ({"lr": float("nan")}, "lr must be a finite positive number"),
         ({"trimap_band": 5, "trimap_bands": (1, 2)}, "trimap_band 5 must be one of"),
         ({"overlay_images": 7, "n_val": 6}, r"overlay_images must be in \[0, n_val=6\]"),
+        ({"contextual_candidates": (("mean", 1.0),)}, "contextual_candidates must be"),
+        ({"contextual_candidates": ()}, "contextual_candidates must be"),
     ],
 )
 def test_settings_are_checked(change, match):

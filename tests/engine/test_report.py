@@ -76,6 +76,29 @@ def test_compare_to_baseline_is_computed():
         compare_to_baseline(rows, "nope")
 
 
+def test_compare_against_a_control_is_computed():
+    rows = _rows()
+    control = {**rows[1], "name": "CNN alone (+30 steps)", "miou": 0.62, "trimap_accuracy": 0.76}
+    joint = {**rows[1], "name": "CRF-as-RNN", "miou": 0.61, "trimap_accuracy": 0.74,
+             "controls": ["CNN alone (+30 steps)"]}  # fmt: skip
+    verdicts = compare_to_baseline([rows[0], control, joint], "CNN alone")
+    assert len(verdicts) == 2
+    # The joint row beats the CNN alone but not the control trained for as many steps.
+    assert verdicts[1].startswith("**CRF-as-RNN** beats the CNN alone on both")
+    assert "mIoU +1.0 points; trimap accuracy +4.0 points" in verdicts[1]
+    assert (
+        "Against its control it does **not** beat **CNN alone (+30 steps)** "
+        "(mIoU -1.0 points; trimap accuracy -2.0 points)." in verdicts[1]
+    )
+    assert "Against its control" not in verdicts[0]
+    joint["miou"], joint["trimap_accuracy"] = 0.64, 0.77
+    verdict = compare_to_baseline([rows[0], control, joint], "CNN alone")[1]
+    assert "Against its control it beats **CNN alone (+30 steps)** on both" in verdict
+    joint["controls"] = ["nope"]
+    with pytest.raises(ValueError, match="names control 'nope', which is not a row name"):
+        compare_to_baseline([rows[0], control, joint], "CNN alone")
+
+
 def test_bad_rows():
     with pytest.raises(ValueError, match="at least one result row"):
         format_table([])

@@ -68,6 +68,9 @@ class DemoSettings:
         lr: Adam learning rate of the CNN alone.
         crf_steps: joint (CNN + CRF) steps of each end-to-end CRF row.
         contextual_steps: piecewise steps of the contextual CRF's new head on the CNN's trunk.
+        contextual_candidates: ``(pairwise_mode, pairwise_weight)`` inference settings of the
+            contextual CRF tried on the tune split (best mIoU kept; the paper's ``("full",
+            1.0)`` first, so it wins ties).
         crf_batch_size: images per joint step.
         finetune_lr: Adam learning rate of the network during joint training.
         crf_lr: Adam learning rate of the CRF parameters during joint training.
@@ -92,6 +95,13 @@ class DemoSettings:
     lr: float = 3e-3
     crf_steps: int = 30
     contextual_steps: int = 100
+    contextual_candidates: tuple[tuple[str, float], ...] = (
+        ("full", 1.0),
+        ("interaction", 0.01),
+        ("interaction", 0.02),
+        ("interaction", 0.03),
+        ("interaction", 0.1),
+    )
     crf_batch_size: int = 4
     finetune_lr: float = 1e-4
     crf_lr: float = 1e-2
@@ -124,6 +134,15 @@ class DemoSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+        if not self.contextual_candidates or any(
+            mode not in ("full", "interaction")
+            or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)
+            for mode, w in self.contextual_candidates
+        ):
+            raise ValueError(
+                "contextual_candidates must be (mode in {'full', 'interaction'}, weight >= 0) "
+                f"pairs; got {self.contextual_candidates!r}"
+            )
         if not self.trimap_bands or any(int(b) < 0 for b in self.trimap_bands):
             raise ValueError(f"trimap_bands must be non-negative ints; got {self.trimap_bands}")
         if self.trimap_band not in self.trimap_bands:
@@ -166,6 +185,12 @@ QUICK = DemoSettings(
 """``--quick``: tiny sizes and steps, a smoke test of the whole pipeline (under 2 minutes)."""
 
 BASELINE = "CNN alone"
+CONTEXTUAL_UNARY = "Contextual CRF: unary only"
+
+
+def control_name(cfg: DemoSettings) -> str:
+    """Name of the control row: the CNN alone trained for the joint rows' extra steps."""
+    return f"CNN alone (+{cfg.crf_steps} steps)"
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,9 @@ class _Row:
 _ROWS: tuple[_Row, ...] = (
     _Row("unary", BASELINE, "the `small` stride-8 atrous CNN (Chen et al. 2015's "
          "architecture, scaled down), trained from scratch with cross-entropy; no CRF."),
+    _Row("control", "CNN alone (+N steps)", "control for the end-to-end CRF rows: the trained "
+         "CNN trained further for exactly their extra steps (same batch, network lr, Adam, "
+         "schedule and seed), without a CRF."),
     _Row("dense", "CNN + dense CRF (DeepLab v1)", "Chen et al. 2015: the same CNN's logits "
          "refined by a fully connected CRF (Krähenbühl & Koltun 2011, permutohedral lattice) "
          "as post-processing; parameters grid-searched on the held-out tune split.",
@@ -193,6 +221,9 @@ _ROWS: tuple[_Row, ...] = (
     _Row("gcrf", "Deep Gaussian CRF", "Chandra & Kokkinos 2016: quadratic energy with "
          "pairwise terms from learned pixel embeddings, exact inference by conjugate gradient "
          "on the stride-8 grid, trained end to end.", model="small_gcrf"),
+    _Row("contextual_unary", CONTEXTUAL_UNARY, "the trained contextual model's own unary "
+         "prediction (`use_crf=False`): FeatMap-Net and the unary net, no pairwise messages; "
+         "the control of the contextual CRF row.", model="small_contextual"),
     _Row("contextual", "Contextual CRF (Lin et al.)", "Lin et al. 2016: pairwise potentials "
          "from a CNN on a range-box graph, piecewise training, mean-field inference.",
          model="small_contextual"),
@@ -303,6 +334,7 @@ def run_demo(
         "mode": "custom" if settings is not None else ("quick" if quick else "full"),
         "dense_crf_params": extras.get("dense_crf_params"),
         "learned_crf": extras.get("learned_crf"),
+        "contextual_inference": extras.get("contextual_inference"),
         "total_seconds": seconds,
         "total_cpu_seconds": cpu_seconds,
         "torch_threads": torch.get_num_threads(),
@@ -356,7 +388,10 @@ def _notes(
         f"trains {cfg.crf_steps} more steps of {cfg.crf_batch_size} images with the CRF in the "
         f"loop (network lr {cfg.finetune_lr:g}, CRF lr {cfg.crf_lr:g}); the dense-CRF rows use "
         f"{cfg.crf_train_iters} mean-field iterations in training and {cfg.crf_eval_iters} at "
-        f"test time, as CRF-as-RNN does (5 and 10).",
+        f"test time, as CRF-as-RNN does (5 and 10). The control row `{control_name(cfg)}` "
+        f"trains the same CNN copy for the same {cfg.crf_steps} steps, batch, network lr, "
+        f"optimiser, schedule and seed without a CRF, so each end-to-end row's gain over it is "
+        f"the CRF's and not the extra training's.",
         "Time per image is the wall time of the forward pass (network + CRF) measured by "
         "`deepcrf.engine.evaluate`, one image at a time on the CPU; on a shared or loaded "
         "machine it is noisy. Training seconds are wall time too.",
@@ -373,6 +408,16 @@ def _notes(
             + ", ".join(f"{k}={v:g}" for k, v in p.items() if isinstance(v, (int, float)))
             + f" (tune-split mIoU {100 * extras['tune_miou']:.1f} with CRF vs "
             f"{100 * extras['tune_baseline_miou']:.1f} without)."
+        )
+    ctx = extras.get("contextual_inference")
+    if ctx:
+        tried = "; ".join(f"{t['pairwise_mode']} w={t['pairwise_weight']:g}: "
+                          f"{100 * t['tune_miou']:.1f}" for t in ctx["trials"])
+        notes.append(
+            f"Contextual CRF inference chosen on the tune split by mIoU: pairwise_mode="
+            f"{ctx['pairwise_mode']}, pairwise_weight={ctx['pairwise_weight']:g} (tried {tried}; "
+            f"unary only {100 * ctx['tune_unary_miou']:.1f}; the paper's inference is "
+            f"full, w=1)."
         )
     return notes
 
@@ -411,8 +456,11 @@ def _run_rows(
         postprocess: Callable | None = None,
         train_seconds: float | None = None,
         note: str = "",
+        name: str | None = None,
+        controls: Sequence[str] = (),
     ) -> None:
-        log(f"[demo] evaluating {spec.name} on {cfg.n_val} validation images")
+        name = name or spec.name
+        log(f"[demo] evaluating {name} on {cfg.n_val} validation images")
         result = evaluate(
             model,
             val,
@@ -426,7 +474,7 @@ def _run_rows(
         curve = {int(b): v for b, v in result["trimap_accuracy"].items()}
         rows.append(
             {
-                "name": spec.name,
+                "name": name,
                 "method": spec.method,
                 "miou": result["miou"],
                 "pixel_accuracy": result["pixel_accuracy"],
@@ -437,18 +485,21 @@ def _run_rows(
                 "train_seconds": train_seconds,
                 "per_class_iou": result["per_class_iou"],
                 "note": note,
+                "controls": list(controls),
             }
         )
         predict = _select(model, use_crf, postprocess)
         with torch.no_grad():
             model.eval()
-            predictions[spec.name] = (
+            predictions[name] = (
                 np.stack([predict(x) for x in overlay_inputs])
                 if overlay_inputs
                 else np.zeros((0, 1, 1), np.uint8)
             )
 
     def joint_fit(model: nn.Module, stage: str = "joint") -> float:
+        # The control row calls this with stage="unary": every other argument is shared, so
+        # it differs from the joint rows only by the absent CRF.
         result = fit(
             model,
             train,
@@ -456,7 +507,7 @@ def _run_rows(
             steps=cfg.crf_steps,
             batch_size=cfg.crf_batch_size,
             lr=cfg.finetune_lr,
-            crf_lr=cfg.crf_lr,
+            crf_lr=cfg.crf_lr if stage != "unary" else None,
             optimizer="adam",
             weight_decay=0.0,
             seed=cfg.seed + 1,
@@ -483,6 +534,14 @@ def _run_rows(
     )
     unary_state = copy.deepcopy(unary.state_dict())
     record(specs["unary"], unary, use_crf=False, train_seconds=float(fitted["seconds"]))
+
+    # 1b. The control of the end-to-end rows: the same extra steps, no CRF.
+    control = control_name(cfg)
+    log(f"[demo] training {control}: the joint rows' {cfg.crf_steps} steps without a CRF")
+    model = models.create("small", k, width=cfg.width)
+    _transfer_unary(model, unary_state)
+    seconds = joint_fit(model, stage="unary")
+    record(specs["control"], model, use_crf=False, train_seconds=seconds, name=control)
 
     # 2. Dense CRF post-processing with parameters tuned on held-out images.
     dense_params: dict[str, Any] | None = None
@@ -543,7 +602,7 @@ def _run_rows(
         _transfer_unary(model, unary_state)
         seconds = joint_fit(model)
         extras["learned_crf"][spec.name] = _crf_stats(model)
-        record(spec, model, use_crf=True, train_seconds=seconds)
+        record(spec, model, use_crf=True, train_seconds=seconds, controls=[control])
 
     # 5. Deep Gaussian CRF.
     spec = specs["gcrf"]
@@ -554,7 +613,7 @@ def _run_rows(
         _transfer_unary(model, unary_state)
         seconds = joint_fit(model)
         extras["learned_crf"][spec.name] = _crf_stats(model)
-        record(spec, model, use_crf=True, train_seconds=seconds)
+        record(spec, model, use_crf=True, train_seconds=seconds, controls=[control])
     else:
         skipped.append((spec.name, reason))
 
@@ -580,21 +639,70 @@ def _run_rows(
             progress=progress,
             freeze_backbone=True,
         )
+        train_seconds = float(result["seconds"])
+        record(specs["contextual_unary"], model, use_crf=False, train_seconds=train_seconds)
+        extras["contextual_inference"] = _choose_contextual_inference(
+            model, tune, cfg, class_names, log
+        )
         record(
             spec,
             model,
             use_crf=True,
-            train_seconds=float(result["seconds"]),
+            train_seconds=train_seconds,
+            controls=[CONTEXTUAL_UNARY],
             note=(
                 "Only the trained CNN's trunk is shared; its multi-scale FeatMap-Net head and "
                 f"the CRF's unary and pairwise nets trained {cfg.contextual_steps} piecewise "
-                "steps from scratch on the frozen trunk."
+                "steps from scratch on the frozen trunk; its inference setting "
+                f"(pairwise_mode={model.crf.pairwise_mode}, pairwise_weight="
+                f"{model.crf.pairwise_weight:g}) was chosen on the tune split."
             ),
         )
     else:
+        skipped.append((specs["contextual_unary"].name, reason))
         skipped.append((spec.name, reason))
 
     return rows, skipped, images, labels, predictions, extras
+
+
+def _choose_contextual_inference(
+    model: nn.Module,
+    tune: Any,
+    cfg: DemoSettings,
+    class_names: Sequence[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Pick the contextual CRF's pairwise mode and weight by mIoU on the held-out tune split.
+
+    Inference only (the trained tables are not touched): ``model.crf.pairwise_mode`` and
+    ``model.crf.pairwise_weight`` are left at the best of ``cfg.contextual_candidates``; the
+    paper's ``("full", 1.0)`` is listed first in the default candidates, so it wins ties.
+    """
+    from .evaluation import evaluate
+
+    def tune_miou(use_crf: bool) -> float:
+        result = evaluate(model, tune, num_classes=cfg.num_classes, use_crf=use_crf,
+                          trimap_bands=(cfg.trimap_band,), progress=False,
+                          class_names=class_names)  # fmt: skip
+        return float(result["miou"])
+
+    trials = []
+    for mode, weight in cfg.contextual_candidates:
+        model.crf.pairwise_mode = mode
+        model.crf.pairwise_weight = float(weight)
+        trials.append({"pairwise_mode": mode, "pairwise_weight": float(weight),
+                       "tune_miou": tune_miou(True)})  # fmt: skip
+    best = max(trials, key=lambda t: t["tune_miou"])  # first of equals: the paper's if tied
+    model.crf.pairwise_mode = best["pairwise_mode"]
+    model.crf.pairwise_weight = best["pairwise_weight"]
+    log(f"[demo] contextual CRF inference chosen on the tune split: {best}")
+    return {
+        "pairwise_mode": best["pairwise_mode"],
+        "pairwise_weight": best["pairwise_weight"],
+        "tune_miou": best["tune_miou"],
+        "tune_unary_miou": tune_miou(False),
+        "trials": trials,
+    }
 
 
 def results_summary(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
