@@ -262,13 +262,17 @@ class _SeparableSpatial:
         rows, cols = self.along_rows, self.along_cols
         bufs = self._buffers
         if bufs is None or bufs[0].shape[-1] != w * c or bufs[0].dtype != like.dtype:
-            new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
+            zeros = functools.partial(torch.zeros, device=like.device, dtype=like.dtype)
+            # The row products are consumed (copied into the column input) before the column
+            # products are written: both live in one buffer (66 MB less at 1024×768×21).
+            n_row, n_col = b * rows.out_len * w * c, cols.out_len * b * h * c
+            products = torch.empty(max(n_row, n_col), device=like.device, dtype=like.dtype)
             bufs = (
                 # the padding stays zero: only the interior is ever written
-                torch.zeros(b, rows.padded_len, w * c, device=like.device, dtype=like.dtype),
-                new(b, rows.out_len, w * c),
-                torch.zeros(1, cols.padded_len, b * h * c, device=like.device, dtype=like.dtype),
-                new(1, cols.out_len, b * h * c),
+                zeros(b, rows.padded_len, w * c),
+                products[:n_row].view(b, rows.out_len, w * c),
+                zeros(1, cols.padded_len, b * h * c),
+                products[:n_col].view(1, cols.out_len, b * h * c),
             )
             self._buffers = bufs
         return bufs[0][:, rows.offset : rows.offset + h].view(b, h * w, c)
@@ -568,16 +572,16 @@ def _mean_field_inference(
     (pre_b, _), (pre_s, _) = factors
     z = torch.empty_like(unary)
     q = torch.empty_like(unary)
-    scaled = torch.empty_like(unary) if pre_b is not None else None
     for it in range(iters):
         torch.ops.aten._softmax.out(unary if it == 0 else z, -1, False, out=q)
-        x_b = q if scaled is None else torch.mul(q, pre_b, out=scaled)
-        y_b = bilateral(x_b)
         x_s = spatial.input_view(q)
         if pre_s is None:
             x_s.copy_(q)
         else:
             torch.mul(q, pre_s, out=x_s)
+        if pre_b is not None:
+            q.mul_(pre_b)  # q is no longer needed as such: scale it in place (one buffer less)
+        y_b = bilateral(q)
         y_s = spatial.run()
         if diagonal:
             torch.addcmul(unary, y_b, coefs[0], out=z)
