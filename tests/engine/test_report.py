@@ -72,6 +72,9 @@ def test_compare_to_baseline_is_computed():
     rows[1]["trimap_accuracy"] = 0.70
     verdict = compare_to_baseline(rows, "CNN alone")[0]
     assert "does **not** beat" in verdict and "trimap accuracy tied" in verdict
+    rows[1]["miou"] = 0.60 + 4e-4  # +0.04 points prints as +0.0: a tie, not a win
+    verdict = compare_to_baseline(rows, "CNN alone")[0]
+    assert "does **not** beat" in verdict and "mIoU tied (+0.0 points)" in verdict
     with pytest.raises(ValueError, match="baseline 'nope' is not a row name"):
         compare_to_baseline(rows, "nope")
 

@@ -17,6 +17,13 @@ this installation has:
 6. **Contextual CRF** — Lin et al. (2016): CNN pairwise potentials on a range-box graph,
    piecewise training (``small_contextual``).
 
+Two control rows keep the comparison fair: **CNN alone (+N steps)**, the trained CNN trained for
+exactly the end-to-end rows' N extra steps (same batch, network lr, optimiser, schedule and seed)
+without a CRF, against which every end-to-end row is also judged; and **Contextual CRF: unary
+only**, the contextual model's own prediction without pairwise messages.  The contextual CRF's
+inference setting (``pairwise_mode``, ``pairwise_weight``) is chosen on the tune split, the
+paper's ``("full", 1.0)`` among the candidates.
+
 A row whose piece is not in this installation is skipped, and the report says so; the check is
 by import (:mod:`importlib.util.find_spec`) and by the model registry, so that a piece that
 exists but fails still raises.  Every CRF row starts from a copy of the trained CNN's weights
@@ -94,7 +101,7 @@ class DemoSettings:
     batch_size: int = 8
     lr: float = 3e-3
     crf_steps: int = 30
-    contextual_steps: int = 100
+    contextual_steps: int = 300
     contextual_candidates: tuple[tuple[str, float], ...] = (
         ("full", 1.0),
         ("interaction", 0.01),

@@ -164,7 +164,8 @@ def compare_to_baseline(
     """One sentence per non-baseline row saying whether it beats ``baseline``, computed.
 
     A row "beats" the baseline on a metric when its value exceeds the baseline's by more than
-    ``tolerance`` (a fraction, e.g. 0.002 = 0.2 points).  A row may name control rows in its
+    ``tolerance`` (a fraction, e.g. 0.002 = 0.2 points) and by at least 0.05 points (a smaller
+    difference prints as 0.0 and is called a tie).  A row may name control rows in its
     optional ``"controls"`` list (e.g. the CNN trained for the same extra steps without a CRF,
     or the same model's unary-only prediction); the sentence then also says, computed the same
     way, whether the row beats each control, so that a gain that comes from extra training
@@ -220,10 +221,13 @@ def _versus(
             verdicts.append(None)
             continue
         delta = 100.0 * (float(a) - float(b))
-        if delta > 100.0 * tolerance:
+        # A difference that prints as 0.0 points is a tie, whatever the tolerance: the report
+        # must not claim a win it cannot show.
+        margin = max(100.0 * tolerance, 0.05)
+        if delta >= margin:
             verdicts.append(True)
             parts.append(f"{metric} {delta:+.1f} points")
-        elif delta < -100.0 * tolerance:
+        elif delta <= -margin:
             verdicts.append(False)
             parts.append(f"{metric} {delta:+.1f} points")
         else:
