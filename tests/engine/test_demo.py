@@ -182,3 +182,19 @@ def test_quick_demo_same_numbers_twice(tmp_path, quick_run):
     rows_b = json.loads((tmp_path / "again" / "results.json").read_text())["rows"]
     keys = ("name", "miou", "pixel_accuracy", "trimap_accuracy", "trimap_curve", "per_class_iou")
     assert [[r[k] for k in keys] for r in rows_a] == [[r[k] for k in keys] for r in rows_b]
+
+
+def test_model_initialisation_does_not_depend_on_the_global_rng():
+    from deepcrf.engine.demo import _seeded_create
+
+    torch.manual_seed(123)
+    a = _seeded_create(0, "small", 4, width=4)
+    after_a = torch.rand(1)
+    torch.manual_seed(456)
+    b = _seeded_create(0, "small", 4, width=4)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    # The caller's RNG stream is left as it was.
+    torch.manual_seed(123)
+    _seeded_create(0, "small", 4, width=4)
+    assert torch.equal(torch.rand(1), after_a)

@@ -298,6 +298,19 @@ def _crf_stats(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _seeded_create(seed: int, name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """``models.create`` with the initial weights drawn from ``seed``, not the global RNG.
+
+    Without it, every process starts from different random weights and the demo's numbers
+    change from run to run; ``fork_rng`` leaves the caller's RNG state untouched.
+    """
+    from .. import models
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return models.create(name, num_classes, **kwargs)
+
+
 def run_demo(
     out_dir: str | os.PathLike[str],
     *,
@@ -435,7 +448,6 @@ def _run_rows(
     progress: bool,
     log: Callable[[str], None],
 ) -> tuple[list[dict], list[tuple[str, str]], np.ndarray, np.ndarray, dict, dict]:
-    from .. import models
     from .evaluation import evaluate
     from .train import fit
 
@@ -526,7 +538,7 @@ def _run_rows(
 
     # 1. The CNN alone.
     log(f"[demo] training the CNN alone: {cfg.unary_steps} steps on {cfg.n_train} images")
-    unary = models.create("small", k, width=cfg.width)
+    unary = _seeded_create(cfg.seed, "small", k, width=cfg.width)
     fitted = fit(
         unary,
         train,
@@ -545,7 +557,7 @@ def _run_rows(
     # 1b. The control of the end-to-end rows: the same extra steps, no CRF.
     control = control_name(cfg)
     log(f"[demo] training {control}: the joint rows' {cfg.crf_steps} steps without a CRF")
-    model = models.create("small", k, width=cfg.width)
+    model = _seeded_create(cfg.seed, "small", k, width=cfg.width)
     _transfer_unary(model, unary_state)
     seconds = joint_fit(model, stage="unary")
     record(specs["control"], model, use_crf=False, train_seconds=seconds, name=control)
@@ -605,7 +617,9 @@ def _run_rows(
             iters=cfg.crf_train_iters, eval_iters=cfg.crf_eval_iters, weight_shape="matrix"
         )
         log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
-        model = models.create("small", k, width=cfg.width, crf=kind, crf_kwargs=crf_kwargs)
+        model = _seeded_create(
+            cfg.seed, "small", k, width=cfg.width, crf=kind, crf_kwargs=crf_kwargs
+        )
         _transfer_unary(model, unary_state)
         seconds = joint_fit(model)
         extras["learned_crf"][spec.name] = _crf_stats(model)
@@ -616,7 +630,7 @@ def _run_rows(
     reason = _missing(spec)
     if reason is None:
         log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
-        model = models.create("small_gcrf", k, width=cfg.width)
+        model = _seeded_create(cfg.seed, "small_gcrf", k, width=cfg.width)
         _transfer_unary(model, unary_state)
         seconds = joint_fit(model)
         extras["learned_crf"][spec.name] = _crf_stats(model)
@@ -629,7 +643,7 @@ def _run_rows(
     reason = _missing(spec)
     if reason is None:
         log(f"[demo] training {spec.name}: {cfg.contextual_steps} piecewise steps on the trunk")
-        model = models.create("small_contextual", k, width=cfg.width)
+        model = _seeded_create(cfg.seed, "small_contextual", k, width=cfg.width)
         # Only the trunk is shared: FeatMap-Net's per-scale blocks and the CRF's unary and
         # pairwise nets are new, so they train at the CNN's rate with the trunk frozen.
         _transfer_unary(model, unary_state, prefix="backbone.")
