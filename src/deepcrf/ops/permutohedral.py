@@ -30,6 +30,7 @@ blur weights) follows Krähenbühl's densecrf implementation bit for bit in floa
 
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from deepcrf._checks import check_tensor
+from deepcrf.ops import native
 
 __all__ = [
     "NATIVE_FEATURE_SCALE",
@@ -60,6 +62,11 @@ NATIVE_FEATURE_SCALE: dict[int, float] = {1: 1.06, 2: 1.05, 3: 1.08, 4: 1.04, 5:
 NATIVE_OUTPUT_SCALE: dict[int, float] = {1: 0.7639, 2: 0.9926, 3: 1.3323, 4: 1.443, 5: 1.8126}
 
 
+# The compiled kernel splats pixel-major into one vertex buffer per thread, at most this many
+# (each is a (vertices × channels) array).
+_SPLAT_PARTS = 4
+
+
 def pydensecrf_output_scale(d: int) -> float:
     """The slice scale densecrf uses: ``1 / (1 + 2^−d)`` (its "magic" alpha), in float32."""
     return float(torch.tensor(1.0 / (1.0 + 2.0 ** (-d)), dtype=torch.float32))
@@ -68,6 +75,16 @@ def pydensecrf_output_scale(d: int) -> float:
 def _native_scales(d: int) -> tuple[float, float]:
     key = min(max(d, 1), max(NATIVE_FEATURE_SCALE))
     return NATIVE_FEATURE_SCALE[key], NATIVE_OUTPUT_SCALE[key]
+
+
+def _elevation_scales(d: int) -> tuple[list[float], float]:
+    """densecrf's per-coordinate elevation factors and 1/(d+1), rounded to float32."""
+    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    scale = [
+        float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
+        for i in range(d)
+    ]
+    return scale, float(torch.tensor(1.0 / (d + 1), dtype=torch.float32))
 
 
 def _elevate(features_t: torch.Tensor) -> torch.Tensor:
@@ -79,11 +96,7 @@ def _elevate(features_t: torch.Tensor) -> torch.Tensor:
     Returns the (d+1, P) elevated coordinates.
     """
     d = features_t.shape[0]
-    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
-    scale = [
-        float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
-        for i in range(d)
-    ]
+    scale, _ = _elevation_scales(d)
     elevated = features_t.new_empty(d + 1, features_t.shape[1])
     sm = torch.zeros_like(features_t[0])
     for j in range(d, 0, -1):
@@ -153,10 +166,17 @@ class PermutohedralLattice:
     Lattice filtering is approximate: compare against
     :func:`deepcrf.ops.filters.exact_gaussian_filter` with a relative tolerance.
 
+    Two implementations share the same index arrays, so either can filter a lattice the other
+    built: pure PyTorch (any device; the reference) and, for CPU tensors, an optional compiled
+    kernel (:mod:`deepcrf.ops.native`: hash-table build, fused multi-threaded filtering),
+    used when a C compiler is present.
+
     Args:
         features: point features, already divided by their bandwidths (so the kernel has unit
             standard deviation in every dimension).  Float32 or float64.
         pydensecrf_compatible: reproduce pydensecrf's lattice instead of the calibrated one.
+        backend: ``"auto"`` (the compiled kernel for CPU tensors when available, else
+            PyTorch), ``"torch"`` or ``"native"`` (CPU only; raises if the kernel is missing).
 
     Shape:
         features: (B, N, d)
@@ -169,7 +189,13 @@ class PermutohedralLattice:
         torch.Size([1, 100, 2])
     """
 
-    def __init__(self, features: torch.Tensor, *, pydensecrf_compatible: bool = False) -> None:
+    def __init__(
+        self,
+        features: torch.Tensor,
+        *,
+        pydensecrf_compatible: bool = False,
+        backend: str = "auto",
+    ) -> None:
         check_tensor(
             features,
             "features",
@@ -189,9 +215,51 @@ class PermutohedralLattice:
             feature_scale, self.output_scale = 1.0, pydensecrf_output_scale(d)
         else:
             feature_scale, self.output_scale = _native_scales(d)
+        self._kernel = self._pick_kernel(features, feature_scale, backend)
         with torch.no_grad():
-            self._build(features.detach(), feature_scale)
+            if self._kernel is None:
+                self._build(features.detach(), feature_scale)
+            else:
+                self._build_native(features.detach(), feature_scale)
         self._cache: dict[torch.dtype, tuple[Any, ...]] = {}
+        self._native_weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._native_buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def backend(self) -> str:
+        """``"native"`` (compiled CPU kernel) or ``"torch"``: the implementation in use."""
+        return "torch" if self._kernel is None else "native"
+
+    def _pick_kernel(
+        self, features: torch.Tensor, feature_scale: float, backend: str
+    ) -> ctypes.CDLL | None:
+        if backend not in ("auto", "torch", "native"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'native'; got {backend!r}")
+        if backend == "torch":
+            return None
+        if features.device.type != "cpu":
+            if backend == "native":
+                raise ValueError(
+                    f"backend='native' is the CPU kernel; features are on {features.device}"
+                )
+            return None
+        lib = native.library()
+        if lib is None:
+            if backend == "native":
+                raise RuntimeError(f"backend='native' unavailable: {native.status()}")
+            return None
+        batch, n, d = features.shape
+        # The kernel keeps lattice coordinates in int32 and indices in int32.
+        reach = float(features.abs().amax()) * feature_scale * 2 * (d + 1) + 2 * (d + 1)
+        fits = (n + 3) * (d + 1) * batch < 2**31 - 1 and reach < 2**30 and d >= 1
+        if not fits:
+            if backend == "native":
+                raise ValueError(
+                    "backend='native' needs int32 lattice keys and indices: features of "
+                    f"magnitude {reach:.3g} or {batch}×{n} points × {d + 1} are too many"
+                )
+            return None
+        return lib
 
     # ------------------------------------------------------------------ construction
     def _build(self, features: torch.Tensor, feature_scale: float) -> None:
@@ -214,7 +282,7 @@ class PermutohedralLattice:
         # Everything per point is kept coordinate-major, (d+1, P): contiguous column ops.
         elevated = _elevate(f.t().contiguous())
         del f
-        inv_dp1 = float(torch.tensor(1.0 / dp1, dtype=torch.float32))
+        inv_dp1 = _elevation_scales(d)[1]
         # Nearest remainder-0 lattice point: round half to even as SSE's cvtps does.
         v = torch.round(elevated * inv_dp1)
         diff = elevated - v * dp1
@@ -344,6 +412,122 @@ class PermutohedralLattice:
         self._index_dtype = index_dtype
         self.pad = pad
 
+    def _build_native(self, features: torch.Tensor, feature_scale: float) -> None:
+        """The same index arrays as :meth:`_build`, from the compiled kernel's hash table."""
+        lib = self._kernel
+        assert lib is not None
+        batch, n, d = features.shape
+        dp1 = d + 1
+        dtype = features.dtype
+        suf = "f32" if dtype == torch.float32 else "f64"
+        pad = (-n) % 4 if self.pydensecrf_compatible else 0
+        f = features.contiguous()
+        if pad:  # densecrf's zero padding points (see _build)
+            f = torch.cat([f, f.new_zeros(batch, pad, d)], dim=1)
+        scale, inv_dp1 = _elevation_scales(d)
+        scale_arr = (ctypes.c_double * d)(*scale)
+        weights = torch.empty(batch, n * dp1, dtype=dtype)
+        handles: list[int] = []
+        sizes: list[int] = []
+        try:
+            for b in range(batch):
+                m = ctypes.c_int64(0)
+                handle = getattr(lib, f"lattice_build_{suf}")(
+                    f[b].data_ptr(), n + pad, n, d, scale_arr, feature_scale, inv_dp1,
+                    weights[b].data_ptr(), ctypes.byref(m),
+                )
+                if not handle:
+                    raise MemoryError("the lattice kernel could not allocate its hash table")
+                handles.append(handle)
+                sizes.append(int(m.value))
+            m_total = sum(sizes)
+            nnz = batch * n * dp1
+            crow = torch.empty(m_total + 2, dtype=torch.int32)
+            col = torch.empty(nnz, dtype=torch.int32)
+            val = torch.empty(nnz, dtype=dtype)
+            blur = torch.empty(dp1, 3 * m_total, dtype=torch.int32)
+            slice_col = torch.empty(nnz, dtype=torch.int32)
+            offset = 0
+            for b, (handle, m_b) in enumerate(zip(handles, sizes, strict=True)):
+                e0 = b * n * dp1
+                err = getattr(lib, f"lattice_finish_{suf}")(
+                    handle, weights[b].data_ptr(), b * n, offset, e0, m_total, m_total,
+                    crow[offset:].data_ptr(), col[e0:].data_ptr(), val[e0:].data_ptr(),
+                    blur.data_ptr(),
+                    slice_col[e0:].data_ptr(),
+                )
+                if err:
+                    raise MemoryError("the lattice kernel could not allocate its CSR counts")
+                offset += m_b
+        finally:
+            for handle in handles:
+                lib.lattice_free(handle)
+        crow[m_total + 1] = nnz  # row m: the always-zero vertex
+        if m_total == 0:
+            crow[0] = 0
+        blur_crow = torch.arange(0, 3 * m_total + 1, 3, dtype=torch.int32)
+        blur_crow = torch.cat([blur_crow, blur_crow[-1:]])
+        self._splat_idx = (crow, col, val)
+        self._slice_idx = (slice_col, weights.reshape(-1))
+        self._blur_idx = [(blur_crow, blur[j]) for j in range(dp1)]
+        self._blur_cols = blur
+        self._index_dtype = torch.int32
+        self.num_vertices = m_total
+        self.pad = pad
+
+    def _native_filter(
+        self,
+        values: torch.Tensor,
+        transpose: bool = False,
+        pre: torch.Tensor | None = None,
+        post: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+        alpha: float = 1.0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """base + alpha · post ⊙ filter(pre ⊙ values) with the compiled kernel, (P, C) arrays.
+
+        ``pre``/``post`` are (P,) or (P, 1) per-point factors; ``out`` may be ``base``.
+        """
+        lib = self._kernel
+        assert lib is not None
+        dtype = values.dtype
+        suf = "f32" if dtype == torch.float32 else "f64"
+        values = values.contiguous()
+        p, c = values.shape
+        m = self.num_vertices
+        weights = self._native_weights.get(dtype)
+        if weights is None:
+            weights = (self._splat_idx[2].to(dtype), self._slice_idx[1].to(dtype))
+            self._native_weights[dtype] = weights
+        if out is None:
+            out = torch.empty_like(values)
+        nthreads = native.threads()
+        nparts = min(nthreads, _SPLAT_PARTS) if p >= 4096 * nthreads else 1
+        # Vertex buffers are kept between calls: fresh multi-MB allocations cost page faults
+        # comparable to the arithmetic (mean-field filters the same shapes every iteration).
+        size = (m + 1) * c
+        bufs = self._native_buffers.get(dtype)
+        if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
+            bufs = torch.empty((nparts + 1) * size + 1, dtype=dtype)
+            self._native_buffers[dtype] = bufs
+        scratch = bufs[2 * size :]
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        factors = [None if t is None else t.to(dtype).contiguous() for t in (pre, post)]
+        base = None if base is None else base.contiguous()
+        crow, col, _ = self._splat_idx
+        getattr(lib, f"lattice_filter_{suf}")(
+            p, c, m, self.dim + 1, crow.data_ptr(), col.data_ptr(), weights[0].data_ptr(),
+            self._blur_cols.data_ptr(), self._slice_idx[0].data_ptr(), weights[1].data_ptr(),
+            self.output_scale, alpha, ptr(factors[0]), ptr(factors[1]), values.data_ptr(),
+            ptr(base), out.data_ptr(), bufs.data_ptr(), bufs[size:].data_ptr(),
+            scratch.data_ptr(), nparts, int(transpose), nthreads,
+        )
+        return out
+
     # ------------------------------------------------------------------ matrices
     def _matrices(self, dtype: torch.dtype) -> tuple[Any, ...]:
         cached = self._cache.get(dtype)
@@ -368,6 +552,8 @@ class PermutohedralLattice:
 
     def _apply(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         """Non-differentiable filtering of (B·N, C) values."""
+        if self._kernel is not None and values.dtype in (torch.float32, torch.float64):
+            return self._native_filter(values, transpose)
         splat, blur, slice_ = self._matrices(values.dtype)
         x = splat @ values
         for b in reversed(blur) if transpose else blur:
@@ -376,22 +562,13 @@ class PermutohedralLattice:
 
     def _scaled_operator(
         self, pre: torch.Tensor | None, post: torch.Tensor | None, dtype: torch.dtype
-    ) -> tuple[Any, ...]:
-        """(splat, blurs, slice) of diag(post) · filter · diag(pre), scales folded into the CSR.
+    ) -> ScaledFilter:
+        """diag(post) · filter · diag(pre) as a callable, scales folded into the passes.
 
         Per-point normalisations and kernel weights then cost nothing per filtering (used by
         the pydensecrf compat layer, whose terms are N K N' with fixed N, N').
         """
-        splat, blur, slice_ = self._matrices(dtype)
-        crow, col, val = self._splat_idx
-        if pre is not None:
-            splat = _csr(crow, col, val.to(dtype) * pre.to(dtype)[col], splat.shape)
-        if post is not None:
-            vcol, vval = self._slice_idx
-            dp1 = self.dim + 1
-            vals = (vval.to(dtype) * self.output_scale).reshape(-1, dp1) * post.to(dtype)[:, None]
-            slice_ = _csr(slice_.crow_indices(), vcol, vals.reshape(-1), slice_.shape)
-        return splat, blur, slice_
+        return ScaledFilter(self, pre, post, dtype)
 
     # ------------------------------------------------------------------ public
     def filter(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -414,6 +591,66 @@ class PermutohedralLattice:
             f"dim={self.dim}, vertices={self.num_vertices}, "
             f"pydensecrf_compatible={self.pydensecrf_compatible})"
         )
+
+
+class ScaledFilter:
+    """``v ↦ post ⊙ K(pre ⊙ v)`` on a built lattice, without autograd, optionally fused as
+    ``subtract_from − post ⊙ K(pre ⊙ v)``.
+
+    With the PyTorch backend the factors are folded into the CSR matrices' values; with the
+    compiled kernel they are applied inside its splat and slice passes.
+
+    Shape:
+        values, subtract_from, out: (B·N, C); pre, post: (B·N,) or (B·N, 1)
+    """
+
+    def __init__(
+        self,
+        lattice: PermutohedralLattice,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.lattice = lattice
+        self.dtype = dtype
+        if lattice.backend == "native":
+            self.pre = None if pre is None else pre.to(dtype).reshape(-1).contiguous()
+            self.post = None if post is None else post.to(dtype).reshape(-1).contiguous()
+            self.matrices = None
+            return
+        splat, blur, slice_ = lattice._matrices(dtype)
+        crow, col, val = lattice._splat_idx
+        if pre is not None:
+            splat = _csr(crow, col, val.to(dtype) * pre.to(dtype).reshape(-1)[col], splat.shape)
+        if post is not None:
+            vcol, vval = lattice._slice_idx
+            dp1 = lattice.dim + 1
+            vals = (vval.to(dtype) * lattice.output_scale).reshape(-1, dp1)
+            vals = vals * post.to(dtype).reshape(-1)[:, None]
+            slice_ = _csr(slice_.crow_indices(), vcol, vals.reshape(-1), slice_.shape)
+        self.matrices = (splat, blur, slice_)
+
+    def __call__(
+        self,
+        values: torch.Tensor,
+        subtract_from: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The filtered values, or ``subtract_from`` minus them (written to ``out`` if given)."""
+        if self.matrices is None:
+            return self.lattice._native_filter(
+                values, False, self.pre, self.post, subtract_from,
+                -1.0 if subtract_from is not None else 1.0, out,
+            )
+        splat, blur, slice_ = self.matrices
+        x = splat @ values
+        for b in blur:
+            x = b @ x
+        if subtract_from is None:
+            return out.copy_(slice_ @ x) if out is not None else slice_ @ x
+        if out is None:
+            return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
+        return torch.addmm(subtract_from, slice_, x, alpha=-1.0, out=out)
 
 
 class _LatticeFilter(torch.autograd.Function):

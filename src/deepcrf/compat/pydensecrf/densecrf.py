@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepcrf.ops.native import softmax_rows
 from deepcrf.ops.permutohedral import PermutohedralLattice
 
 __all__ = [
@@ -252,17 +253,9 @@ class _Pairwise:
         the last sparse product for Potts terms), written into ``out`` when given (``out`` may
         be ``subtract_from`` itself).
         """
-        splat, blur, slice_ = self.operator
-        x = splat @ q
-        for b in blur:
-            x = b @ x
         if self.mode == "potts":
-            if subtract_from is not None:
-                if out is None:
-                    return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
-                return torch.addmm(subtract_from, slice_, x, alpha=-1.0, out=out)
-            return slice_ @ x
-        x = slice_ @ x
+            return self.operator(q, subtract_from, out)
+        x = self.operator(q)
         if self.mode == "diag":
             x = x.mul_(self.diag)
         else:
@@ -410,7 +403,7 @@ class DenseCRF:
             raise ValueError(f"niter must be a non-negative integer; got {niter!r}")
         with torch.no_grad():
             neg_unary = self._negative_unary()
-            q = torch.softmax(neg_unary, dim=1)
+            q = softmax_rows(neg_unary.contiguous())
             # Two (N, L) buffers for the whole loop (pydensecrf holds about as many): the
             # logits are written into one and turned into Q in place, then the roles swap.
             buf = torch.empty_like(q)
@@ -419,8 +412,7 @@ class DenseCRF:
                     buf.copy_(neg_unary)
                 for k, term in enumerate(self._pairwise):
                     term.message(q, subtract_from=neg_unary if k == 0 else buf, out=buf)
-                buf.sub_(buf.amax(dim=1, keepdim=True)).exp_()
-                buf.div_(buf.sum(dim=1, keepdim=True))
+                softmax_rows(buf, out=buf)
                 q, buf = buf, q
         return self._to_numpy(q)
 

@@ -1,0 +1,581 @@
+/* Compiled CPU kernel for deepcrf's permutohedral lattice (optional; see deepcrf/ops/native.py).
+ *
+ * The PyTorch code in deepcrf/ops/permutohedral.py is the reference and the fallback: this file
+ * computes exactly the same index arrays (splat CSR, slice entries, blur neighbours) and the same
+ * filter  out = base + alpha * post . (scale * S^T B_d ... B_0 S (pre . values)),  so that a
+ * lattice built here can be filtered by either path and vice versa.
+ *
+ *  - build: elevation, rounding, rank and barycentric weights of every point in registers, and
+ *    the d+1 simplex vertices inserted into an open-addressing hash table (one pass over the
+ *    points, no sort).  The float arithmetic is the PyTorch path's, step by step (compile with
+ *    -ffp-contract=off), so rounding decisions are the same.
+ *  - filter: splat as a gather over each vertex's CSR row (no atomics, the result does not depend
+ *    on the thread count), d+1 double-buffered blurs, slice fused with the per-point scales and
+ *    an optional "base + alpha *" accumulation.
+ *  - softmax over the last axis of an (N, C) array.
+ *
+ * Threads: plain pthreads, forked and joined per call (torch's OpenMP pool is left alone).
+ * Every function is generated for float and double (suffix _f32 / _f64).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_THREADS 64
+
+/* Cumulative seconds spent in splat, blur, slice (read by benchmarks/bench_densecrf.py
+ * --profile to say where the time goes). */
+double lattice_profile[3];
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ parallel for */
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} task_t;
+
+static void *run_task(void *arg) {
+    task_t *t = (task_t *)arg;
+    t->fn(t->ctx, t->begin, t->end);
+    return NULL;
+}
+
+/* Run fn over [0, n) split into nthreads contiguous ranges of at least `grain` items. */
+static void parallel_for(int64_t n, int nthreads, int64_t grain, range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    int64_t most = n / (grain > 0 ? grain : 1);
+    if (nthreads > most) nthreads = (int)most;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS];
+    task_t tasks[MAX_THREADS];
+    for (int i = 0; i < nthreads; i++) {
+        tasks[i].fn = fn;
+        tasks[i].ctx = ctx;
+        tasks[i].begin = n * i / nthreads;
+        tasks[i].end = n * (i + 1) / nthreads;
+    }
+    for (int i = 1; i < nthreads; i++) {
+        started[i] = pthread_create(&threads[i], NULL, run_task, &tasks[i]) == 0;
+        if (!started[i]) run_task(&tasks[i]); /* no thread: do it here */
+    }
+    run_task(&tasks[0]);
+    for (int i = 1; i < nthreads; i++)
+        if (started[i]) pthread_join(threads[i], NULL);
+}
+
+/* ------------------------------------------------------------------ hash table of keys */
+/* A vertex key is (r, q_0 .. q_{d-1}) stored as the d lattice coordinates (d+1) q_i + r
+ * (densecrf's keys; the last coordinate is implied because they sum to zero). */
+typedef struct {
+    int d;
+    int64_t m, cap_keys; /* vertices, capacity of `keys` (in vertices) */
+    int32_t *keys;       /* m * d */
+    int64_t *slots;      /* hash slots: vertex index or -1 */
+    int64_t nslots;      /* a power of two */
+    int failed;
+} table_t;
+
+static inline int keys_equal(const int32_t *a, const int32_t *b, int d) {
+    for (int i = 0; i < d; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+static uint64_t hash_key(const int32_t *k, int d) {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < d; i++) {
+        h ^= (uint64_t)(uint32_t)k[i];
+        h *= 0xBF58476D1CE4E5B9ull;
+        h ^= h >> 31;
+    }
+    h ^= h >> 29;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 32;
+    return h;
+}
+
+static int table_init(table_t *t, int d, int64_t expected) {
+    t->d = d;
+    t->m = 0;
+    t->failed = 0;
+    t->cap_keys = expected > 16 ? expected : 16;
+    t->nslots = 32;
+    while (t->nslots < 2 * t->cap_keys) t->nslots *= 2;
+    t->keys = (int32_t *)malloc(sizeof(int32_t) * (size_t)(t->cap_keys * (d > 0 ? d : 1)));
+    t->slots = (int64_t *)malloc(sizeof(int64_t) * (size_t)t->nslots);
+    if (!t->keys || !t->slots) return -1;
+    memset(t->slots, 0xFF, sizeof(int64_t) * (size_t)t->nslots);
+    return 0;
+}
+
+static void table_free(table_t *t) {
+    free(t->keys);
+    free(t->slots);
+    t->keys = NULL;
+    t->slots = NULL;
+}
+
+static int table_grow(table_t *t) {
+    int d = t->d;
+    int64_t nslots = t->nslots * 2;
+    int64_t *slots = (int64_t *)malloc(sizeof(int64_t) * (size_t)nslots);
+    if (!slots) return -1;
+    memset(slots, 0xFF, sizeof(int64_t) * (size_t)nslots);
+    for (int64_t v = 0; v < t->m; v++) {
+        uint64_t s = hash_key(t->keys + v * d, d) & (uint64_t)(nslots - 1);
+        while (slots[s] >= 0) s = (s + 1) & (uint64_t)(nslots - 1);
+        slots[s] = v;
+    }
+    free(t->slots);
+    t->slots = slots;
+    t->nslots = nslots;
+    return 0;
+}
+
+/* Index of `key` (inserting it when `insert`), or -1 when absent / on allocation failure. */
+static int64_t table_find(table_t *t, const int32_t *key, int insert) {
+    int d = t->d;
+    uint64_t mask = (uint64_t)(t->nslots - 1);
+    uint64_t s = hash_key(key, d) & mask;
+    for (;;) {
+        int64_t v = t->slots[s];
+        if (v < 0) break;
+        if (keys_equal(t->keys + v * d, key, d)) return v;
+        s = (s + 1) & mask;
+    }
+    if (!insert) return -1;
+    if (t->m >= t->cap_keys) {
+        int64_t cap = t->cap_keys * 2;
+        int32_t *keys = (int32_t *)realloc(t->keys, sizeof(int32_t) * (size_t)(cap * (d > 0 ? d : 1)));
+        if (!keys) {
+            t->failed = 1;
+            return -1;
+        }
+        t->keys = keys;
+        t->cap_keys = cap;
+    }
+    int64_t v = t->m++;
+    memcpy(t->keys + v * d, key, sizeof(int32_t) * (size_t)d);
+    t->slots[s] = v;
+    if (2 * t->m > t->nslots && table_grow(t) != 0) t->failed = 1;
+    return v;
+}
+
+/* ------------------------------------------------------------------ build state */
+typedef struct {
+    table_t table;
+    int64_t n_real; /* points whose entries are emitted (the rest are densecrf's padding) */
+    int32_t *entry_vertex; /* n_real * (d+1), local vertex ids, point-major (= slice columns) */
+} build_t;
+
+void lattice_free(void *handle) {
+    build_t *b = (build_t *)handle;
+    if (!b) return;
+    table_free(&b->table);
+    free(b->entry_vertex);
+    free(b);
+}
+
+/* Second phase, once the total vertex count of the batch is known: the splat CSR rows of this
+ * item's vertices (columns = global point indices, grouped by vertex, increasing point index
+ * within a row) and the blur neighbours along each of the d+1 directions.
+ *   crow:      m+1 entries written (crow[0] = nnz_offset)
+ *   col, val:  the item's n_real*(d+1) entries, written from their start
+ *   blur_col:  (d+1) arrays of 3*m_total, this item's 3*m written from 3*vertex_offset:
+ *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
+ *   slice_col: the item's n_real*(d+1) slice columns (global vertex ids)
+ */
+#define DEFINE_FINISH(T, SUF)                                                                     \
+    int lattice_finish_##SUF(void *handle, const T *entry_weight, int64_t point_offset,           \
+                             int64_t vertex_offset, int64_t nnz_offset, int64_t missing,         \
+                             int64_t m_total, int32_t *crow, int32_t *col, T *val,                \
+                             int32_t *blur_col, int32_t *slice_col) {                            \
+        build_t *b = (build_t *)handle;                                                           \
+        table_t *t = &b->table;                                                                   \
+        int d = t->d, dp1 = d + 1;                                                                \
+        int64_t m = t->m, nnz = b->n_real * dp1;                                                  \
+        int64_t *fill = (int64_t *)calloc((size_t)(m + 1), sizeof(int64_t));                      \
+        if (!fill) return -1;                                                                     \
+        for (int64_t e = 0; e < nnz; e++) fill[b->entry_vertex[e] + 1]++;                         \
+        for (int64_t v = 0; v < m; v++) fill[v + 1] += fill[v];                                   \
+        for (int64_t v = 0; v <= m; v++) crow[v] = (int32_t)(nnz_offset + fill[v]);               \
+        for (int64_t e = 0; e < nnz; e++) {                                                       \
+            int64_t v = b->entry_vertex[e];                                                       \
+            int64_t k = fill[v]++;                                                                \
+            col[k] = (int32_t)(point_offset + e / dp1);                                           \
+            val[k] = entry_weight[e];                                                             \
+            slice_col[e] = (int32_t)(vertex_offset + v);                                          \
+        }                                                                                         \
+        free(fill);                                                                               \
+        int32_t *n1 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d > 0 ? d : 1));               \
+        if (!n1) return -1;                                                                       \
+        for (int j = 0; j <= d; j++) {                                                            \
+            int32_t *out = blur_col + (int64_t)j * 3 * m_total + 3 * vertex_offset;               \
+            for (int64_t v = 0; v < m; v++) out[3 * v + 1] = out[3 * v + 2] = (int32_t)missing;   \
+            for (int64_t v = 0; v < m; v++) {                                                     \
+                const int32_t *key = t->keys + v * d;                                             \
+                /* n1 = key - 1 everywhere, + (d+1) at j (j = d: the implied coordinate) */     \
+                for (int i = 0; i < d; i++) n1[i] = key[i] - 1 + (i == j ? dp1 : 0);              \
+                int64_t u = table_find(t, n1, 0);                                                 \
+                out[3 * v] = (int32_t)(vertex_offset + v);                                        \
+                if (u >= 0) {                                                                     \
+                    /* n2 is the inverse step: v is u's n2 neighbour */                          \
+                    out[3 * v + 1] = (int32_t)(vertex_offset + u);                                \
+                    out[3 * u + 2] = (int32_t)(vertex_offset + v);                                \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(n1);                                                                                 \
+        return 0;                                                                                 \
+    }
+
+/* First phase: elevate, round, rank, barycentric weights, insert the d+1 vertices of every
+ * point into the table.  features (n, d); scale[d] the elevation factors (already rounded to
+ * the working precision by the caller, as in the PyTorch path); points >= n_real only insert
+ * vertices (densecrf's zero padding).  Writes entry_weight (n_real * (d+1), point-major) and
+ * *m_out; returns a handle for lattice_finish / lattice_free (NULL on allocation failure). */
+#define DEFINE_BUILD(T, SUF, ROUND)                                                               \
+    void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
+                              const double *scale_in, double feature_scale, double inv_dp1_in,   \
+                              T *entry_weight, int64_t *m_out) {                                 \
+        int dp1 = d + 1;                                                                          \
+        build_t *b = (build_t *)calloc(1, sizeof(build_t));                                      \
+        if (!b) return NULL;                                                                      \
+        b->n_real = n_real;                                                                       \
+        b->entry_vertex = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n_real * dp1 + 1));        \
+        T *work = (T *)malloc(sizeof(T) * (size_t)(5 * dp1 + 8));                                 \
+        int *ints = (int *)malloc(sizeof(int) * (size_t)(2 * dp1 + 2));                           \
+        int32_t *key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d + 1));                      \
+        /* the previous point's d+1 keys and vertices: neighbouring pixels mostly share them */  \
+        int32_t *prev_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(dp1 * d + 1));          \
+        int64_t *prev_vert = (int64_t *)malloc(sizeof(int64_t) * (size_t)dp1);                    \
+        if (prev_vert)                                                                            \
+            for (int r = 0; r < dp1; r++) prev_vert[r] = -1;                                      \
+        if (!b->entry_vertex || !work || !ints || !key || !prev_key || !prev_vert ||              \
+            table_init(&b->table, d, n_real * dp1 / 8 + 64) != 0) {                               \
+            free(work); free(ints); free(key); free(prev_key); free(prev_vert); lattice_free(b);                                   \
+            return NULL;                                                                          \
+        }                                                                                         \
+        T *elevated = work, *v = work + dp1, *bary = work + 2 * dp1, *fs = work + 4 * dp1 + 4;    \
+        int *rank = ints;                                                                         \
+        const T inv_dp1 = (T)inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;              \
+        (void)fs;                                                                                 \
+        for (int64_t p = 0; p < n; p++) {                                                         \
+            const T *f = features + p * d;                                                        \
+            T sm = 0;                                                                             \
+            for (int j = d; j > 0; j--) {                                                         \
+                T x = feature_scale != 1.0 ? f[j - 1] * fscale : f[j - 1];                        \
+                T cf = x * (T)scale_in[j - 1];                                                    \
+                T jcf = (T)j * cf;                                                                \
+                elevated[j] = sm - jcf;                                                           \
+                sm += cf;                                                                         \
+            }                                                                                     \
+            elevated[0] = sm;                                                                     \
+            T vsum = 0;                                                                           \
+            for (int i = 0; i <= d; i++) {                                                        \
+                T s = elevated[i] * inv_dp1;                                                      \
+                v[i] = ROUND(s);                                                                  \
+                vsum += v[i];                                                                     \
+                rank[i] = 0;                                                                      \
+            }                                                                                     \
+            for (int i = 0; i < d; i++) {                                                         \
+                T di = elevated[i] - v[i] * tdp1;                                                 \
+                for (int j = i + 1; j <= d; j++) {                                                \
+                    T dj = elevated[j] - v[j] * tdp1;                                             \
+                    if (di < dj) rank[i]++; else rank[j]++;                                       \
+                }                                                                                 \
+            }                                                                                     \
+            int isum = (int)vsum;                                                                 \
+            for (int i = 0; i <= d; i++) {                                                        \
+                int r = rank[i] + isum;                                                           \
+                int shift = (r < 0) - (r > d);                                                    \
+                rank[i] = r + dp1 * shift;                                                        \
+                v[i] += (T)shift;                                                                 \
+            }                                                                                     \
+            for (int k = 0; k < d + 2; k++) bary[k] = 0;                                          \
+            for (int i = 0; i <= d; i++) {                                                        \
+                T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                     \
+                bary[d - rank[i]] += bw;                                                          \
+            }                                                                                     \
+            for (int i = 0; i <= d; i++) {                                                        \
+                T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                     \
+                bary[d - rank[i] + 1] -= bw;                                                      \
+            }                                                                                     \
+            bary[0] += (T)1 + bary[d + 1];                                                        \
+            for (int r = 0; r <= d; r++) {                                                        \
+                int32_t *pk = prev_key + r * d;                                                   \
+                for (int i = 0; i < d; i++)                                                       \
+                    key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);              \
+                int64_t vert = prev_vert[r];                                                      \
+                if (vert < 0 || !keys_equal(pk, key, d)) {                                        \
+                    vert = table_find(&b->table, key, 1);                                         \
+                    memcpy(pk, key, sizeof(int32_t) * (size_t)d);                                 \
+                    prev_vert[r] = vert;                                                          \
+                }                                                                                 \
+                if (vert < 0) {                                                                   \
+                    free(work); free(ints); free(key); free(prev_key); free(prev_vert); lattice_free(b);                           \
+                    return NULL;                                                                  \
+                }                                                                                 \
+                if (p < n_real) {                                                                 \
+                    b->entry_vertex[p * dp1 + r] = (int32_t)vert;                                 \
+                    entry_weight[p * dp1 + r] = bary[r];                                          \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(work); free(ints); free(key); free(prev_key); free(prev_vert);                       \
+        if (b->table.failed) {                                                                    \
+            lattice_free(b);                                                                      \
+            return NULL;                                                                          \
+        }                                                                                         \
+        *m_out = b->table.m;                                                                      \
+        return b;                                                                                 \
+    }
+
+/* ------------------------------------------------------------------ filtering */
+#define DEFINE_FILTER(T, SUF)                                                                     \
+    typedef struct {                                                                              \
+        int64_t c;                                                                                \
+        const int32_t *crow, *col;                                                                \
+        const T *w, *pre, *values;                                                                \
+        T *dst;                                                                                   \
+    } splat_ctx_##SUF;                                                                            \
+                                                                                                  \
+    static void splat_range_##SUF(void *vctx, int64_t begin, int64_t end) {                       \
+        splat_ctx_##SUF *x = (splat_ctx_##SUF *)vctx;                                             \
+        const int64_t c = x->c;                                                                   \
+        for (int64_t v = begin; v < end; v++) {                                                   \
+            T *restrict acc = x->dst + v * c;                                                     \
+            for (int64_t k = 0; k < c; k++) acc[k] = 0;                                           \
+            for (int32_t e = x->crow[v]; e < x->crow[v + 1]; e++) {                               \
+                int64_t p = x->col[e];                                                            \
+                T s = x->pre ? x->w[e] * x->pre[p] : x->w[e];                                     \
+                const T *restrict row = x->values + p * c;                                        \
+                for (int64_t k = 0; k < c; k++) acc[k] += s * row[k];                             \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    /* Pixel-major splat (densecrf's order): values are read sequentially and scattered into \
+     * the vertex rows; each part of the points has its own vertex buffer, summed afterwards. */\
+    typedef struct {                                                                              \
+        int64_t n, m, c, nparts;                                                                  \
+        int dp1;                                                                                  \
+        const int32_t *vert;                                                                      \
+        const T *w, *pre, *values;                                                                \
+        T **dsts;                                                                                 \
+    } scatter_ctx_##SUF;                                                                          \
+                                                                                                  \
+    static void scatter_part_##SUF(void *vctx, int64_t begin, int64_t end) {                      \
+        scatter_ctx_##SUF *x = (scatter_ctx_##SUF *)vctx;                                         \
+        const int64_t c = x->c;                                                                   \
+        const int dp1 = x->dp1;                                                                   \
+        for (int64_t part = begin; part < end; part++) {                                          \
+            T *dst = x->dsts[part];                                                               \
+            memset(dst, 0, sizeof(T) * (size_t)(x->m * c));                                       \
+            int64_t p0 = x->n * part / x->nparts, p1 = x->n * (part + 1) / x->nparts;             \
+            for (int64_t p = p0; p < p1; p++) {                                                   \
+                const T *restrict row = x->values + p * c;                                        \
+                const int32_t *vs = x->vert + p * dp1;                                            \
+                const T *ws = x->w + p * dp1;                                                     \
+                T s = x->pre ? x->pre[p] : (T)1;                                                  \
+                for (int j = 0; j < dp1; j++) {                                                   \
+                    T *restrict acc = dst + (int64_t)vs[j] * c;                                   \
+                    T wj = ws[j] * s;                                                             \
+                    for (int64_t k = 0; k < c; k++) acc[k] += wj * row[k];                        \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    typedef struct {                                                                              \
+        int64_t nparts;                                                                           \
+        T **dsts;                                                                                 \
+    } reduce_ctx_##SUF;                                                                           \
+                                                                                                  \
+    static void reduce_range_##SUF(void *vctx, int64_t begin, int64_t end) {                      \
+        reduce_ctx_##SUF *x = (reduce_ctx_##SUF *)vctx;                                           \
+        T *restrict acc = x->dsts[0];                                                             \
+        for (int64_t part = 1; part < x->nparts; part++) {                                        \
+            const T *restrict add = x->dsts[part];                                                \
+            for (int64_t i = begin; i < end; i++) acc[i] += add[i];                               \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    typedef struct {                                                                              \
+        int64_t c;                                                                                \
+        const int32_t *nbr;                                                                       \
+        const T *src;                                                                             \
+        T *dst;                                                                                   \
+    } blur_ctx_##SUF;                                                                             \
+                                                                                                  \
+    static void blur_range_##SUF(void *vctx, int64_t begin, int64_t end) {                        \
+        blur_ctx_##SUF *x = (blur_ctx_##SUF *)vctx;                                               \
+        const int64_t c = x->c;                                                                   \
+        const T half = (T)0.5;                                                                    \
+        for (int64_t v = begin; v < end; v++) {                                                   \
+            const T *restrict self = x->src + (int64_t)x->nbr[3 * v] * c;                         \
+            const T *restrict a = x->src + (int64_t)x->nbr[3 * v + 1] * c;                        \
+            const T *restrict b = x->src + (int64_t)x->nbr[3 * v + 2] * c;                        \
+            T *restrict out = x->dst + v * c;                                                     \
+            for (int64_t k = 0; k < c; k++) out[k] = self[k] + half * (a[k] + b[k]);              \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    typedef struct {                                                                              \
+        int64_t c;                                                                                \
+        int dp1;                                                                                  \
+        const int32_t *vert;                                                                      \
+        const T *w, *post, *base, *src;                                                           \
+        T scale, alpha;                                                                           \
+        T *out;                                                                                   \
+    } slice_ctx_##SUF;                                                                            \
+                                                                                                  \
+    static void slice_range_##SUF(void *vctx, int64_t begin, int64_t end) {                       \
+        slice_ctx_##SUF *x = (slice_ctx_##SUF *)vctx;                                             \
+        const int64_t c = x->c;                                                                   \
+        const int dp1 = x->dp1;                                                                   \
+        for (int64_t p = begin; p < end; p++) {                                                   \
+            T *restrict out = x->out + p * c;                                                     \
+            const int32_t *vs = x->vert + p * dp1;                                                \
+            const T *ws = x->w + p * dp1;                                                         \
+            T f = x->scale * x->alpha;                                                            \
+            if (x->post) f *= x->post[p];                                                         \
+            const T *restrict r0 = x->src + (int64_t)vs[0] * c;                                   \
+            T w0 = ws[0] * f;                                                                     \
+            if (x->base) {                                                                        \
+                const T *restrict base = x->base + p * c;                                         \
+                for (int64_t k = 0; k < c; k++) out[k] = base[k] + w0 * r0[k];                    \
+            } else {                                                                              \
+                for (int64_t k = 0; k < c; k++) out[k] = w0 * r0[k];                              \
+            }                                                                                     \
+            for (int j = 1; j < dp1; j++) {                                                       \
+                const T *restrict r = x->src + (int64_t)vs[j] * c;                                \
+                T wj = ws[j] * f;                                                                 \
+                for (int64_t k = 0; k < c; k++) out[k] += wj * r[k];                              \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    /* out = base + alpha * post . (scale * S^T B S (pre . values)); values, base, out (n, c);  \
+     * buf_a, buf_b ((m+1) * c) and, for a pixel-major splat in `nparts` parts, scratch       \
+     * ((nparts-1) * m * c; NULL: vertex-major splat through the CSR); blur_col (d+1, 3m);     \
+     * `transpose` reverses the blurs.                                                         \
+     * pre, post, base may be NULL; out may alias base but not values. */                       \
+    void lattice_filter_##SUF(int64_t n, int64_t c, int64_t m, int dp1, const int32_t *crow,      \
+                              const int32_t *col, const T *splat_w, const int32_t *blur_col,      \
+                              const int32_t *slice_col, const T *slice_w, double scale,           \
+                              double alpha, const T *pre, const T *post, const T *values,         \
+                              const T *base, T *out, T *buf_a, T *buf_b, T *scratch,              \
+                              int nparts, int transpose, int nthreads) {                          \
+        memset(buf_a + m * c, 0, sizeof(T) * (size_t)c); /* the always-zero vertex m */          \
+        memset(buf_b + m * c, 0, sizeof(T) * (size_t)c);                                          \
+        double t0 = now_seconds();                                                                \
+        if (scratch && nparts > 0) {                                                              \
+            T *dsts[MAX_THREADS];                                                                 \
+            if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                       \
+            dsts[0] = buf_a;                                                                      \
+            for (int i = 1; i < nparts; i++) dsts[i] = scratch + (int64_t)(i - 1) * m * c;        \
+            scatter_ctx_##SUF sc = {n, m, c, nparts, dp1, slice_col, slice_w, pre, values, dsts}; \
+            parallel_for(nparts, nparts, 1, scatter_part_##SUF, &sc);                             \
+            reduce_ctx_##SUF rc = {nparts, dsts};                                                 \
+            if (nparts > 1) parallel_for(m * c, nthreads, 65536, reduce_range_##SUF, &rc);        \
+        } else {                                                                                  \
+            splat_ctx_##SUF s = {c, crow, col, splat_w, pre, values, buf_a};                      \
+            parallel_for(m, nthreads, 2048, splat_range_##SUF, &s);                               \
+        }                                                                                         \
+        double t1 = now_seconds();                                                                \
+        T *src = buf_a, *dst = buf_b;                                                             \
+        for (int i = 0; i < dp1; i++) {                                                           \
+            int j = transpose ? dp1 - 1 - i : i;                                                  \
+            blur_ctx_##SUF bl = {c, blur_col + (int64_t)j * 3 * m, src, dst};                     \
+            parallel_for(m, nthreads, 4096, blur_range_##SUF, &bl);                               \
+            T *tmp = src; src = dst; dst = tmp;                                                   \
+        }                                                                                         \
+        double t2 = now_seconds();                                                                \
+        slice_ctx_##SUF sl = {c, dp1, slice_col, slice_w, post, base, src,                        \
+                              (T)scale, (T)alpha, out};                                           \
+        parallel_for(n, nthreads, 4096, slice_range_##SUF, &sl);                                  \
+        double t3 = now_seconds();                                                                \
+        lattice_profile[0] += t1 - t0;                                                            \
+        lattice_profile[1] += t2 - t1;                                                            \
+        lattice_profile[2] += t3 - t2;                                                            \
+    }
+
+/* ------------------------------------------------------------------ softmax */
+#define DEFINE_SOFTMAX(T, SUF, EXP)                                                               \
+    typedef struct {                                                                              \
+        int64_t c;                                                                                \
+        const T *x;                                                                               \
+        T *out;                                                                                   \
+    } softmax_ctx_##SUF;                                                                          \
+                                                                                                  \
+    static void softmax_range_##SUF(void *vctx, int64_t begin, int64_t end) {                     \
+        softmax_ctx_##SUF *s = (softmax_ctx_##SUF *)vctx;                                         \
+        const int64_t c = s->c;                                                                   \
+        for (int64_t p = begin; p < end; p++) {                                                   \
+            const T *restrict x = s->x + p * c;                                                   \
+            T *restrict out = s->out + p * c;                                                     \
+            T mx = x[0];                                                                          \
+            for (int64_t k = 1; k < c; k++) mx = x[k] > mx ? x[k] : mx;                           \
+            for (int64_t k = 0; k < c; k++) out[k] = EXP(x[k] - mx);                              \
+            T sum = 0;                                                                            \
+            for (int64_t k = 0; k < c; k++) sum += out[k];                                        \
+            T inv = (T)1 / sum;                                                                   \
+            for (int64_t k = 0; k < c; k++) out[k] *= inv;                                        \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    /* out = softmax(x) along the last axis of (n, c); out may alias x. */                      \
+    void softmax_rows_##SUF(int64_t n, int64_t c, const T *x, T *out, int nthreads) {             \
+        softmax_ctx_##SUF s = {c, x, out};                                                        \
+        parallel_for(n, nthreads, 4096, softmax_range_##SUF, &s);                                 \
+    }
+
+/* exp(x) for the softmax's x <= 0 (after subtracting the row maximum), vectorisable:
+ * x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7,
+ * about float32's own rounding), 2^n assembled in the exponent bits; x < -87 gives 0. */
+static inline float exp_nonpositive(float x) {
+    const float log2e = 1.44269504f, ln2_hi = 0.693145752f, ln2_lo = 1.42860677e-06f;
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = nearbyintf(xc * log2e);
+    float r = (xc - n * ln2_hi) - n * ln2_lo;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    float y = p * scale.f;
+    return x < -87.0f ? 0.0f : y;
+}
+
+DEFINE_BUILD(float, f32, nearbyintf)
+DEFINE_BUILD(double, f64, nearbyint)
+DEFINE_FINISH(float, f32)
+DEFINE_FINISH(double, f64)
+DEFINE_FILTER(float, f32)
+DEFINE_FILTER(double, f64)
+DEFINE_SOFTMAX(float, f32, exp_nonpositive)
+DEFINE_SOFTMAX(double, f64, exp)
+
+/* Version of the calling convention above; the loader refuses a library with another. */
+int deepcrf_kernel_abi(void) { return 1; }

@@ -1,0 +1,200 @@
+"""Optional compiled CPU kernel for the permutohedral lattice, with the PyTorch path as fallback.
+
+The benchmark (benchmarks/bench_densecrf.py, docs/densecrf.md "Performance") showed that pure
+PyTorch leaves the lattice build, and to a lesser degree the filtering, behind pydensecrf's C++
+on the 2-core CPU.  ``_lattice_kernel.c`` (≈ 400 lines of C99, no dependencies besides
+pthreads) does the same work: it builds exactly the index arrays the PyTorch lattice uses
+(splat CSR, slice entries, blur neighbours) with a hash table instead of a sort, and filters
+with them, fusing the per-point scales and the accumulation into the passes.
+
+It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
+cache (``$DEEPCRF_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepcrf``, else ``~/.cache/deepcrf``),
+written to a temporary file and renamed, keyed by a hash of the source, the flags and the CPU.
+Nothing is compiled at install time and nothing else changes when no compiler is present: every
+caller falls back to the PyTorch implementation, which stays the tested reference (the tests
+run every lattice operation both ways and compare).  CUDA tensors always take the PyTorch path.
+
+``DEEPCRF_NATIVE`` selects the behaviour: ``auto`` (default: use the kernel when it builds),
+``0`` (never), ``1`` (always; raise if it cannot be built).  :func:`status` says which applies
+and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "cache_dir", "library", "softmax_rows", "status", "threads"]
+
+_SOURCE = Path(__file__).with_name("_lattice_kernel.c")
+_ABI = 1
+# -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
+# PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
+_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def _mode() -> str:
+    value = os.environ.get("DEEPCRF_NATIVE", "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    raise ValueError(f"DEEPCRF_NATIVE must be auto, 0 or 1; got {value!r}")
+
+
+def cache_dir() -> Path:
+    """Folder of the compiled kernel (created on demand)."""
+    env = os.environ.get("DEEPCRF_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "deepcrf"
+
+
+def _cpu_tag() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    model += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        pass
+    return f"{platform.system()}-{platform.machine()}-{model}"
+
+
+def _compile(compiler: str, dest: Path) -> str | None:
+    """Compile the kernel into ``dest`` (atomically); returns an error text or None."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    errors = []
+    try:
+        for extra in (["-march=native"], []):
+            cmd = [compiler, *_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"{' '.join(cmd)}: {exc}"
+            if proc.returncode == 0:
+                os.replace(tmp, dest)
+                return None
+            errors.append(f"{' '.join(cmd)}:\n{proc.stderr.strip()[-2000:]}")
+        return "\n".join(errors)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suf in ("f32", "f64"):
+        build = getattr(lib, f"lattice_build_{suf}")
+        build.restype = p
+        build.argtypes = [p, i64, i64, i32, p, f64, f64, p, ctypes.POINTER(i64)]
+        finish = getattr(lib, f"lattice_finish_{suf}")
+        finish.restype = i32
+        finish.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, p, p, p]
+        filt = getattr(lib, f"lattice_filter_{suf}")
+        filt.restype = None
+        filt.argtypes = [i64, i64, i64, i32, p, p, p, p, p, p, f64, f64]
+        filt.argtypes += [p, p, p, p, p, p, p, p, i32, i32, i32]
+        soft = getattr(lib, f"softmax_rows_{suf}")
+        soft.restype = None
+        soft.argtypes = [i64, i64, p, p, i32]
+    lib.lattice_free.restype = None
+    lib.lattice_free.argtypes = [p]
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler ({compiler!r} not found): using the PyTorch lattice"
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + repr((_FLAGS, compiler, _cpu_tag(), _ABI)).encode()
+    ).hexdigest()[:16]
+    dest = cache_dir() / f"lattice_kernel_{key}.so"
+    try:
+        if not dest.exists():
+            err = _compile(compiler, dest)
+            if err is not None:
+                return None, f"compiling the lattice kernel failed: {err}"
+        lib = ctypes.CDLL(str(dest))
+        if lib.deepcrf_kernel_abi() != _ABI:
+            return None, f"{dest} has another calling convention"
+        _declare(lib)
+    except OSError as exc:  # unwritable cache, unloadable library
+        return None, f"cannot build or load the lattice kernel ({exc}): using the PyTorch lattice"
+    return lib, f"compiled kernel {dest}"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None when it is disabled or cannot be built (see :func:`status`)."""
+    mode = _mode()
+    if mode == "off":
+        return None
+    with _lock:
+        if "lib" not in _loaded:
+            _loaded["lib"], _loaded["why"] = _load()
+    lib = _loaded["lib"]
+    if lib is None and mode == "on":
+        raise RuntimeError(f"DEEPCRF_NATIVE=1 but {_loaded['why']}")
+    return lib  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is in use."""
+    return library() is not None
+
+
+def status() -> str:
+    """One line saying which lattice implementation CPU tensors use, and why."""
+    if _mode() == "off":
+        return "DEEPCRF_NATIVE=0: using the PyTorch lattice"
+    library()
+    return str(_loaded["why"])
+
+
+def threads() -> int:
+    """Threads the kernel uses: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def softmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last axis of a contiguous (N, C) array (``out`` may be ``x``).
+
+    The compiled kernel on CPU float32/float64 when available, ``torch.softmax`` otherwise.
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    lib = library() if x.device.type == "cpu" else None
+    if (
+        lib is None
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.dim() != 2
+        or not x.is_contiguous()
+        or not out.is_contiguous()
+        or x.requires_grad
+    ):
+        return torch.ops.aten._softmax.out(x, -1, False, out=out)
+    suf = "f32" if x.dtype == torch.float32 else "f64"
+    getattr(lib, f"softmax_rows_{suf}")(
+        x.shape[0], x.shape[1], x.data_ptr(), out.data_ptr(), threads()
+    )
+    return out
