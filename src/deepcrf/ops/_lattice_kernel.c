@@ -25,6 +25,7 @@
 #include <time.h>
 
 #define MAX_THREADS 64
+#define SOFTMAX_BLOCK 32 /* rows normalised together (a few KB: stays in L1) */
 
 /* Cumulative seconds spent in splat, blur, slice (read by benchmarks/bench_densecrf.py
  * --profile to say where the time goes). */
@@ -518,7 +519,46 @@ void lattice_free(void *handle) {
     }
 
 /* ------------------------------------------------------------------ softmax */
+/* Rows are short (one entry per label): the maximum and the sum use four running partial
+ * results, so they are not one long chain of dependent additions. */
 #define DEFINE_SOFTMAX(T, SUF, EXP)                                                               \
+    static inline void softmax_shift_##SUF(T *restrict row, int64_t c) {                          \
+        T m0 = row[0], m1 = row[0], m2 = row[0], m3 = row[0];                                     \
+        int64_t k = 0;                                                                            \
+        for (; k + 4 <= c; k += 4) {                                                              \
+            m0 = row[k] > m0 ? row[k] : m0;                                                       \
+            m1 = row[k + 1] > m1 ? row[k + 1] : m1;                                               \
+            m2 = row[k + 2] > m2 ? row[k + 2] : m2;                                               \
+            m3 = row[k + 3] > m3 ? row[k + 3] : m3;                                               \
+        }                                                                                         \
+        for (; k < c; k++) m0 = row[k] > m0 ? row[k] : m0;                                        \
+        m0 = m1 > m0 ? m1 : m0;                                                                   \
+        m2 = m3 > m2 ? m3 : m2;                                                                   \
+        const T mx = m2 > m0 ? m2 : m0;                                                           \
+        for (k = 0; k < c; k++) row[k] -= mx;                                                     \
+    }                                                                                             \
+                                                                                                  \
+    static inline void softmax_normalize_##SUF(T *restrict row, int64_t c) {                      \
+        int64_t k;                                                                                \
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                         \
+        for (k = 0; k + 4 <= c; k += 4) {                                                         \
+            s0 += row[k];                                                                         \
+            s1 += row[k + 1];                                                                     \
+            s2 += row[k + 2];                                                                     \
+            s3 += row[k + 3];                                                                     \
+        }                                                                                         \
+        for (; k < c; k++) s0 += row[k];                                                          \
+        const T inv = (T)1 / ((s0 + s1) + (s2 + s3));                                             \
+        for (k = 0; k < c; k++) row[k] *= inv;                                                    \
+    }                                                                                             \
+                                                                                                  \
+    /* softmax of `nrows` consecutive rows in place: the exponentials run as one long loop */   \
+    static inline void softmax_block_##SUF(T *restrict rows, int64_t nrows, int64_t c) {          \
+        for (int64_t r = 0; r < nrows; r++) softmax_shift_##SUF(rows + r * c, c);                 \
+        for (int64_t k = 0; k < nrows * c; k++) rows[k] = EXP(rows[k]);                           \
+        for (int64_t r = 0; r < nrows; r++) softmax_normalize_##SUF(rows + r * c, c);             \
+    }                                                                                             \
+                                                                                                  \
     typedef struct {                                                                              \
         int64_t c;                                                                                \
         const T *x;                                                                               \
@@ -528,16 +568,11 @@ void lattice_free(void *handle) {
     static void softmax_range_##SUF(void *vctx, int64_t begin, int64_t end) {                     \
         softmax_ctx_##SUF *s = (softmax_ctx_##SUF *)vctx;                                         \
         const int64_t c = s->c;                                                                   \
-        for (int64_t p = begin; p < end; p++) {                                                   \
-            const T *restrict x = s->x + p * c;                                                   \
-            T *restrict out = s->out + p * c;                                                     \
-            T mx = x[0];                                                                          \
-            for (int64_t k = 1; k < c; k++) mx = x[k] > mx ? x[k] : mx;                           \
-            for (int64_t k = 0; k < c; k++) out[k] = EXP(x[k] - mx);                              \
-            T sum = 0;                                                                            \
-            for (int64_t k = 0; k < c; k++) sum += out[k];                                        \
-            T inv = (T)1 / sum;                                                                   \
-            for (int64_t k = 0; k < c; k++) out[k] *= inv;                                        \
+        for (int64_t p = begin; p < end; p += SOFTMAX_BLOCK) {                                    \
+            int64_t rows = end - p < SOFTMAX_BLOCK ? end - p : SOFTMAX_BLOCK;                     \
+            if (s->out != s->x)                                                                   \
+                memcpy(s->out + p * c, s->x + p * c, sizeof(T) * (size_t)(rows * c));            \
+            softmax_block_##SUF(s->out + p * c, rows, c);                                         \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
@@ -545,6 +580,141 @@ void lattice_free(void *handle) {
     void softmax_rows_##SUF(int64_t n, int64_t c, const T *x, T *out, int nthreads) {             \
         softmax_ctx_##SUF s = {c, x, out};                                                        \
         parallel_for(n, nthreads, 4096, softmax_range_##SUF, &s);                                 \
+    }
+
+/* ------------------------------------------------------------------ fused sum of filters */
+/* out = base + sum_t coef_t * post_t . (S_t^T B_t S_t (pre_t . values)) over several lattices
+ * built on the same points (a mean-field update's messages), optionally followed by a softmax
+ * of each output row: values are read once for every lattice's splat, and each output row is
+ * written once, while it is in cache. */
+#define DEFINE_FILTER_SUM(T, SUF)                                                            \
+    typedef struct {                                                                              \
+        int64_t n, c, nparts;                                                                     \
+        int nterms;                                                                               \
+        const int64_t *m;                                                                         \
+        const int *dp1;                                                                           \
+        const int32_t *const *vert;                                                               \
+        const T *const *w;                                                                        \
+        const T *const *pre;                                                                      \
+        const T *values;                                                                          \
+        T *const *part0;                                                                          \
+        T *const *scratch;                                                                        \
+    } sum_scatter_ctx_##SUF;                                                                      \
+                                                                                                  \
+    static void sum_scatter_part_##SUF(void *vctx, int64_t begin, int64_t end) {                  \
+        sum_scatter_ctx_##SUF *x = (sum_scatter_ctx_##SUF *)vctx;                                 \
+        const int64_t c = x->c;                                                                   \
+        T *dst[16];                                                                               \
+        for (int64_t part = begin; part < end; part++) {                                          \
+            for (int t = 0; t < x->nterms; t++) {                                                 \
+                dst[t] = part == 0 ? x->part0[t] : x->scratch[t] + (part - 1) * x->m[t] * c;      \
+                memset(dst[t], 0, sizeof(T) * (size_t)(x->m[t] * c));                             \
+            }                                                                                     \
+            int64_t p0 = x->n * part / x->nparts, p1 = x->n * (part + 1) / x->nparts;             \
+            for (int64_t p = p0; p < p1; p++) {                                                   \
+                const T *restrict row = x->values + p * c;                                        \
+                for (int t = 0; t < x->nterms; t++) {                                             \
+                    const int dp1 = x->dp1[t];                                                    \
+                    const int32_t *vs = x->vert[t] + p * dp1;                                     \
+                    const T *ws = x->w[t] + p * dp1;                                              \
+                    T s = x->pre[t] ? x->pre[t][p] : (T)1;                                        \
+                    for (int j = 0; j < dp1; j++) {                                               \
+                        T *restrict acc = dst[t] + (int64_t)vs[j] * c;                            \
+                        T wj = ws[j] * s;                                                         \
+                        for (int64_t k = 0; k < c; k++) acc[k] += wj * row[k];                    \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    typedef struct {                                                                              \
+        int64_t c;                                                                                \
+        int nterms, softmax;                                                                      \
+        const int *dp1;                                                                           \
+        const int32_t *const *vert;                                                               \
+        const T *const *w;                                                                        \
+        const T *const *post;                                                                     \
+        const T *const *src;                                                                      \
+        const double *coef;                                                                       \
+        const T *base;                                                                            \
+        T *out;                                                                                   \
+    } sum_slice_ctx_##SUF;                                                                        \
+                                                                                                  \
+    static void sum_slice_range_##SUF(void *vctx, int64_t begin, int64_t end) {                   \
+        sum_slice_ctx_##SUF *x = (sum_slice_ctx_##SUF *)vctx;                                     \
+        const int64_t c = x->c;                                                                   \
+        for (int64_t p = begin; p < end; p++) {                                                   \
+            T *restrict out = x->out + p * c;                                                     \
+            if (x->base) {                                                                        \
+                const T *restrict base = x->base + p * c;                                         \
+                for (int64_t k = 0; k < c; k++) out[k] = base[k];                                 \
+            } else {                                                                              \
+                for (int64_t k = 0; k < c; k++) out[k] = 0;                                       \
+            }                                                                                     \
+            for (int t = 0; t < x->nterms; t++) {                                                 \
+                const int dp1 = x->dp1[t];                                                        \
+                const int32_t *vs = x->vert[t] + p * dp1;                                         \
+                const T *ws = x->w[t] + p * dp1;                                                  \
+                T f = (T)x->coef[t];                                                              \
+                if (x->post[t]) f *= x->post[t][p];                                               \
+                for (int j = 0; j < dp1; j++) {                                                   \
+                    const T *restrict r = x->src[t] + (int64_t)vs[j] * c;                         \
+                    T wj = ws[j] * f;                                                             \
+                    for (int64_t k = 0; k < c; k++) out[k] += wj * r[k];                          \
+                }                                                                                 \
+            }                                                                                     \
+            if (x->softmax && ((p + 1 - begin) % SOFTMAX_BLOCK == 0 || p + 1 == end)) {           \
+                int64_t rows = (p + 1 - begin) % SOFTMAX_BLOCK;                                   \
+                if (rows == 0) rows = SOFTMAX_BLOCK;                                              \
+                softmax_block_##SUF(x->out + (p + 1 - rows) * c, rows, c);                        \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    /* nterms <= 16 lattices over the same n points.  Per term t: m[t] vertices, dp1[t], slice \
+     * arrays vert[t]/w[t] (n * dp1[t]), blur_col[t] (dp1[t], 3 m[t]), pre[t]/post[t] (n or   \
+     * NULL), coef[t] (times the output scale), buf_a[t], buf_b[t] ((m[t]+1) * c) and         \
+     * scratch[t] ((nparts-1) * m[t] * c).  out may alias base, not values. */                \
+    int lattice_filter_sum_##SUF(int64_t n, int64_t c, int nterms, const int64_t *m,              \
+                                 const int *dp1, const int32_t *const *vert, const T *const *w,   \
+                                 const int32_t *const *blur_col, const T *const *pre,             \
+                                 const T *const *post, const double *coef, const T *values,       \
+                                 const T *base, T *out, T *const *buf_a, T *const *buf_b,         \
+                                 T *const *scratch, int nparts, int softmax, int nthreads) {      \
+        if (nterms < 1 || nterms > 16) return -1;                                                 \
+        if (nparts < 1) nparts = 1;                                                               \
+        if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                           \
+        const T *src[16];                                                                         \
+        double t0 = now_seconds();                                                                \
+        sum_scatter_ctx_##SUF sc = {n, c, nparts, nterms, m, dp1, vert, w, pre, values,           \
+                                    buf_a, scratch};                                              \
+        parallel_for(nparts, nparts, 1, sum_scatter_part_##SUF, &sc);                             \
+        double t1 = now_seconds();                                                                \
+        for (int t = 0; t < nterms; t++) {                                                        \
+            T *dsts[MAX_THREADS];                                                                 \
+            dsts[0] = buf_a[t];                                                                   \
+            for (int i = 1; i < nparts; i++) dsts[i] = scratch[t] + (int64_t)(i - 1) * m[t] * c;  \
+            reduce_ctx_##SUF rc = {nparts, dsts};                                                 \
+            if (nparts > 1) parallel_for(m[t] * c, nthreads, 65536, reduce_range_##SUF, &rc);     \
+            memset(buf_a[t] + m[t] * c, 0, sizeof(T) * (size_t)c);                                \
+            memset(buf_b[t] + m[t] * c, 0, sizeof(T) * (size_t)c);                                \
+            T *a = buf_a[t], *b = buf_b[t];                                                       \
+            for (int j = 0; j < dp1[t]; j++) {                                                    \
+                blur_ctx_##SUF bl = {c, blur_col[t] + (int64_t)j * 3 * m[t], a, b};               \
+                parallel_for(m[t], nthreads, 4096, blur_range_##SUF, &bl);                        \
+                T *tmp = a; a = b; b = tmp;                                                       \
+            }                                                                                     \
+            src[t] = a;                                                                           \
+        }                                                                                         \
+        double t2 = now_seconds();                                                                \
+        sum_slice_ctx_##SUF sl = {c, nterms, softmax, dp1, vert, w, post, src, coef, base, out};  \
+        parallel_for(n, nthreads, 4096, sum_slice_range_##SUF, &sl);                              \
+        double t3 = now_seconds();                                                                \
+        lattice_profile[0] += t1 - t0;                                                            \
+        lattice_profile[1] += t2 - t1;                                                            \
+        lattice_profile[2] += t3 - t2;                                                            \
+        return 0;                                                                                 \
     }
 
 /* exp(x) for the softmax's x <= 0 (after subtracting the row maximum), vectorisable:
@@ -562,7 +732,10 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    union { int32_t i; float f; } scale;
+    union {
+        int32_t i;
+        float f;
+    } scale;
     scale.i = ((int32_t)n + 127) << 23;
     float y = p * scale.f;
     return x < -87.0f ? 0.0f : y;
@@ -576,6 +749,8 @@ DEFINE_FILTER(float, f32)
 DEFINE_FILTER(double, f64)
 DEFINE_SOFTMAX(float, f32, exp_nonpositive)
 DEFINE_SOFTMAX(double, f64, exp)
+DEFINE_FILTER_SUM(float, f32)
+DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
 int deepcrf_kernel_abi(void) { return 1; }

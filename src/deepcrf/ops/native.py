@@ -117,6 +117,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         soft = getattr(lib, f"softmax_rows_{suf}")
         soft.restype = None
         soft.argtypes = [i64, i64, p, p, i32]
+        fsum = getattr(lib, f"lattice_filter_sum_{suf}")
+        fsum.restype = i32
+        fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i32, i32, i32]
     lib.lattice_free.restype = None
     lib.lattice_free.argtypes = [p]
 

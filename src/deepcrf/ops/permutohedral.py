@@ -44,6 +44,8 @@ __all__ = [
     "NATIVE_FEATURE_SCALE",
     "NATIVE_OUTPUT_SCALE",
     "PermutohedralLattice",
+    "ScaledFilter",
+    "filter_sum",
     "lattice_filter",
     "pydensecrf_output_scale",
 ]
@@ -475,6 +477,14 @@ class PermutohedralLattice:
         self.num_vertices = m_total
         self.pad = pad
 
+    def _native_weights_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(splat CSR values, slice weights) in ``dtype``, converted once."""
+        weights = self._native_weights.get(dtype)
+        if weights is None:
+            weights = (self._splat_idx[2].to(dtype), self._slice_idx[1].to(dtype))
+            self._native_weights[dtype] = weights
+        return weights
+
     def _native_filter(
         self,
         values: torch.Tensor,
@@ -496,10 +506,7 @@ class PermutohedralLattice:
         values = values.contiguous()
         p, c = values.shape
         m = self.num_vertices
-        weights = self._native_weights.get(dtype)
-        if weights is None:
-            weights = (self._splat_idx[2].to(dtype), self._slice_idx[1].to(dtype))
-            self._native_weights[dtype] = weights
+        weights = self._native_weights_for(dtype)
         if out is None:
             out = torch.empty_like(values)
         nthreads = native.threads()
@@ -651,6 +658,83 @@ class ScaledFilter:
         if out is None:
             return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
         return torch.addmm(subtract_from, slice_, x, alpha=-1.0, out=out)
+
+
+def filter_sum(
+    terms: list[tuple[ScaledFilter, float]],
+    values: torch.Tensor,
+    base: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """``base + Σ_t coef_t · F_t(values)`` for scaled lattice filters on the same points.
+
+    The mean-field update of a dense CRF with Potts terms (Krähenbühl & Koltun 2011, eq. 4 with
+    the compatibilities folded into the ``post`` factors): with ``softmax=True`` the rows of the
+    result are then normalised with a softmax.  With the compiled kernel everything is one pass
+    per stage (the values are read once for all splats, each output row written once);
+    otherwise the same arithmetic in PyTorch.  No autograd.
+
+    Shape:
+        values, base, out: (B·N, C); returns ``out`` (allocated when None; may be ``base``).
+    """
+    if not terms:
+        raise ValueError("filter_sum needs at least one (filter, coefficient) term")
+    dtype = values.dtype
+    native_ok = (
+        len(terms) <= 16
+        and all(f.matrices is None and f.dtype == dtype for f, _ in terms)
+        and values.is_contiguous()
+        and (base is None or (base.is_contiguous() and base.dtype == dtype))
+    )
+    if not native_ok:
+        acc = base.clone() if base is not None else torch.zeros_like(values)
+        for f, coef in terms:
+            acc.add_(f(values), alpha=coef)
+        if softmax:
+            acc = torch.softmax(acc, dim=-1)
+        return acc if out is None else out.copy_(acc)
+    if out is None:
+        out = torch.empty_like(values)
+    lattices = [f.lattice for f, _ in terms]
+    lib = lattices[0]._kernel
+    suf = "f32" if dtype == torch.float32 else "f64"
+    n, c = values.shape
+    nthreads = native.threads()
+    nparts = min(nthreads, _SPLAT_PARTS) if n >= 4096 * nthreads else 1
+    k = len(terms)
+    ptrs = ctypes.c_void_p * k
+    a_ptrs, b_ptrs, s_ptrs = [], [], []
+    for lat in lattices:
+        size = (lat.num_vertices + 1) * c
+        bufs = lat._native_buffers.get(dtype)
+        if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
+            bufs = torch.empty((nparts + 1) * size + 1, dtype=dtype)
+            lat._native_buffers[dtype] = bufs
+        a_ptrs.append(bufs.data_ptr())
+        b_ptrs.append(bufs[size:].data_ptr())
+        s_ptrs.append(bufs[2 * size :].data_ptr())
+    weights = [lat._native_weights_for(dtype)[1] for lat in lattices]
+
+    def opt(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    err = getattr(lib, f"lattice_filter_sum_{suf}")(
+        n, c, k,
+        (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
+        (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
+        ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
+        ptrs(*[w.data_ptr() for w in weights]),
+        ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
+        ptrs(*[opt(f.pre) for f, _ in terms]),
+        ptrs(*[opt(f.post) for f, _ in terms]),
+        (ctypes.c_double * k)(*[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]),
+        values.data_ptr(), opt(base), out.data_ptr(),
+        ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), nthreads,
+    )
+    if err:
+        raise RuntimeError(f"lattice_filter_sum failed with code {err}")
+    return out
 
 
 class _LatticeFilter(torch.autograd.Function):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from deepcrf.ops.native import softmax_rows
-from deepcrf.ops.permutohedral import PermutohedralLattice
+from deepcrf.ops.permutohedral import PermutohedralLattice, filter_sum
 
 __all__ = [
     "CONST_KERNEL",
@@ -407,6 +407,13 @@ class DenseCRF:
             # Two (N, L) buffers for the whole loop (pydensecrf holds about as many): the
             # logits are written into one and turned into Q in place, then the roles swap.
             buf = torch.empty_like(q)
+            if self._pairwise and all(t.mode == "potts" for t in self._pairwise):
+                # Potts terms only: one fused pass per stage (messages, subtraction, softmax).
+                terms = [(t.operator, -1.0) for t in self._pairwise]
+                for _ in range(int(niter)):
+                    filter_sum(terms, q, base=neg_unary, out=buf, softmax=True)
+                    q, buf = buf, q
+                return self._to_numpy(q)
             for _ in range(int(niter)):
                 if not self._pairwise:
                     buf.copy_(neg_unary)
