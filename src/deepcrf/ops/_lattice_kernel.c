@@ -111,6 +111,10 @@ static uint64_t hash_key(const int32_t *k, int d) {
     return h;
 }
 
+static inline int64_t slot_entry(uint64_t hash, int64_t vertex) {
+    return (int64_t)(((hash >> 33) << 32) | (uint64_t)vertex);
+}
+
 static int table_init(table_t *t, int d, int64_t expected) {
     t->d = d;
     t->m = 0;
@@ -139,9 +143,10 @@ static int table_grow(table_t *t) {
     if (!slots) return -1;
     memset(slots, 0xFF, sizeof(int64_t) * (size_t)nslots);
     for (int64_t v = 0; v < t->m; v++) {
-        uint64_t s = hash_key(t->keys + v * d, d) & (uint64_t)(nslots - 1);
+        uint64_t h = hash_key(t->keys + v * d, d);
+        uint64_t s = h & (uint64_t)(nslots - 1);
         while (slots[s] >= 0) s = (s + 1) & (uint64_t)(nslots - 1);
-        slots[s] = v;
+        slots[s] = slot_entry(h, v);
     }
     free(t->slots);
     t->slots = slots;
@@ -149,15 +154,22 @@ static int table_grow(table_t *t) {
     return 0;
 }
 
-/* Index of `key` (inserting it when `insert`), or -1 when absent / on allocation failure. */
+/* Index of `key` (inserting it when `insert`), or -1 when absent / on allocation failure.
+ * A slot holds the vertex index in its low 32 bits and 31 more bits of the key's hash above
+ * them, so most mismatches are rejected without reading the key itself. */
 static int64_t table_find(table_t *t, const int32_t *key, int insert) {
     int d = t->d;
     uint64_t mask = (uint64_t)(t->nslots - 1);
-    uint64_t s = hash_key(key, d) & mask;
+    uint64_t h = hash_key(key, d);
+    uint64_t s = h & mask;
+    const int64_t tag = slot_entry(h, 0);
     for (;;) {
-        int64_t v = t->slots[s];
-        if (v < 0) break;
-        if (keys_equal(t->keys + v * d, key, d)) return v;
+        int64_t e = t->slots[s];
+        if (e < 0) break;
+        if ((e & ~(int64_t)0xFFFFFFFF) == tag) {
+            int64_t v = e & 0xFFFFFFFF;
+            if (keys_equal(t->keys + v * d, key, d)) return v;
+        }
         s = (s + 1) & mask;
     }
     if (!insert) return -1;
@@ -173,7 +185,7 @@ static int64_t table_find(table_t *t, const int32_t *key, int insert) {
     }
     int64_t v = t->m++;
     memcpy(t->keys + v * d, key, sizeof(int32_t) * (size_t)d);
-    t->slots[s] = v;
+    t->slots[s] = slot_entry(h, v);
     if (2 * t->m > t->nslots && table_grow(t) != 0) t->failed = 1;
     return v;
 }
@@ -196,7 +208,7 @@ void lattice_free(void *handle) {
 /* Second phase, once the total vertex count of the batch is known: the splat CSR rows of this
  * item's vertices (columns = global point indices, grouped by vertex, increasing point index
  * within a row) and the blur neighbours along each of the d+1 directions.
- *   crow:      m+1 entries written (crow[0] = nnz_offset)
+ *   crow:      m+1 entries written (crow[0] = nnz_offset); NULL: no CSR (col, val unused)
  *   col, val:  the item's n_real*(d+1) entries, written from their start
  *   blur_col:  (d+1) arrays of 3*m_total, this item's 3*m written from 3*vertex_offset:
  *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
@@ -211,19 +223,21 @@ void lattice_free(void *handle) {
         table_t *t = &b->table;                                                                   \
         int d = t->d, dp1 = d + 1;                                                                \
         int64_t m = t->m, nnz = b->n_real * dp1;                                                  \
-        int64_t *fill = (int64_t *)calloc((size_t)(m + 1), sizeof(int64_t));                      \
-        if (!fill) return -1;                                                                     \
-        for (int64_t e = 0; e < nnz; e++) fill[b->entry_vertex[e] + 1]++;                         \
-        for (int64_t v = 0; v < m; v++) fill[v + 1] += fill[v];                                   \
-        for (int64_t v = 0; v <= m; v++) crow[v] = (int32_t)(nnz_offset + fill[v]);               \
-        for (int64_t e = 0; e < nnz; e++) {                                                       \
-            int64_t v = b->entry_vertex[e];                                                       \
-            int64_t k = fill[v]++;                                                                \
-            col[k] = (int32_t)(point_offset + e / dp1);                                           \
-            val[k] = entry_weight[e];                                                             \
-            slice_col[e] = (int32_t)(vertex_offset + v);                                          \
+        for (int64_t e = 0; e < nnz; e++)                                                         \
+            slice_col[e] = (int32_t)(vertex_offset + b->entry_vertex[e]);                         \
+        if (crow) {                                                                               \
+            int64_t *fill = (int64_t *)calloc((size_t)(m + 1), sizeof(int64_t));                  \
+            if (!fill) return -1;                                                                 \
+            for (int64_t e = 0; e < nnz; e++) fill[b->entry_vertex[e] + 1]++;                     \
+            for (int64_t v = 0; v < m; v++) fill[v + 1] += fill[v];                               \
+            for (int64_t v = 0; v <= m; v++) crow[v] = (int32_t)(nnz_offset + fill[v]);           \
+            for (int64_t e = 0; e < nnz; e++) {                                                   \
+                int64_t k = fill[b->entry_vertex[e]]++;                                           \
+                col[k] = (int32_t)(point_offset + e / dp1);                                       \
+                val[k] = entry_weight[e];                                                         \
+            }                                                                                     \
+            free(fill);                                                                           \
         }                                                                                         \
-        free(fill);                                                                               \
         int32_t *n1 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d > 0 ? d : 1));               \
         if (!n1) return -1;                                                                       \
         for (int j = 0; j <= d; j++) {                                                            \
@@ -269,7 +283,7 @@ void lattice_free(void *handle) {
         if (prev_vert)                                                                            \
             for (int r = 0; r < dp1; r++) prev_vert[r] = -1;                                      \
         if (!b->entry_vertex || !work || !ints || !key || !prev_key || !prev_vert ||              \
-            table_init(&b->table, d, n_real * dp1 / 8 + 64) != 0) {                               \
+            table_init(&b->table, d, n_real * dp1 / 32 + 64) != 0) {                               \
             free(work); free(ints); free(key); free(prev_key); free(prev_vert); lattice_free(b);                                   \
             return NULL;                                                                          \
         }                                                                                         \
@@ -350,28 +364,6 @@ void lattice_free(void *handle) {
 
 /* ------------------------------------------------------------------ filtering */
 #define DEFINE_FILTER(T, SUF)                                                                     \
-    typedef struct {                                                                              \
-        int64_t c;                                                                                \
-        const int32_t *crow, *col;                                                                \
-        const T *w, *pre, *values;                                                                \
-        T *dst;                                                                                   \
-    } splat_ctx_##SUF;                                                                            \
-                                                                                                  \
-    static void splat_range_##SUF(void *vctx, int64_t begin, int64_t end) {                       \
-        splat_ctx_##SUF *x = (splat_ctx_##SUF *)vctx;                                             \
-        const int64_t c = x->c;                                                                   \
-        for (int64_t v = begin; v < end; v++) {                                                   \
-            T *restrict acc = x->dst + v * c;                                                     \
-            for (int64_t k = 0; k < c; k++) acc[k] = 0;                                           \
-            for (int32_t e = x->crow[v]; e < x->crow[v + 1]; e++) {                               \
-                int64_t p = x->col[e];                                                            \
-                T s = x->pre ? x->w[e] * x->pre[p] : x->w[e];                                     \
-                const T *restrict row = x->values + p * c;                                        \
-                for (int64_t k = 0; k < c; k++) acc[k] += s * row[k];                             \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-                                                                                                  \
     /* Pixel-major splat (densecrf's order): values are read sequentially and scattered into \
      * the vertex rows; each part of the points has its own vertex buffer, summed afterwards. */\
     typedef struct {                                                                              \
@@ -474,32 +466,27 @@ void lattice_free(void *handle) {
     }                                                                                             \
                                                                                                   \
     /* out = base + alpha * post . (scale * S^T B S (pre . values)); values, base, out (n, c);  \
-     * buf_a, buf_b ((m+1) * c) and, for a pixel-major splat in `nparts` parts, scratch       \
-     * ((nparts-1) * m * c; NULL: vertex-major splat through the CSR); blur_col (d+1, 3m);     \
-     * `transpose` reverses the blurs.                                                         \
+     * buf_a, buf_b ((m+1) * c) and scratch ((nparts-1) * m * c): the splat runs pixel-major  \
+     * in `nparts` parts, one vertex buffer each; blur_col (d+1, 3m); `transpose` reverses    \
+     * the blurs.                                                                               \
      * pre, post, base may be NULL; out may alias base but not values. */                       \
-    void lattice_filter_##SUF(int64_t n, int64_t c, int64_t m, int dp1, const int32_t *crow,      \
-                              const int32_t *col, const T *splat_w, const int32_t *blur_col,      \
-                              const int32_t *slice_col, const T *slice_w, double scale,           \
-                              double alpha, const T *pre, const T *post, const T *values,         \
-                              const T *base, T *out, T *buf_a, T *buf_b, T *scratch,              \
-                              int nparts, int transpose, int nthreads) {                          \
+    void lattice_filter_##SUF(int64_t n, int64_t c, int64_t m, int dp1,                           \
+                              const int32_t *blur_col, const int32_t *slice_col, const T *slice_w, \
+                              double scale, double alpha, const T *pre, const T *post,            \
+                              const T *values, const T *base, T *out, T *buf_a, T *buf_b,         \
+                              T *scratch, int nparts, int transpose, int nthreads) {              \
         memset(buf_a + m * c, 0, sizeof(T) * (size_t)c); /* the always-zero vertex m */          \
         memset(buf_b + m * c, 0, sizeof(T) * (size_t)c);                                          \
         double t0 = now_seconds();                                                                \
-        if (scratch && nparts > 0) {                                                              \
-            T *dsts[MAX_THREADS];                                                                 \
-            if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                       \
-            dsts[0] = buf_a;                                                                      \
-            for (int i = 1; i < nparts; i++) dsts[i] = scratch + (int64_t)(i - 1) * m * c;        \
-            scatter_ctx_##SUF sc = {n, m, c, nparts, dp1, slice_col, slice_w, pre, values, dsts}; \
-            parallel_for(nparts, nparts, 1, scatter_part_##SUF, &sc);                             \
-            reduce_ctx_##SUF rc = {nparts, dsts};                                                 \
-            if (nparts > 1) parallel_for(m * c, nthreads, 65536, reduce_range_##SUF, &rc);        \
-        } else {                                                                                  \
-            splat_ctx_##SUF s = {c, crow, col, splat_w, pre, values, buf_a};                      \
-            parallel_for(m, nthreads, 2048, splat_range_##SUF, &s);                               \
-        }                                                                                         \
+        T *dsts[MAX_THREADS];                                                                     \
+        if (nparts < 1) nparts = 1;                                                               \
+        if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                           \
+        dsts[0] = buf_a;                                                                          \
+        for (int i = 1; i < nparts; i++) dsts[i] = scratch + (int64_t)(i - 1) * m * c;            \
+        scatter_ctx_##SUF sc = {n, m, c, nparts, dp1, slice_col, slice_w, pre, values, dsts};     \
+        parallel_for(nparts, nparts, 1, scatter_part_##SUF, &sc);                                 \
+        reduce_ctx_##SUF rc = {nparts, dsts};                                                     \
+        if (nparts > 1) parallel_for(m * c, nthreads, 65536, reduce_range_##SUF, &rc);            \
         double t1 = now_seconds();                                                                \
         T *src = buf_a, *dst = buf_b;                                                             \
         for (int i = 0; i < dp1; i++) {                                                           \
@@ -753,4 +740,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 1; }
+int deepcrf_kernel_abi(void) { return 2; }

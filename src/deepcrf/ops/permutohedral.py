@@ -387,7 +387,7 @@ class PermutohedralLattice:
         splat_crow = torch.zeros(m + 2, dtype=torch.int64, device=dev)
         torch.cumsum(counts, 0, out=splat_crow[1:])
         splat_crow = splat_crow.to(index_dtype)
-        self._splat_idx = (splat_crow, point_of_sorted, splat_w)
+        self._splat_csr = (splat_crow, point_of_sorted, splat_w)
         self._slice_idx = (vertex_of_entry, bary.reshape(-1))
         self.num_vertices = m
 
@@ -444,9 +444,6 @@ class PermutohedralLattice:
                 sizes.append(int(m.value))
             m_total = sum(sizes)
             nnz = batch * n * dp1
-            crow = torch.empty(m_total + 2, dtype=torch.int32)
-            col = torch.empty(nnz, dtype=torch.int32)
-            val = torch.empty(nnz, dtype=dtype)
             blur = torch.empty(dp1, 3 * m_total, dtype=torch.int32)
             slice_col = torch.empty(nnz, dtype=torch.int32)
             offset = 0
@@ -454,8 +451,7 @@ class PermutohedralLattice:
                 e0 = b * n * dp1
                 err = getattr(lib, f"lattice_finish_{suf}")(
                     handle, weights[b].data_ptr(), b * n, offset, e0, m_total, m_total,
-                    crow[offset:].data_ptr(), col[e0:].data_ptr(), val[e0:].data_ptr(),
-                    blur.data_ptr(),
+                    None, None, None, blur.data_ptr(),
                     slice_col[e0:].data_ptr(),
                 )
                 if err:
@@ -464,12 +460,9 @@ class PermutohedralLattice:
         finally:
             for handle in handles:
                 lib.lattice_free(handle)
-        crow[m_total + 1] = nnz  # row m: the always-zero vertex
-        if m_total == 0:
-            crow[0] = 0
         blur_crow = torch.arange(0, 3 * m_total + 1, 3, dtype=torch.int32)
         blur_crow = torch.cat([blur_crow, blur_crow[-1:]])
-        self._splat_idx = (crow, col, val)
+        self._splat_csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._slice_idx = (slice_col, weights.reshape(-1))
         self._blur_idx = [(blur_crow, blur[j]) for j in range(dp1)]
         self._blur_cols = blur
@@ -477,13 +470,35 @@ class PermutohedralLattice:
         self.num_vertices = m_total
         self.pad = pad
 
-    def _native_weights_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(splat CSR values, slice weights) in ``dtype``, converted once."""
+    def _native_weights_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (P·(d+1),) barycentric weights in ``dtype``, converted once."""
         weights = self._native_weights.get(dtype)
         if weights is None:
-            weights = (self._splat_idx[2].to(dtype), self._slice_idx[1].to(dtype))
+            weights = self._slice_idx[1].to(dtype)
             self._native_weights[dtype] = weights
         return weights
+
+    @property
+    def _splat_idx(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splat matrix in CSR form (crow, col, values), rows = vertices (+ the zero row).
+
+        The PyTorch build makes it directly; after the compiled build (which splats
+        pixel-major and never needs it) it is derived on first use from the slice entries:
+        the same rows, points in increasing order within each row.
+        """
+        if self._splat_csr is None:
+            vcol, vval = self._slice_idx
+            dp1 = self.dim + 1
+            order = torch.sort(vcol, stable=True)[1]
+            counts = torch.bincount(vcol.to(torch.int64), minlength=self.num_vertices + 1)
+            crow = torch.zeros(self.num_vertices + 2, dtype=torch.int64, device=vcol.device)
+            torch.cumsum(counts, 0, out=crow[1:])
+            self._splat_csr = (
+                crow.to(self._index_dtype),
+                torch.div(order, dp1, rounding_mode="floor").to(self._index_dtype),
+                vval[order],
+            )
+        return self._splat_csr
 
     def _native_filter(
         self,
@@ -525,10 +540,9 @@ class PermutohedralLattice:
 
         factors = [None if t is None else t.to(dtype).contiguous() for t in (pre, post)]
         base = None if base is None else base.contiguous()
-        crow, col, _ = self._splat_idx
         getattr(lib, f"lattice_filter_{suf}")(
-            p, c, m, self.dim + 1, crow.data_ptr(), col.data_ptr(), weights[0].data_ptr(),
-            self._blur_cols.data_ptr(), self._slice_idx[0].data_ptr(), weights[1].data_ptr(),
+            p, c, m, self.dim + 1,
+            self._blur_cols.data_ptr(), self._slice_idx[0].data_ptr(), weights.data_ptr(),
             self.output_scale, alpha, ptr(factors[0]), ptr(factors[1]), values.data_ptr(),
             ptr(base), out.data_ptr(), bufs.data_ptr(), bufs[size:].data_ptr(),
             scratch.data_ptr(), nparts, int(transpose), nthreads,
@@ -714,7 +728,7 @@ def filter_sum(
         a_ptrs.append(bufs.data_ptr())
         b_ptrs.append(bufs[size:].data_ptr())
         s_ptrs.append(bufs[2 * size :].data_ptr())
-    weights = [lat._native_weights_for(dtype)[1] for lat in lattices]
+    weights = [lat._native_weights_for(dtype) for lat in lattices]
 
     def opt(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
