@@ -38,8 +38,13 @@ def reference():
     return np.load(REFERENCE_CASE)
 
 
-def test_matches_pydensecrf_golden_output(reference):
-    """Golden q5/q10: pydensecrf2 1.1, DeepLab v1 parameters (shared/reference/README.md)."""
+@pytest.mark.parametrize("lattice", ["auto", "0"], ids=["kernel-if-available", "pytorch"])
+def test_matches_pydensecrf_golden_output(reference, lattice, monkeypatch):
+    """Golden q5/q10: pydensecrf2 1.1, DeepLab v1 parameters (shared/reference/README.md).
+
+    Run with the compiled lattice kernel (when it builds here) and with the PyTorch lattice.
+    """
+    monkeypatch.setenv("DEEPCRF_NATIVE", lattice)
     image, unary = reference["image"], reference["unary"]
     labels, h, w = unary.shape
     crf = _deeplab_crf(dcrf, image, unary.reshape(labels, -1), labels)

@@ -80,7 +80,7 @@ def _native_scales(d: int) -> tuple[float, float]:
 
 
 def _elevation_scales(d: int) -> tuple[list[float], float]:
-    """densecrf's per-coordinate elevation factors and 1/(d+1), rounded to float32."""
+    """The per-coordinate elevation factors and 1/(d+1) of densecrf, rounded to float32."""
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
     scale = [
         float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
@@ -510,7 +510,9 @@ class PermutohedralLattice:
         alpha: float = 1.0,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """base + alpha · post ⊙ filter(pre ⊙ values) with the compiled kernel, (P, C) arrays.
+        """Compute ``base + alpha · post ⊙ filter(pre ⊙ values)`` with the compiled kernel.
+
+        Values, base and out are (P, C) arrays.
 
         ``pre``/``post`` are (P,) or (P, 1) per-point factors; ``out`` may be ``base``.
         """
@@ -615,8 +617,9 @@ class PermutohedralLattice:
 
 
 class ScaledFilter:
-    """``v ↦ post ⊙ K(pre ⊙ v)`` on a built lattice, without autograd, optionally fused as
-    ``subtract_from − post ⊙ K(pre ⊙ v)``.
+    """The filter ``v ↦ post ⊙ K(pre ⊙ v)`` on a built lattice, without autograd.
+
+    Optionally fused as ``subtract_from − post ⊙ K(pre ⊙ v)``.
 
     With the PyTorch backend the factors are folded into the CSR matrices' values; with the
     compiled kernel they are applied inside its splat and slice passes.
@@ -742,7 +745,9 @@ def filter_sum(
         ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
         ptrs(*[opt(f.pre) for f, _ in terms]),
         ptrs(*[opt(f.post) for f, _ in terms]),
-        (ctypes.c_double * k)(*[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]),
+        (ctypes.c_double * k)(
+            *[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]
+        ),
         values.data_ptr(), opt(base), out.data_ptr(),
         ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), nthreads,
     )

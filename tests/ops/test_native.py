@@ -1,0 +1,239 @@
+"""The optional compiled lattice kernel against the PyTorch lattice (the reference)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from deepcrf.ops import native
+from deepcrf.ops.permutohedral import PermutohedralLattice, ScaledFilter, filter_sum
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
+
+
+def _cloud(batch, n, d, spread, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, n, d, generator=g, dtype=dtype) * spread).to(dtype)
+
+
+def _pair(features, **kw):
+    return (
+        PermutohedralLattice(features, backend="torch", **kw),
+        PermutohedralLattice(features, backend="native", **kw),
+    )
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    # CI and the dev machines have cc: a silent fallback there would leave the kernel untested.
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    if os.environ.get("DEEPCRF_NATIVE", "auto") == "0":
+        pytest.skip("DEEPCRF_NATIVE=0: the kernel is switched off for this run")
+    assert native.available(), native.status()
+    assert "compiled kernel" in native.status()
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("compatible", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_lattice_as_pytorch_build(d, compatible, dtype):
+    # 2 images, 1 001 points each (not a multiple of 4: densecrf's padding points are hashed).
+    f = _cloud(2, 1001, d, 7.0, seed=d, dtype=dtype)
+    ref, nat = _pair(f, pydensecrf_compatible=compatible)
+    assert nat.backend == "native" and ref.backend == "torch"
+    assert nat.num_vertices == ref.num_vertices
+    # Same float arithmetic step by step: identical barycentric weights, entry by entry.
+    assert torch.equal(nat._slice_idx[1], ref._slice_idx[1])
+    # Vertex numbering differs (insertion order vs sorted codes) but must be one relabelling.
+    # Vertices touched only by densecrf's padding points have no slice entry: left unmapped.
+    m = ref.num_vertices
+    va, vb = ref._slice_idx[0].long(), nat._slice_idx[0].long()
+    relabel = torch.full((m + 1,), -1, dtype=torch.long)
+    relabel[va] = vb
+    assert torch.equal(relabel[va], vb)
+    mapped = relabel[:m] >= 0
+    assert torch.unique(relabel[:m][mapped]).numel() == int(mapped.sum())
+    if not compatible:
+        assert bool(mapped.all())
+    relabel[m] = m  # the always-zero vertex ("missing neighbour")
+    image = torch.zeros(m + 1, dtype=torch.bool)
+    image[relabel[:m][mapped]] = True
+    for (_, col_a), (_, col_b) in zip(ref._blur_idx, nat._blur_idx, strict=True):
+        rows_a = col_a.long().reshape(-1, 3)[mapped]
+        rows_b = col_b.long().reshape(-1, 3)[relabel[rows_a[:, 0]]]
+        nbr_a, nbr_b = rows_a[:, 1:], rows_b[:, 1:]
+        known = relabel[nbr_a] >= 0
+        assert torch.equal(relabel[nbr_a][known], nbr_b[known])
+        assert not bool(image[nbr_b[~known]].any()) and not bool((nbr_b[~known] == m).any())
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [2, 3, 5])
+@pytest.mark.parametrize("channels", [1, 7, 21])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("compatible", [False, True])
+def test_filter_matches_pytorch_filter(d, channels, transpose, compatible):
+    f = _cloud(3, 701, d, 5.0, seed=10 + d)
+    v = torch.randn(3, 701, channels, dtype=torch.float64)
+    ref, nat = _pair(f, pydensecrf_compatible=compatible)
+    expected = ref.filter(v, transpose=transpose)
+    torch.testing.assert_close(nat.filter(v, transpose=transpose), expected, rtol=1e-12, atol=1e-12)
+    out32 = nat.filter(v.float(), transpose=transpose)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32, expected.float(), rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_native_lattice_through_pytorch_sparse_path():
+    # The splat CSR is derived lazily from the kernel's slice arrays; filtering a native-built
+    # lattice with the PyTorch sparse products must give the kernel's answer.
+    f = _cloud(2, 500, 3, 4.0, seed=3)
+    v = torch.randn(2, 500, 4, dtype=torch.float64)
+    lat = PermutohedralLattice(f, backend="native")
+    fast = lat.filter(v)
+    lat._kernel = None  # what the PyTorch path would do with these index arrays
+    torch.testing.assert_close(lat.filter(v), fast, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
+def test_gradcheck_through_kernel():
+    f = _cloud(1, 40, 3, 3.0, seed=4)
+    lat = PermutohedralLattice(f, backend="native")
+    v = torch.randn(1, 40, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lat.filter(x), (v,))
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_pre", [False, True])
+@pytest.mark.parametrize("with_post", [False, True])
+def test_scaled_filter_and_fused_sum_match_pytorch(with_pre, with_post):
+    g = torch.Generator().manual_seed(5)
+    n, c = 2000, 6
+    feats = [_cloud(1, n, 5, 6.0, seed=20), _cloud(1, n, 2, 9.0, seed=21)]
+    values = torch.rand(n, c, generator=g, dtype=torch.float64)
+    base = torch.randn(n, c, generator=g, dtype=torch.float64)
+    terms_ref, terms_nat = [], []
+    for k, feat in enumerate(feats):
+        pre = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5 if with_pre else None
+        post = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5 if with_post else None
+        ref, nat = _pair(feat)
+        coef = -1.5 if k == 0 else 0.75
+        terms_ref.append((ScaledFilter(ref, pre, post, torch.float64), coef))
+        terms_nat.append((ScaledFilter(nat, pre, post, torch.float64), coef))
+        a, b = terms_ref[-1][0], terms_nat[-1][0]
+        assert a.matrices is not None and b.matrices is None
+        torch.testing.assert_close(b(values), a(values), rtol=1e-12, atol=1e-12)
+        out = base.clone()
+        b(values, subtract_from=out, out=out)  # in place, as the compat loop does
+        torch.testing.assert_close(out, a(values, subtract_from=base), rtol=1e-12, atol=1e-12)
+    for softmax in (False, True):
+        expected = filter_sum(terms_ref, values, base=base, softmax=softmax)
+        got = filter_sum(terms_nat, values, base=base, softmax=softmax)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        out = base.clone()
+        filter_sum(terms_nat, values, base=out, out=out, softmax=softmax)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    no_base = filter_sum(terms_nat, values)
+    torch.testing.assert_close(no_base, filter_sum(terms_ref, values), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        filter_sum([], values)
+
+
+@needs_kernel
+def test_results_do_not_depend_much_on_thread_count():
+    f = _cloud(1, 30000, 5, 20.0, seed=6, dtype=torch.float32)
+    v = torch.rand(1, 30000, 5)
+    lat = PermutohedralLattice(f, backend="native")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lat.filter(v)
+        torch.set_num_threads(max(threads, 2))
+        many = lat.filter(v)
+    finally:
+        torch.set_num_threads(threads)
+    # Only the order of the per-thread partial splats differs.
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_rows(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1000, 21, generator=g, dtype=dtype) * 10
+    x[0] = torch.tensor([-1e4] * 20 + [0.0], dtype=dtype)  # far below the row maximum
+    x[1, :] = 3.0  # ties
+    expected = torch.softmax(x.double(), dim=-1)
+    got = native.softmax_rows(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    y = x.clone()
+    assert native.softmax_rows(y, out=y) is y
+    torch.testing.assert_close(y, got)
+    # Shapes the kernel does not take go to torch.softmax.
+    z = torch.randn(4, 3, 5, dtype=dtype)
+    torch.testing.assert_close(native.softmax_rows(z), torch.softmax(z, dim=-1))
+
+
+def test_env_switch_and_backend_argument(monkeypatch):
+    f = _cloud(1, 50, 3, 3.0, seed=8)
+    monkeypatch.setenv("DEEPCRF_NATIVE", "0")
+    assert not native.available()
+    assert "DEEPCRF_NATIVE=0" in native.status()
+    assert PermutohedralLattice(f).backend == "torch"
+    with pytest.raises(RuntimeError, match="backend='native' unavailable"):
+        PermutohedralLattice(f, backend="native")
+    monkeypatch.setenv("DEEPCRF_NATIVE", "maybe")
+    with pytest.raises(ValueError, match="DEEPCRF_NATIVE must be auto, 0 or 1"):
+        native.available()
+    monkeypatch.delenv("DEEPCRF_NATIVE")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'native'"):
+        PermutohedralLattice(f, backend="cuda")
+
+
+def test_missing_compiler_falls_back_or_raises(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPCRF_NATIVE", "auto")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("DEEPCRF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-deepcrf")
+    assert native.library() is None
+    assert "no C compiler" in native.status()
+    f = _cloud(1, 50, 2, 3.0, seed=9)
+    assert PermutohedralLattice(f).backend == "torch"
+    monkeypatch.setenv("DEEPCRF_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="DEEPCRF_NATIVE=1 but no C compiler"):
+        native.library()
+
+
+def test_broken_compiler_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPCRF_NATIVE", "auto")
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'fakecc: cannot compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("DEEPCRF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    assert native.library() is None
+    assert "compiling the lattice kernel failed" in native.status()
+    assert "fakecc: cannot compile" in native.status()
+    # Nothing half-written is left in the cache.
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_compiles_into_cache_atomically(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPCRF_NATIVE", "auto")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("DEEPCRF_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert native.library() is not None, native.status()
+    files = [p.name for p in tmp_path.iterdir()]
+    assert len(files) == 1 and files[0].startswith("lattice_kernel_") and files[0].endswith(".so")
+    # A second process-level load reuses the cached library instead of compiling again.
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.library() is not None
+    assert [p.name for p in tmp_path.iterdir()] == files
