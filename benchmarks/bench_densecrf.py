@@ -15,8 +15,11 @@ synthetic one.
 
 Implementations:
     pydensecrf        pydensecrf2 from PyPI (optional; single-threaded C++)
-    deepcrf-compat    deepcrf.compat.pydensecrf (same lattice as pydensecrf, PyTorch ops)
+    deepcrf-compat    deepcrf.compat.pydensecrf (same lattice as pydensecrf); on CPU with the
+                      compiled lattice kernel when it builds (deepcrf.ops.native)
+    deepcrf-compat-torch  the same with DEEPCRF_NATIVE=0: the pure-PyTorch lattice
     deepcrf-dense     deepcrf.dense_crf (the trainable layer, no_grad), CPU
+    deepcrf-dense-torch   the same with DEEPCRF_NATIVE=0
     deepcrf-dense-cuda  the same on CUDA when a GPU is present (synchronised timings)
 
 Usage:
@@ -49,7 +52,14 @@ PARAMS = {
     "w_gaussian": 3.0,
     "theta_gamma": 3.0,
 }
-IMPLS = ("pydensecrf", "deepcrf-compat", "deepcrf-dense", "deepcrf-dense-cuda")
+IMPLS = (
+    "pydensecrf",
+    "deepcrf-compat",
+    "deepcrf-compat-torch",
+    "deepcrf-dense",
+    "deepcrf-dense-torch",
+    "deepcrf-dense-cuda",
+)
 
 
 def _make_case(width: int, height: int, labels: int = LABELS):
@@ -140,7 +150,7 @@ def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dic
 
         def run():
             return _run_pydensecrf_like(pyd, image, unary, iters)
-    elif impl == "deepcrf-compat":
+    elif impl in ("deepcrf-compat", "deepcrf-compat-torch"):
         import deepcrf.compat.pydensecrf.densecrf as ours
 
         def run():
@@ -181,7 +191,10 @@ def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dic
 
 def _spawn(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if args[0].endswith("-torch"):
+        env["DEEPCRF_NATIVE"] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -214,6 +227,9 @@ def _machine() -> dict:
         info["pydensecrf2"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from deepcrf.ops import native
+
+    info["cpu_lattice"] = native.status()
     return info
 
 
