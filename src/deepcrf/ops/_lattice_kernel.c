@@ -364,38 +364,6 @@ void lattice_free(void *handle) {
 
 /* ------------------------------------------------------------------ filtering */
 #define DEFINE_FILTER(T, SUF)                                                                     \
-    /* Pixel-major splat (densecrf's order): values are read sequentially and scattered into \
-     * the vertex rows; each part of the points has its own vertex buffer, summed afterwards. */\
-    typedef struct {                                                                              \
-        int64_t n, m, c, nparts;                                                                  \
-        int dp1;                                                                                  \
-        const int32_t *vert;                                                                      \
-        const T *w, *pre, *values;                                                                \
-        T **dsts;                                                                                 \
-    } scatter_ctx_##SUF;                                                                          \
-                                                                                                  \
-    static void scatter_part_##SUF(void *vctx, int64_t begin, int64_t end) {                      \
-        scatter_ctx_##SUF *x = (scatter_ctx_##SUF *)vctx;                                         \
-        const int64_t c = x->c;                                                                   \
-        const int dp1 = x->dp1;                                                                   \
-        for (int64_t part = begin; part < end; part++) {                                          \
-            T *dst = x->dsts[part];                                                               \
-            memset(dst, 0, sizeof(T) * (size_t)(x->m * c));                                       \
-            int64_t p0 = x->n * part / x->nparts, p1 = x->n * (part + 1) / x->nparts;             \
-            for (int64_t p = p0; p < p1; p++) {                                                   \
-                const T *restrict row = x->values + p * c;                                        \
-                const int32_t *vs = x->vert + p * dp1;                                            \
-                const T *ws = x->w + p * dp1;                                                     \
-                T s = x->pre ? x->pre[p] : (T)1;                                                  \
-                for (int j = 0; j < dp1; j++) {                                                   \
-                    T *restrict acc = dst + (int64_t)vs[j] * c;                                   \
-                    T wj = ws[j] * s;                                                             \
-                    for (int64_t k = 0; k < c; k++) acc[k] += wj * row[k];                        \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-                                                                                                  \
     typedef struct {                                                                              \
         int64_t nparts;                                                                           \
         T **dsts;                                                                                 \
@@ -430,80 +398,6 @@ void lattice_free(void *handle) {
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    typedef struct {                                                                              \
-        int64_t c;                                                                                \
-        int dp1;                                                                                  \
-        const int32_t *vert;                                                                      \
-        const T *w, *post, *base, *src;                                                           \
-        T scale, alpha;                                                                           \
-        T *out;                                                                                   \
-    } slice_ctx_##SUF;                                                                            \
-                                                                                                  \
-    static void slice_range_##SUF(void *vctx, int64_t begin, int64_t end) {                       \
-        slice_ctx_##SUF *x = (slice_ctx_##SUF *)vctx;                                             \
-        const int64_t c = x->c;                                                                   \
-        const int dp1 = x->dp1;                                                                   \
-        for (int64_t p = begin; p < end; p++) {                                                   \
-            T *restrict out = x->out + p * c;                                                     \
-            const int32_t *vs = x->vert + p * dp1;                                                \
-            const T *ws = x->w + p * dp1;                                                         \
-            T f = x->scale * x->alpha;                                                            \
-            if (x->post) f *= x->post[p];                                                         \
-            const T *restrict r0 = x->src + (int64_t)vs[0] * c;                                   \
-            T w0 = ws[0] * f;                                                                     \
-            if (x->base) {                                                                        \
-                const T *restrict base = x->base + p * c;                                         \
-                for (int64_t k = 0; k < c; k++) out[k] = base[k] + w0 * r0[k];                    \
-            } else {                                                                              \
-                for (int64_t k = 0; k < c; k++) out[k] = w0 * r0[k];                              \
-            }                                                                                     \
-            for (int j = 1; j < dp1; j++) {                                                       \
-                const T *restrict r = x->src + (int64_t)vs[j] * c;                                \
-                T wj = ws[j] * f;                                                                 \
-                for (int64_t k = 0; k < c; k++) out[k] += wj * r[k];                              \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-                                                                                                  \
-    /* out = base + alpha * post . (scale * S^T B S (pre . values)); values, base, out (n, c);  \
-     * buf_a, buf_b ((m+1) * c) and scratch ((nparts-1) * m * c): the splat runs pixel-major  \
-     * in `nparts` parts, one vertex buffer each; blur_col (d+1, 3m); `transpose` reverses    \
-     * the blurs.                                                                               \
-     * pre, post, base may be NULL; out may alias base but not values. */                       \
-    void lattice_filter_##SUF(int64_t n, int64_t c, int64_t m, int dp1,                           \
-                              const int32_t *blur_col, const int32_t *slice_col, const T *slice_w, \
-                              double scale, double alpha, const T *pre, const T *post,            \
-                              const T *values, const T *base, T *out, T *buf_a, T *buf_b,         \
-                              T *scratch, int nparts, int transpose, int nthreads) {              \
-        memset(buf_a + m * c, 0, sizeof(T) * (size_t)c); /* the always-zero vertex m */          \
-        memset(buf_b + m * c, 0, sizeof(T) * (size_t)c);                                          \
-        double t0 = now_seconds();                                                                \
-        T *dsts[MAX_THREADS];                                                                     \
-        if (nparts < 1) nparts = 1;                                                               \
-        if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                           \
-        dsts[0] = buf_a;                                                                          \
-        for (int i = 1; i < nparts; i++) dsts[i] = scratch + (int64_t)(i - 1) * m * c;            \
-        scatter_ctx_##SUF sc = {n, m, c, nparts, dp1, slice_col, slice_w, pre, values, dsts};     \
-        parallel_for(nparts, nparts, 1, scatter_part_##SUF, &sc);                                 \
-        reduce_ctx_##SUF rc = {nparts, dsts};                                                     \
-        if (nparts > 1) parallel_for(m * c, nthreads, 65536, reduce_range_##SUF, &rc);            \
-        double t1 = now_seconds();                                                                \
-        T *src = buf_a, *dst = buf_b;                                                             \
-        for (int i = 0; i < dp1; i++) {                                                           \
-            int j = transpose ? dp1 - 1 - i : i;                                                  \
-            blur_ctx_##SUF bl = {c, blur_col + (int64_t)j * 3 * m, src, dst};                     \
-            parallel_for(m, nthreads, 4096, blur_range_##SUF, &bl);                               \
-            T *tmp = src; src = dst; dst = tmp;                                                   \
-        }                                                                                         \
-        double t2 = now_seconds();                                                                \
-        slice_ctx_##SUF sl = {c, dp1, slice_col, slice_w, post, base, src,                        \
-                              (T)scale, (T)alpha, out};                                           \
-        parallel_for(n, nthreads, 4096, slice_range_##SUF, &sl);                                  \
-        double t3 = now_seconds();                                                                \
-        lattice_profile[0] += t1 - t0;                                                            \
-        lattice_profile[1] += t2 - t1;                                                            \
-        lattice_profile[2] += t3 - t2;                                                            \
-    }
 
 /* ------------------------------------------------------------------ softmax */
 /* Rows are short (one entry per label): the maximum and the sum use four running partial
@@ -662,13 +556,15 @@ void lattice_free(void *handle) {
     /* nterms <= 16 lattices over the same n points.  Per term t: m[t] vertices, dp1[t], slice \
      * arrays vert[t]/w[t] (n * dp1[t]), blur_col[t] (dp1[t], 3 m[t]), pre[t]/post[t] (n or   \
      * NULL), coef[t] (times the output scale), buf_a[t], buf_b[t] ((m[t]+1) * c) and         \
-     * scratch[t] ((nparts-1) * m[t] * c).  out may alias base, not values. */                \
+     * scratch[t] ((nparts-1) * m[t] * c).  out may alias base, not values.  `transpose`     \
+     * applies every term's blurs in reverse order (the transposed filter). */                  \
     int lattice_filter_sum_##SUF(int64_t n, int64_t c, int nterms, const int64_t *m,              \
                                  const int *dp1, const int32_t *const *vert, const T *const *w,   \
                                  const int32_t *const *blur_col, const T *const *pre,             \
                                  const T *const *post, const double *coef, const T *values,       \
                                  const T *base, T *out, T *const *buf_a, T *const *buf_b,         \
-                                 T *const *scratch, int nparts, int softmax, int nthreads) {      \
+                                 T *const *scratch, int nparts, int softmax, int transpose,       \
+                                 int nthreads) {                                                  \
         if (nterms < 1 || nterms > 16) return -1;                                                 \
         if (nparts < 1) nparts = 1;                                                               \
         if (nparts > MAX_THREADS) nparts = MAX_THREADS;                                           \
@@ -687,7 +583,8 @@ void lattice_free(void *handle) {
             memset(buf_a[t] + m[t] * c, 0, sizeof(T) * (size_t)c);                                \
             memset(buf_b[t] + m[t] * c, 0, sizeof(T) * (size_t)c);                                \
             T *a = buf_a[t], *b = buf_b[t];                                                       \
-            for (int j = 0; j < dp1[t]; j++) {                                                    \
+            for (int i = 0; i < dp1[t]; i++) {                                                    \
+                int j = transpose ? dp1[t] - 1 - i : i;                                           \
                 blur_ctx_##SUF bl = {c, blur_col[t] + (int64_t)j * 3 * m[t], a, b};               \
                 parallel_for(m[t], nthreads, 4096, blur_range_##SUF, &bl);                        \
                 T *tmp = a; a = b; b = tmp;                                                       \
@@ -740,4 +637,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 2; }
+int deepcrf_kernel_abi(void) { return 3; }

@@ -36,7 +36,7 @@ import torch
 __all__ = ["available", "cache_dir", "library", "softmax_rows", "status", "threads"]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 2
+_ABI = 3
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -110,16 +110,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         finish = getattr(lib, f"lattice_finish_{suf}")
         finish.restype = i32
         finish.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, p, p, p]
-        filt = getattr(lib, f"lattice_filter_{suf}")
-        filt.restype = None
-        filt.argtypes = [i64, i64, i64, i32, p, p, p, f64, f64]
-        filt.argtypes += [p, p, p, p, p, p, p, p, i32, i32, i32]
         soft = getattr(lib, f"softmax_rows_{suf}")
         soft.restype = None
         soft.argtypes = [i64, i64, p, p, i32]
         fsum = getattr(lib, f"lattice_filter_sum_{suf}")
         fsum.restype = i32
-        fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i32, i32, i32]
+        fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p]
+        fsum.argtypes += [i32, i32, i32, i32]
     lib.lattice_free.restype = None
     lib.lattice_free.argtypes = [p]
 

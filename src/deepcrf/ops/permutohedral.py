@@ -516,40 +516,12 @@ class PermutohedralLattice:
 
         ``pre``/``post`` are (P,) or (P, 1) per-point factors; ``out`` may be ``base``.
         """
-        lib = self._kernel
-        assert lib is not None
-        dtype = values.dtype
-        suf = "f32" if dtype == torch.float32 else "f64"
-        values = values.contiguous()
-        p, c = values.shape
-        m = self.num_vertices
-        weights = self._native_weights_for(dtype)
-        if out is None:
-            out = torch.empty_like(values)
-        nthreads = native.threads()
-        nparts = min(nthreads, _SPLAT_PARTS) if p >= 4096 * nthreads else 1
-        # Vertex buffers are kept between calls: fresh multi-MB allocations cost page faults
-        # comparable to the arithmetic (mean-field filters the same shapes every iteration).
-        size = (m + 1) * c
-        bufs = self._native_buffers.get(dtype)
-        if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
-            bufs = torch.empty((nparts + 1) * size + 1, dtype=dtype)
-            self._native_buffers[dtype] = bufs
-        scratch = bufs[2 * size :]
-
-        def ptr(t: torch.Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-
-        factors = [None if t is None else t.to(dtype).contiguous() for t in (pre, post)]
-        base = None if base is None else base.contiguous()
-        getattr(lib, f"lattice_filter_{suf}")(
-            p, c, m, self.dim + 1,
-            self._blur_cols.data_ptr(), self._slice_idx[0].data_ptr(), weights.data_ptr(),
-            self.output_scale, alpha, ptr(factors[0]), ptr(factors[1]), values.data_ptr(),
-            ptr(base), out.data_ptr(), bufs.data_ptr(), bufs[size:].data_ptr(),
-            scratch.data_ptr(), nparts, int(transpose), nthreads,
+        factors = [None if t is None else t.to(values.dtype).reshape(-1).contiguous()
+                   for t in (pre, post)]
+        return _native_sum(
+            [self], [factors[0]], [factors[1]], [alpha], values.contiguous(),
+            None if base is None else base.contiguous(), out, softmax=False, transpose=transpose,
         )
-        return out
 
     # ------------------------------------------------------------------ matrices
     def _matrices(self, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -711,18 +683,43 @@ def filter_sum(
         if softmax:
             acc = torch.softmax(acc, dim=-1)
         return acc if out is None else out.copy_(acc)
+    return _native_sum(
+        [f.lattice for f, _ in terms], [f.pre for f, _ in terms], [f.post for f, _ in terms],
+        [coef for _, coef in terms], values, base, out, softmax=softmax, transpose=False,
+    )
+
+
+def _native_sum(
+    lattices: list[PermutohedralLattice],
+    pres: list[torch.Tensor | None],
+    posts: list[torch.Tensor | None],
+    coefs: list[float],
+    values: torch.Tensor,
+    base: torch.Tensor | None,
+    out: torch.Tensor | None,
+    *,
+    softmax: bool,
+    transpose: bool,
+) -> torch.Tensor:
+    """``base + Σ_t coef_t · post_t ⊙ K_t(pre_t ⊙ values)`` with the compiled kernel.
+
+    All arrays contiguous, of the values' dtype, on the CPU; pre/post (P,) or None.
+    """
+    dtype = values.dtype
     if out is None:
         out = torch.empty_like(values)
-    lattices = [f.lattice for f, _ in terms]
     lib = lattices[0]._kernel
+    assert lib is not None
     suf = "f32" if dtype == torch.float32 else "f64"
     n, c = values.shape
     nthreads = native.threads()
     nparts = min(nthreads, _SPLAT_PARTS) if n >= 4096 * nthreads else 1
-    k = len(terms)
+    k = len(lattices)
     ptrs = ctypes.c_void_p * k
     a_ptrs, b_ptrs, s_ptrs = [], [], []
     for lat in lattices:
+        # Vertex buffers are kept between calls: fresh multi-MB allocations cost page faults
+        # comparable to the arithmetic (mean-field filters the same shapes every iteration).
         size = (lat.num_vertices + 1) * c
         bufs = lat._native_buffers.get(dtype)
         if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
@@ -743,13 +740,14 @@ def filter_sum(
         ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
         ptrs(*[w.data_ptr() for w in weights]),
         ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
-        ptrs(*[opt(f.pre) for f, _ in terms]),
-        ptrs(*[opt(f.post) for f, _ in terms]),
+        ptrs(*[opt(t) for t in pres]),
+        ptrs(*[opt(t) for t in posts]),
         (ctypes.c_double * k)(
-            *[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]
+            *[coef * lat.output_scale for coef, lat in zip(coefs, lattices, strict=True)]
         ),
         values.data_ptr(), opt(base), out.data_ptr(),
-        ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), nthreads,
+        ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), int(transpose),
+        nthreads,
     )
     if err:
         raise RuntimeError(f"lattice_filter_sum failed with code {err}")
