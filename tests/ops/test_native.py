@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepcrf.ops import native
-from deepcrf.ops.permutohedral import PermutohedralLattice, ScaledFilter, filter_sum
+from deepcrf.ops.permutohedral import PermutohedralLattice, ScaledFilter, filter_sum, mean_field
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
 
@@ -141,6 +141,83 @@ def test_scaled_filter_and_fused_sum_match_pytorch(with_pre, with_post):
     torch.testing.assert_close(no_base, filter_sum(terms_ref, values), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="at least one"):
         filter_sum([], values)
+
+
+def _mean_field_case(n, c, with_pre, with_post, seed=7):
+    """Two Potts-like terms (bilateral-ish d=5, spatial d=2) on both lattices, float32."""
+    g = torch.Generator().manual_seed(seed)
+    feats = [_cloud(1, n, 5, 6.0, seed=seed + 1, dtype=torch.float32),
+             _cloud(1, n, 2, 9.0, seed=seed + 2, dtype=torch.float32)]
+    base = torch.randn(n, c, generator=g) * 2
+    terms_ref, terms_nat = [], []
+    for k, feat in enumerate(feats):
+        pre = torch.rand(n, 1, generator=g) + 0.5 if with_pre else None
+        post = torch.rand(n, 1, generator=g) + 0.5 if with_post else None
+        ref, nat = _pair(feat, pydensecrf_compatible=True)
+        # moderate weights: strong coupling amplifies float32 rounding from step to step
+        coef = -0.8 if k == 0 else -0.4
+        terms_ref.append((ScaledFilter(ref, pre, post, torch.float32), coef))
+        terms_nat.append((ScaledFilter(nat, pre, post, torch.float32), coef))
+    return base, terms_ref, terms_nat
+
+
+def _mean_field_loop(terms, base, iters):
+    """The definition, step by step in PyTorch: Q0 = softmax(base), Q <- softmax(base + Σ)."""
+    q = torch.softmax(base, dim=1)
+    for _ in range(iters):
+        acc = base.clone()
+        for f, coef in terms:
+            acc += coef * f(q)
+        q = torch.softmax(acc, dim=1)
+    return q
+
+
+@needs_kernel
+@pytest.mark.parametrize("c", [1, 5, 8, 21, 32, 33])
+@pytest.mark.parametrize("with_pre,with_post", [(False, False), (True, True), (True, False)])
+def test_fused_mean_field_matches_the_definition(c, with_pre, with_post):
+    # 33 labels exceed the fused kernel's widths: that case runs the filter_sum loop.
+    base, terms_ref, terms_nat = _mean_field_case(3000, c, with_pre, with_post)
+    for iters in (0, 1, 4):
+        expected = _mean_field_loop(terms_ref, base, iters)
+        got = mean_field(terms_nat, base, iters)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-6)
+        # the PyTorch-lattice terms take the filter_sum fallback: same numbers
+        torch.testing.assert_close(mean_field(terms_ref, base, iters), expected,
+                                   rtol=1e-4, atol=3e-6)
+    assert torch.allclose(got.sum(1), torch.ones(3000), atol=1e-5)
+
+
+@needs_kernel
+def test_fused_mean_field_threads_blocks_and_extremes():
+    # Point counts that do not fill the blocks of 8 or split evenly between threads, and
+    # logits far apart (exp underflows to 0 for all but one label).
+    base, _, terms_nat = _mean_field_case(4099, 21, True, True, seed=11)
+    base[::7] *= 60.0
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(mean_field(terms_nat, base, 5))
+    finally:
+        torch.set_num_threads(threads)
+    expected = _mean_field_loop(terms_nat, base, 5)
+    for got in results:
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-6)
+
+
+def test_mean_field_rejects_bad_arguments():
+    base, terms_ref, _ = _mean_field_case(200, 4, False, False)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_field([], base, 3)
+    with pytest.raises(ValueError, match="iters"):
+        mean_field(terms_ref, base, -1)
+    with pytest.raises(ValueError, match="out must not be base"):
+        mean_field(terms_ref, base, 1, out=base)
+    with pytest.raises(ValueError, match="base must be"):
+        mean_field(terms_ref, base[None], 1)
 
 
 @needs_kernel

@@ -625,6 +625,336 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : y;
 }
 
+/* ------------------------------------------------------------------ fused mean field */
+/* A team of threads that lives for one call, synchronised by a spinning barrier (the phases
+ * of a mean-field iteration are ~1 ms: forking threads per phase would cost more). */
+#include <sched.h>
+#include <stdatomic.h>
+
+typedef struct {
+    atomic_int count;
+    atomic_int sense;
+    int nthreads;
+} barrier_t;
+
+static void barrier_wait(barrier_t *b, int *local_sense) {
+    *local_sense = !*local_sense;
+    if (atomic_fetch_add(&b->count, 1) == b->nthreads - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->sense, *local_sense);
+    } else {
+        int spins = 0;
+        while (atomic_load(&b->sense) != *local_sense)
+            if (++spins > 2000) sched_yield();
+    }
+}
+
+/* Q_{k+1} = softmax(base + sum_t coef_t post_t . S_t^T B_t S_t (pre_t . Q_k)), Q_0 =
+ * softmax(base), for `iters` steps: the mean field of a dense CRF whose compatibilities are
+ * Potts (folded into coef/post).  One pass over the points per iteration: each point's row is
+ * sliced from every lattice, normalised, written, and splatted straight into the next
+ * iteration's vertex buffers while its indices and weights are in cache.  Vertex rows are
+ * CS floats (the label count rounded up; a compile-time constant, so every row operation is a
+ * few full-width vector instructions on aligned memory).  Thread i owns points
+ * [n i / T, n (i+1) / T) and splats them into its own buffer; the buffers are summed inside the
+ * first blur. */
+typedef struct {
+    int64_t n, c;
+    int nterms, iters, nthreads;
+    const int64_t *m;
+    const int *dp1;
+    const int32_t *const *vert;
+    const float *const *w;
+    const int32_t *const *blur_col;
+    const float *const *pre;
+    const float *const *post;
+    const double *coef;
+    const float *base;
+    float *q;
+    float *const *bufs; /* per term: nthreads + 1 buffers of (m + 1) * CS floats, row m zero */
+    int64_t cs;
+    barrier_t barrier;
+    atomic_int go; /* 0: wait, 1: run, -1: return (not every thread could be started) */
+} mf_ctx;
+
+typedef struct {
+    mf_ctx *ctx;
+    int id;
+} mf_arg;
+
+/* Rows of CS floats as CS/8 vectors of 8 (GCC/Clang vector extensions: explicit SIMD that
+ * still compiles, as pairs of SSE registers, without AVX).  Vertex rows are 32-byte aligned. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f v8_splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* mask ? a : b lane by lane (C has no vector ?:; a comparison gives 0 / -1 per lane) */
+static inline v8f v8_select(v8i mask, v8f a, v8f b) {
+    return (v8f)((mask & (v8i)a) | (~mask & (v8i)b));
+}
+
+/* exp_nonpositive on 8 lanes (the same arithmetic: rounding by the 1.5 * 2^23 trick is
+ * round-half-even, as nearbyintf in the default rounding mode). */
+static inline v8f v8_exp_nonpositive(v8f x) {
+    const v8f lo = v8_splat(-87.0f), magic = v8_splat(12582912.0f);
+    v8f xc = v8_select(x < lo, lo, x);
+    v8f n = (xc * v8_splat(1.44269504f) + magic) - magic;
+    v8f r = (xc - n * v8_splat(0.693145752f)) - n * v8_splat(1.42860677e-06f);
+    v8f p = v8_splat(1.0f / 720.0f);
+    p = p * r + v8_splat(1.0f / 120.0f);
+    p = p * r + v8_splat(1.0f / 24.0f);
+    p = p * r + v8_splat(1.0f / 6.0f);
+    p = p * r + v8_splat(0.5f);
+    p = p * r + v8_splat(1.0f);
+    p = p * r + v8_splat(1.0f);
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8f y = p * (v8f)bits;
+    return v8_select(x < lo, v8_splat(0.0f), y);
+}
+
+static inline float v8_hmax(v8f x) {
+    float m = x[0];
+    for (int k = 1; k < 8; k++) m = x[k] > m ? x[k] : m;
+    return m;
+}
+
+static inline float v8_hsum(v8f x) {
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+}
+
+#define MF_BLOCK 8
+
+#define DEFINE_MEANFIELD(CS)                                                                      \
+    enum { NV_##CS = CS / 8 };                                                                    \
+    static void mf_blur_##CS(const int32_t *restrict nbr, float *const *srcs, int nsrc,          \
+                             float *restrict dst, int64_t v0, int64_t v1) {                       \
+        for (int64_t v = v0; v < v1; v++) {                                                       \
+            const int64_t s = (int64_t)nbr[3 * v] * CS, a = (int64_t)nbr[3 * v + 1] * CS,         \
+                          b = (int64_t)nbr[3 * v + 2] * CS;                                       \
+            const v8f *x = (const v8f *)srcs[0];                                                  \
+            v8f vs[NV_##CS], va[NV_##CS], vb[NV_##CS];                                            \
+            for (int u = 0; u < NV_##CS; u++) {                                                   \
+                vs[u] = x[s / 8 + u];                                                             \
+                va[u] = x[a / 8 + u];                                                             \
+                vb[u] = x[b / 8 + u];                                                             \
+            }                                                                                     \
+            for (int i = 1; i < nsrc; i++) {                                                      \
+                x = (const v8f *)srcs[i];                                                         \
+                for (int u = 0; u < NV_##CS; u++) {                                               \
+                    vs[u] += x[s / 8 + u];                                                        \
+                    va[u] += x[a / 8 + u];                                                        \
+                    vb[u] += x[b / 8 + u];                                                        \
+                }                                                                                 \
+            }                                                                                     \
+            v8f *o = (v8f *)(dst + v * CS);                                                       \
+            for (int u = 0; u < NV_##CS; u++) o[u] = vs[u] + 0.5f * (va[u] + vb[u]);              \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    static void mf_points_##CS(mf_ctx *x, int id, float *const *src, float *const *part,        \
+                               int slice, int splat) {                                            \
+        const int64_t c = x->c, p0 = x->n * id / x->nthreads,                                     \
+                      p1 = x->n * (id + 1) / x->nthreads;                                         \
+        if (splat)                                                                                \
+            for (int t = 0; t < x->nterms; t++)                                                   \
+                memset(part[t], 0, sizeof(float) * (size_t)(x->m[t] * CS));                       \
+        /* lanes >= c: -inf before the softmax's maximum, 0 after it */                          \
+        v8f pad_low[NV_##CS];                                                                     \
+        v8i keep[NV_##CS];                                                                        \
+        for (int u = 0; u < NV_##CS; u++)                                                         \
+            for (int k = 0; k < 8; k++) {                                                         \
+                pad_low[u][k] = 8 * u + k < c ? 0.0f : -INFINITY;                                 \
+                keep[u][k] = 8 * u + k < c ? -1 : 0;                                              \
+            }                                                                                     \
+        /* Points go in blocks of MF_BLOCK: each stage (slice, maximum, exp, normalise, splat)  \
+         * runs over the whole block, so the block's rows are independent chains of work that  \
+         * the CPU overlaps (one row at a time is one long chain of dependent operations). */   \
+        for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                          \
+            const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                        \
+            v8f row[MF_BLOCK][NV_##CS];                                                           \
+            float tmp[CS] __attribute__((aligned(32)));                                           \
+            for (int64_t k = c; k < CS; k++) tmp[k] = 0.0f;                                       \
+            for (int r = 0; r < nb; r++) {                                                        \
+                memcpy(tmp, x->base + (pb + r) * c, sizeof(float) * (size_t)c);                   \
+                for (int u = 0; u < NV_##CS; u++) row[r][u] = ((const v8f *)tmp)[u];              \
+            }                                                                                     \
+            if (slice)                                                                            \
+                for (int r = 0; r < nb; r++) {                                                    \
+                    const int64_t p = pb + r;                                                     \
+                    for (int t = 0; t < x->nterms; t++) {                                         \
+                        const int dp1 = x->dp1[t];                                                \
+                        const int32_t *vs = x->vert[t] + p * dp1;                                 \
+                        const float *ws = x->w[t] + p * dp1;                                      \
+                        float f = (float)x->coef[t];                                              \
+                        if (x->post[t]) f *= x->post[t][p];                                       \
+                        for (int j = 0; j < dp1; j++) {                                           \
+                            const v8f *v = (const v8f *)(src[t] + (int64_t)vs[j] * CS);           \
+                            const float wj = ws[j] * f;                                           \
+                            for (int u = 0; u < NV_##CS; u++) row[r][u] += wj * v[u];             \
+                        }                                                                         \
+                    }                                                                             \
+                }                                                                                 \
+            float mx[MF_BLOCK], inv[MF_BLOCK];                                                    \
+            for (int r = 0; r < nb; r++) {                                                        \
+                v8f mv = row[r][0] + pad_low[0];                                                  \
+                for (int u = 1; u < NV_##CS; u++) {                                               \
+                    v8f y = row[r][u] + pad_low[u];                                               \
+                    mv = v8_select(y > mv, y, mv);                                                \
+                }                                                                                 \
+                mx[r] = v8_hmax(mv);                                                              \
+            }                                                                                     \
+            for (int r = 0; r < nb; r++) {                                                        \
+                v8f sum = v8_splat(0.0f);                                                         \
+                for (int u = 0; u < NV_##CS; u++) {                                               \
+                    row[r][u] = v8_select(keep[u], v8_exp_nonpositive(row[r][u] - mx[r]), v8_splat(0.0f));             \
+                    sum += row[r][u];                                                             \
+                }                                                                                 \
+                inv[r] = 1.0f / v8_hsum(sum);                                                     \
+            }                                                                                     \
+            for (int r = 0; r < nb; r++) {                                                        \
+                for (int u = 0; u < NV_##CS; u++) {                                               \
+                    row[r][u] *= inv[r];                                                          \
+                    ((v8f *)tmp)[u] = row[r][u];                                                  \
+                }                                                                                 \
+                memcpy(x->q + (pb + r) * c, tmp, sizeof(float) * (size_t)c);                     \
+            }                                                                                     \
+            if (splat)                                                                            \
+                for (int r = 0; r < nb; r++) {                                                    \
+                    const int64_t p = pb + r;                                                     \
+                    for (int t = 0; t < x->nterms; t++) {                                         \
+                        const int dp1 = x->dp1[t];                                                \
+                        const int32_t *vs = x->vert[t] + p * dp1;                                 \
+                        const float *ws = x->w[t] + p * dp1;                                      \
+                        const float s = x->pre[t] ? x->pre[t][p] : 1.0f;                          \
+                        for (int j = 0; j < dp1; j++) {                                           \
+                            v8f *acc = (v8f *)(part[t] + (int64_t)vs[j] * CS);                    \
+                            const float wj = ws[j] * s;                                           \
+                            for (int u = 0; u < NV_##CS; u++) acc[u] += wj * row[r][u];           \
+                        }                                                                         \
+                    }                                                                             \
+                }                                                                                 \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    static void *mf_thread_##CS(void *varg) {                                                     \
+        mf_arg *arg = (mf_arg *)varg;                                                             \
+        mf_ctx *x = arg->ctx;                                                                     \
+        int go;                                                                                   \
+        while ((go = atomic_load(&x->go)) == 0) sched_yield();                                    \
+        if (go < 0 && arg->id != 0) return NULL;                                                  \
+        const int id = arg->id, nt = x->nthreads;                                                 \
+        int sense = 0;                                                                            \
+        /* roles[t][i]: which of term t's nt + 1 buffers is thread i's splat target (i < nt)  \
+         * and which is spare (i = nt); every thread derives the same roles. */                   \
+        int roles[16][MAX_THREADS + 1];                                                           \
+        float *part[16], *src[16];                                                                \
+        for (int t = 0; t < x->nterms; t++) {                                                     \
+            for (int i = 0; i <= nt; i++) roles[t][i] = i;                                        \
+            part[t] = x->bufs[t] + (int64_t)roles[t][id] * (x->m[t] + 1) * CS;                   \
+            src[t] = NULL;                                                                        \
+        }                                                                                         \
+        for (int it = 0; it <= x->iters; it++) {                                                  \
+            double t0 = now_seconds();                                                            \
+            mf_points_##CS(x, id, src, part, it > 0, it < x->iters);                              \
+            double t1 = now_seconds();                                                            \
+            barrier_wait(&x->barrier, &sense);                                                    \
+            if (id == 0) { lattice_profile[0] += t1 - t0; lattice_profile[1] += now_seconds() - t1; } \
+            if (it == x->iters) break;                                                            \
+            for (int t = 0; t < x->nterms; t++) {                                                 \
+                const int64_t mt = x->m[t], stride = (mt + 1) * CS;                               \
+                const int64_t v0 = mt * id / nt, v1 = mt * (id + 1) / nt;                         \
+                float *parts[MAX_THREADS];                                                        \
+                for (int i = 0; i < nt; i++) parts[i] = x->bufs[t] + roles[t][i] * stride;        \
+                int cur = roles[t][nt], other = roles[t][0];                                      \
+                for (int j = 0; j < x->dp1[t]; j++) {                                             \
+                    const int32_t *nbr = x->blur_col[t] + (int64_t)j * 3 * mt;                    \
+                    if (j == 0) {                                                                 \
+                        mf_blur_##CS(nbr, parts, nt, x->bufs[t] + cur * stride, v0, v1);          \
+                    } else {                                                                      \
+                        float *in = x->bufs[t] + cur * stride;                                    \
+                        mf_blur_##CS(nbr, &in, 1, x->bufs[t] + other * stride, v0, v1);           \
+                        int tmp = cur; cur = other; other = tmp;                                  \
+                    }                                                                             \
+                    barrier_wait(&x->barrier, &sense);                                            \
+                }                                                                                 \
+                /* `cur` holds the blurred values; the other nt buffers are the next parts */   \
+                int k = 0;                                                                        \
+                for (int i = 0; i <= nt; i++)                                                     \
+                    if (i != cur) roles[t][k++] = i;                                              \
+                roles[t][nt] = cur;                                                               \
+                src[t] = x->bufs[t] + cur * stride;                                               \
+                part[t] = x->bufs[t] + roles[t][id] * stride;                                     \
+            }                                                                                     \
+        }                                                                                         \
+        return NULL;                                                                              \
+    }
+
+DEFINE_MEANFIELD(8)
+DEFINE_MEANFIELD(16)
+DEFINE_MEANFIELD(24)
+DEFINE_MEANFIELD(32)
+
+/* The driver of the fused mean field above (float32).  base (n, c) = the logits' constant
+ * part (-U); q (n, c) receives Q_iters.  Returns 0, -1 on allocation failure, -2 when c > 32
+ * (the caller then iterates lattice_filter_sum). */
+int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
+                          const int32_t *const *vert, const float *const *w,
+                          const int32_t *const *blur_col, const float *const *pre,
+                          const float *const *post, const double *coef, const float *base,
+                          float *q, int iters, int nthreads) {
+    if (nterms < 1 || nterms > 16 || c < 1 || iters < 0) return -3;
+    int64_t cs = c <= 8 ? 8 : c <= 16 ? 16 : c <= 24 ? 24 : c <= 32 ? 32 : 0;
+    if (cs == 0) return -2;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > n / 1024) nthreads = (int)(n / 1024);
+    if (nthreads < 1) nthreads = 1;
+    float *bufs[16] = {0};
+    int err = 0;
+    for (int t = 0; t < nterms && !err; t++) {
+        size_t stride = (size_t)((m[t] + 1) * cs);
+        void *mem = NULL;
+        if (posix_memalign(&mem, 64, sizeof(float) * stride * (size_t)(nthreads + 1)) != 0) {
+            err = -1;
+            break;
+        }
+        bufs[t] = (float *)mem;
+        for (int i = 0; i <= nthreads; i++) /* the zero row that missing neighbours point at */
+            memset(bufs[t] + i * stride + m[t] * cs, 0, sizeof(float) * (size_t)cs);
+    }
+    if (!err) {
+        mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
+                    base, q, bufs, cs};
+        atomic_init(&x.barrier.count, 0);
+        atomic_init(&x.barrier.sense, 0);
+        x.barrier.nthreads = nthreads;
+        void *(*fn)(void *) = cs == 8    ? mf_thread_8
+                              : cs == 16 ? mf_thread_16
+                              : cs == 24 ? mf_thread_24
+                                         : mf_thread_32;
+        mf_arg args[MAX_THREADS];
+        pthread_t threads[MAX_THREADS];
+        int started = 1;
+        for (int i = 0; i < nthreads; i++) args[i] = (mf_arg){&x, i};
+        atomic_init(&x.go, 0);
+        for (int i = 1; i < nthreads; i++) {
+            if (pthread_create(&threads[i], NULL, fn, &args[i]) != 0) break;
+            started++;
+        }
+        if (started == nthreads) {
+            atomic_store(&x.go, 1);
+            fn(&args[0]);
+        } else { /* the barrier needs every member: release the others, run alone */
+            atomic_store(&x.go, -1);
+            x.nthreads = x.barrier.nthreads = 1;
+        }
+        for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
+        if (started != nthreads) fn(&args[0]);
+    }
+    for (int t = 0; t < nterms; t++) free(bufs[t]);
+    return err;
+}
+
 DEFINE_BUILD(float, f32, nearbyintf)
 DEFINE_BUILD(double, f64, nearbyint)
 DEFINE_FINISH(float, f32)
@@ -637,4 +967,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 3; }
+int deepcrf_kernel_abi(void) { return 4; }

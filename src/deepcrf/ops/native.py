@@ -36,7 +36,7 @@ import torch
 __all__ = ["available", "cache_dir", "library", "softmax_rows", "status", "threads"]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 3
+_ABI = 4
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -117,6 +117,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         fsum.restype = i32
         fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p]
         fsum.argtypes += [i32, i32, i32, i32]
+    mf = lib.lattice_meanfield_f32
+    mf.restype = i32
+    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, i32, i32]
     lib.lattice_free.restype = None
     lib.lattice_free.argtypes = [p]
 

@@ -47,6 +47,7 @@ __all__ = [
     "ScaledFilter",
     "filter_sum",
     "lattice_filter",
+    "mean_field",
     "pydensecrf_output_scale",
 ]
 
@@ -687,6 +688,85 @@ def filter_sum(
         [f.lattice for f, _ in terms], [f.pre for f, _ in terms], [f.post for f, _ in terms],
         [coef for _, coef in terms], values, base, out, softmax=softmax, transpose=False,
     )
+
+
+def mean_field(
+    terms: list[tuple[ScaledFilter, float]],
+    base: torch.Tensor,
+    iters: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean-field iterations with Potts-type terms: ``Q ← softmax(base + Σ_t coef_t F_t(Q))``.
+
+    Starts from ``Q₀ = softmax(base)`` and returns ``Q_iters``: Krähenbühl & Koltun (2011),
+    eq. 4, with the unary as ``base = −U`` and each term's label compatibility a scalar folded
+    into its coefficient and ``post`` factor (the pydensecrf compat layer's Potts terms).
+
+    With the compiled kernel (float32, at most 32 labels, every term on it) the whole loop is
+    one call: per iteration a single pass over the points slices every lattice, normalises the
+    row and splats it into the next iteration's vertex buffers while the point's indices are
+    in cache, then each lattice is blurred.  Otherwise it iterates :func:`filter_sum`.
+    Both give the same numbers up to float32 summation order.  No autograd.
+
+    Shape:
+        base, out: (B·N, L); returns ``out`` (allocated when None), which must not be ``base``.
+    """
+    if not terms:
+        raise ValueError("mean_field needs at least one (filter, coefficient) term")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative integer; got {iters!r}")
+    if base.dim() != 2:
+        raise ValueError(f"base must be (B·N, L); got shape {tuple(base.shape)}")
+    if out is None:
+        out = torch.empty_like(base)
+    elif out.data_ptr() == base.data_ptr():
+        raise ValueError("mean_field: out must not be base (base is read every iteration)")
+    n, c = base.shape
+    lattices = [f.lattice for f, _ in terms]
+    native_ok = (
+        base.dtype == torch.float32
+        and c <= 32
+        and len(terms) <= 16
+        and all(f.matrices is None and f.dtype == base.dtype for f, _ in terms)
+        and base.is_contiguous()
+        and out.is_contiguous()
+        and out.dtype == base.dtype
+    )
+    if native_ok:
+        lib = lattices[0]._kernel
+        assert lib is not None
+        k = len(terms)
+        ptrs = ctypes.c_void_p * k
+        weights = [lat._native_weights_for(base.dtype) for lat in lattices]
+
+        def opt(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        err = lib.lattice_meanfield_f32(
+            n, c, k,
+            (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
+            (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
+            ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
+            ptrs(*[w.data_ptr() for w in weights]),
+            ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
+            ptrs(*[opt(f.pre) for f, _ in terms]),
+            ptrs(*[opt(f.post) for f, _ in terms]),
+            (ctypes.c_double * k)(
+                *[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]
+            ),
+            base.data_ptr(), out.data_ptr(), iters, native.threads(),
+        )
+        if err == -1:
+            raise MemoryError("the lattice kernel could not allocate its vertex buffers")
+        if err:
+            raise RuntimeError(f"lattice_meanfield failed with code {err}")
+        return out
+    q = native.softmax_rows(base.contiguous())
+    buf = torch.empty_like(q)
+    for _ in range(iters):
+        filter_sum(terms, q, base=base, out=buf, softmax=True)
+        q, buf = buf, q
+    return out.copy_(q)
 
 
 def _native_sum(

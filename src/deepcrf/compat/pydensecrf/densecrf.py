@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from deepcrf.ops.native import softmax_rows
-from deepcrf.ops.permutohedral import PermutohedralLattice, filter_sum
+from deepcrf.ops.permutohedral import PermutohedralLattice, mean_field
 
 __all__ = [
     "CONST_KERNEL",
@@ -403,17 +403,15 @@ class DenseCRF:
             raise ValueError(f"niter must be a non-negative integer; got {niter!r}")
         with torch.no_grad():
             neg_unary = self._negative_unary()
+            if self._pairwise and all(t.mode == "potts" for t in self._pairwise):
+                # Potts terms only: the whole loop fused in the lattice kernel (one pass over
+                # the pixels per iteration), or filter_sum iterated.
+                terms = [(t.operator, -1.0) for t in self._pairwise]
+                return self._to_numpy(mean_field(terms, neg_unary.contiguous(), int(niter)))
             q = softmax_rows(neg_unary.contiguous())
             # Two (N, L) buffers for the whole loop (pydensecrf holds about as many): the
             # logits are written into one and turned into Q in place, then the roles swap.
             buf = torch.empty_like(q)
-            if self._pairwise and all(t.mode == "potts" for t in self._pairwise):
-                # Potts terms only: one fused pass per stage (messages, subtraction, softmax).
-                terms = [(t.operator, -1.0) for t in self._pairwise]
-                for _ in range(int(niter)):
-                    filter_sum(terms, q, base=neg_unary, out=buf, softmax=True)
-                    q, buf = buf, q
-                return self._to_numpy(q)
             for _ in range(int(niter)):
                 if not self._pairwise:
                     buf.copy_(neg_unary)
