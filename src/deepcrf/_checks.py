@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -47,10 +48,18 @@ def check_tensor(
     if dtypes is not None and x.dtype not in dtypes:
         allowed = ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}); got {x.dtype}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and not _all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite; found {bad} NaN/inf values")
     return x
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # CPU float32/64 through numpy: single-threaded, so no OpenMP region is opened whose idle
+    # workers would then spin on the cores the compiled lattice kernel is about to use.
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
 
 
 def check_positive(value: float, name: str) -> float:

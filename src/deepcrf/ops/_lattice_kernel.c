@@ -214,15 +214,61 @@ void lattice_free(void *handle) {
  *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
  *   slice_col: the item's n_real*(d+1) slice columns (global vertex ids)
  */
+/* Blur neighbours along direction j of vertices [begin, end): read-only look-ups, so the
+ * vertices are split between threads.  Each vertex is the n1 neighbour of at most one other
+ * (the step is a bijection of the lattice), so the n2 writes never collide. */
+typedef struct {
+    const table_t *t;
+    int j;
+    int64_t vertex_offset;
+    int32_t *out;
+} nbr_ctx;
+
+static void nbr_init_range(void *vctx, int64_t begin, int64_t end) {
+    nbr_ctx *x = (nbr_ctx *)vctx;
+    for (int64_t v = begin; v < end; v++) {
+        x->out[3 * v] = (int32_t)(x->vertex_offset + v);
+        x->out[3 * v + 1] = x->out[3 * v + 2] = -1; /* replaced by `missing` below */
+    }
+}
+
+static void nbr_find_range(void *vctx, int64_t begin, int64_t end) {
+    nbr_ctx *x = (nbr_ctx *)vctx;
+    const table_t *t = x->t;
+    const int d = t->d, dp1 = d + 1, j = x->j;
+    int32_t n1[64];
+    for (int64_t v = begin; v < end; v++) {
+        const int32_t *key = t->keys + v * d;
+        /* n1 = key - 1 everywhere, + (d+1) at j (j = d: the implied coordinate) */
+        for (int i = 0; i < d; i++) n1[i] = key[i] - 1 + (i == j ? dp1 : 0);
+        int64_t u = table_find((table_t *)t, n1, 0);
+        if (u >= 0) {
+            /* n2 is the inverse step: v is u's n2 neighbour */
+            x->out[3 * v + 1] = (int32_t)(x->vertex_offset + u);
+            x->out[3 * u + 2] = (int32_t)(x->vertex_offset + v);
+        }
+    }
+}
+
+/* Second phase, once the total vertex count of the batch is known: the splat CSR rows of this
+ * item's vertices (columns = global point indices, grouped by vertex, increasing point index
+ * within a row) and the blur neighbours along each of the d+1 directions.
+ *   crow:      m+1 entries written (crow[0] = nnz_offset); NULL: no CSR (col, val unused)
+ *   col, val:  the item's n_real*(d+1) entries, written from their start
+ *   blur_col:  (d+1) arrays of 3*m_total, this item's 3*m written from 3*vertex_offset:
+ *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
+ *   slice_col: the item's n_real*(d+1) slice columns (global vertex ids)
+ */
 #define DEFINE_FINISH(T, SUF)                                                                     \
     int lattice_finish_##SUF(void *handle, const T *entry_weight, int64_t point_offset,           \
                              int64_t vertex_offset, int64_t nnz_offset, int64_t missing,         \
                              int64_t m_total, int32_t *crow, int32_t *col, T *val,                \
-                             int32_t *blur_col, int32_t *slice_col) {                            \
+                             int32_t *blur_col, int32_t *slice_col, int nthreads) {              \
         build_t *b = (build_t *)handle;                                                           \
         table_t *t = &b->table;                                                                   \
         int d = t->d, dp1 = d + 1;                                                                \
         int64_t m = t->m, nnz = b->n_real * dp1;                                                  \
+        if (d > 64) return -2;                                                                    \
         for (int64_t e = 0; e < nnz; e++)                                                         \
             slice_col[e] = (int32_t)(vertex_offset + b->entry_vertex[e]);                         \
         if (crow) {                                                                               \
@@ -238,25 +284,15 @@ void lattice_free(void *handle) {
             }                                                                                     \
             free(fill);                                                                           \
         }                                                                                         \
-        int32_t *n1 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d > 0 ? d : 1));               \
-        if (!n1) return -1;                                                                       \
         for (int j = 0; j <= d; j++) {                                                            \
-            int32_t *out = blur_col + (int64_t)j * 3 * m_total + 3 * vertex_offset;               \
-            for (int64_t v = 0; v < m; v++) out[3 * v + 1] = out[3 * v + 2] = (int32_t)missing;   \
+            nbr_ctx x = {t, j, vertex_offset, blur_col + (int64_t)j * 3 * m_total + 3 * vertex_offset}; \
+            parallel_for(m, nthreads, 4096, nbr_init_range, &x);                                  \
+            parallel_for(m, nthreads, 4096, nbr_find_range, &x);                                  \
             for (int64_t v = 0; v < m; v++) {                                                     \
-                const int32_t *key = t->keys + v * d;                                             \
-                /* n1 = key - 1 everywhere, + (d+1) at j (j = d: the implied coordinate) */     \
-                for (int i = 0; i < d; i++) n1[i] = key[i] - 1 + (i == j ? dp1 : 0);              \
-                int64_t u = table_find(t, n1, 0);                                                 \
-                out[3 * v] = (int32_t)(vertex_offset + v);                                        \
-                if (u >= 0) {                                                                     \
-                    /* n2 is the inverse step: v is u's n2 neighbour */                          \
-                    out[3 * v + 1] = (int32_t)(vertex_offset + u);                                \
-                    out[3 * u + 2] = (int32_t)(vertex_offset + v);                                \
-                }                                                                                 \
+                if (x.out[3 * v + 1] < 0) x.out[3 * v + 1] = (int32_t)missing;                    \
+                if (x.out[3 * v + 2] < 0) x.out[3 * v + 2] = (int32_t)missing;                    \
             }                                                                                     \
         }                                                                                         \
-        free(n1);                                                                                 \
         return 0;                                                                                 \
     }
 
@@ -264,103 +300,217 @@ void lattice_free(void *handle) {
  * point into the table.  features (n, d); scale[d] the elevation factors (already rounded to
  * the working precision by the caller, as in the PyTorch path); points >= n_real only insert
  * vertices (densecrf's zero padding).  Writes entry_weight (n_real * (d+1), point-major) and
- * *m_out; returns a handle for lattice_finish / lattice_free (NULL on allocation failure). */
+ * *m_out; returns a handle for lattice_finish / lattice_free (NULL on allocation failure).
+ *
+ * Large inputs are cut into one stripe of consecutive points per thread, each hashed into its
+ * own table; the tables are then merged in stripe order, each stripe's new vertices appended
+ * in its own order of first appearance, which is exactly the numbering a single pass over
+ * the points gives (the result does not depend on the thread count). */
+typedef struct {
+    table_t table;
+    int64_t begin, end;
+    int failed;
+} stripe_t;
+
+/* The first member of each typed build context, filled in by build_lattice. */
+typedef struct {
+    int32_t *entry_vertex;
+    stripe_t *stripes;
+} build_common_t;
+
 #define DEFINE_BUILD(T, SUF, ROUND)                                                               \
+    typedef struct {                                                                              \
+        build_common_t common;                                                                    \
+        const T *features;                                                                        \
+        int64_t n_real;                                                                           \
+        int d;                                                                                    \
+        const double *scale_in;                                                                   \
+        double feature_scale, inv_dp1_in;                                                         \
+        T *entry_weight;                                                                          \
+    } build_ctx_##SUF;                                                                            \
+                                                                                                  \
+    static void build_stripe_##SUF(void *vctx, int64_t s0, int64_t s1) {                          \
+        build_ctx_##SUF *x = (build_ctx_##SUF *)vctx;                                             \
+        const int d = x->d, dp1 = d + 1;                                                          \
+        const int64_t n_real = x->n_real;                                                         \
+        const T *features = x->features;                                                          \
+        const double *scale_in = x->scale_in;                                                     \
+        const double feature_scale = x->feature_scale;                                            \
+        for (int64_t si = s0; si < s1; si++) {                                                    \
+            stripe_t *st = &x->common.stripes[si];                                                \
+            T *work = (T *)malloc(sizeof(T) * (size_t)(5 * dp1 + 8));                             \
+            int *rank = (int *)malloc(sizeof(int) * (size_t)(2 * dp1 + 2));                       \
+            int32_t *key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d + 1));                  \
+            /* the previous point's d+1 keys and vertices: neighbouring pixels share many */     \
+            int32_t *prev_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(dp1 * d + 1));      \
+            int64_t *prev_vert = (int64_t *)malloc(sizeof(int64_t) * (size_t)dp1);                \
+            if (!work || !rank || !key || !prev_key || !prev_vert) st->failed = 1;                \
+            for (int r = 0; prev_vert && r < dp1; r++) prev_vert[r] = -1;                         \
+            T *elevated = work, *v = work ? work + dp1 : NULL, *bary = work ? work + 2 * dp1 : NULL; \
+            const T inv_dp1 = (T)x->inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;       \
+            for (int64_t p = st->begin; p < st->end && !st->failed; p++) {                        \
+                const T *f = features + p * d;                                                    \
+                T sm = 0;                                                                         \
+                for (int j = d; j > 0; j--) {                                                     \
+                    T xf = feature_scale != 1.0 ? f[j - 1] * fscale : f[j - 1];                   \
+                    T cf = xf * (T)scale_in[j - 1];                                               \
+                    T jcf = (T)j * cf;                                                            \
+                    elevated[j] = sm - jcf;                                                       \
+                    sm += cf;                                                                     \
+                }                                                                                 \
+                elevated[0] = sm;                                                                 \
+                T vsum = 0;                                                                       \
+                for (int i = 0; i <= d; i++) {                                                    \
+                    T s = elevated[i] * inv_dp1;                                                  \
+                    v[i] = ROUND(s);                                                              \
+                    vsum += v[i];                                                                 \
+                    rank[i] = 0;                                                                  \
+                }                                                                                 \
+                for (int i = 0; i < d; i++) {                                                     \
+                    T di = elevated[i] - v[i] * tdp1;                                             \
+                    for (int j = i + 1; j <= d; j++) {                                            \
+                        T dj = elevated[j] - v[j] * tdp1;                                         \
+                        int lt = di < dj;                                                         \
+                        rank[i] += lt;                                                            \
+                        rank[j] += 1 - lt;                                                        \
+                    }                                                                             \
+                }                                                                                 \
+                int isum = (int)vsum;                                                             \
+                for (int i = 0; i <= d; i++) {                                                    \
+                    int r = rank[i] + isum;                                                       \
+                    int shift = (r < 0) - (r > d);                                                \
+                    rank[i] = r + dp1 * shift;                                                    \
+                    v[i] += (T)shift;                                                             \
+                }                                                                                 \
+                bary[d + 1] = 0;                                                                  \
+                for (int k = 0; k <= d; k++) bary[k] = 0;                                         \
+                for (int i = 0; i <= d; i++) {                                                    \
+                    T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                 \
+                    bary[d - rank[i]] += bw;                                                      \
+                }                                                                                 \
+                for (int i = 0; i <= d; i++) {                                                    \
+                    T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                 \
+                    bary[d - rank[i] + 1] -= bw;                                                  \
+                }                                                                                 \
+                bary[0] += (T)1 + bary[d + 1];                                                    \
+                for (int r = 0; r <= d; r++) {                                                    \
+                    int32_t *pk = prev_key + r * d;                                               \
+                    for (int i = 0; i < d; i++)                                                   \
+                        key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);          \
+                    int64_t vert = prev_vert[r];                                                  \
+                    if (vert < 0 || !keys_equal(pk, key, d)) {                                    \
+                        vert = table_find(&st->table, key, 1);                                    \
+                        for (int i = 0; i < d; i++) pk[i] = key[i];                               \
+                        prev_vert[r] = vert;                                                      \
+                    }                                                                             \
+                    if (vert < 0) {                                                               \
+                        st->failed = 1;                                                           \
+                        break;                                                                    \
+                    }                                                                             \
+                    if (p < n_real) {                                                             \
+                        x->common.entry_vertex[p * dp1 + r] = (int32_t)vert;                             \
+                        x->entry_weight[p * dp1 + r] = bary[r];                                   \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            if (st->table.failed) st->failed = 1;                                                 \
+            free(work); free(rank); free(key); free(prev_key); free(prev_vert);                   \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
     void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
                               const double *scale_in, double feature_scale, double inv_dp1_in,   \
-                              T *entry_weight, int64_t *m_out) {                                 \
-        int dp1 = d + 1;                                                                          \
-        build_t *b = (build_t *)calloc(1, sizeof(build_t));                                      \
-        if (!b) return NULL;                                                                      \
-        b->n_real = n_real;                                                                       \
-        b->entry_vertex = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n_real * dp1 + 1));        \
-        T *work = (T *)malloc(sizeof(T) * (size_t)(5 * dp1 + 8));                                 \
-        int *ints = (int *)malloc(sizeof(int) * (size_t)(2 * dp1 + 2));                           \
-        int32_t *key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d + 1));                      \
-        /* the previous point's d+1 keys and vertices: neighbouring pixels mostly share them */  \
-        int32_t *prev_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(dp1 * d + 1));          \
-        int64_t *prev_vert = (int64_t *)malloc(sizeof(int64_t) * (size_t)dp1);                    \
-        if (prev_vert)                                                                            \
-            for (int r = 0; r < dp1; r++) prev_vert[r] = -1;                                      \
-        if (!b->entry_vertex || !work || !ints || !key || !prev_key || !prev_vert ||              \
-            table_init(&b->table, d, n_real * dp1 / 32 + 64) != 0) {                               \
-            free(work); free(ints); free(key); free(prev_key); free(prev_vert); lattice_free(b);                                   \
-            return NULL;                                                                          \
-        }                                                                                         \
-        T *elevated = work, *v = work + dp1, *bary = work + 2 * dp1, *fs = work + 4 * dp1 + 4;    \
-        int *rank = ints;                                                                         \
-        const T inv_dp1 = (T)inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;              \
-        (void)fs;                                                                                 \
-        for (int64_t p = 0; p < n; p++) {                                                         \
-            const T *f = features + p * d;                                                        \
-            T sm = 0;                                                                             \
-            for (int j = d; j > 0; j--) {                                                         \
-                T x = feature_scale != 1.0 ? f[j - 1] * fscale : f[j - 1];                        \
-                T cf = x * (T)scale_in[j - 1];                                                    \
-                T jcf = (T)j * cf;                                                                \
-                elevated[j] = sm - jcf;                                                           \
-                sm += cf;                                                                         \
-            }                                                                                     \
-            elevated[0] = sm;                                                                     \
-            T vsum = 0;                                                                           \
-            for (int i = 0; i <= d; i++) {                                                        \
-                T s = elevated[i] * inv_dp1;                                                      \
-                v[i] = ROUND(s);                                                                  \
-                vsum += v[i];                                                                     \
-                rank[i] = 0;                                                                      \
-            }                                                                                     \
-            for (int i = 0; i < d; i++) {                                                         \
-                T di = elevated[i] - v[i] * tdp1;                                                 \
-                for (int j = i + 1; j <= d; j++) {                                                \
-                    T dj = elevated[j] - v[j] * tdp1;                                             \
-                    if (di < dj) rank[i]++; else rank[j]++;                                       \
-                }                                                                                 \
-            }                                                                                     \
-            int isum = (int)vsum;                                                                 \
-            for (int i = 0; i <= d; i++) {                                                        \
-                int r = rank[i] + isum;                                                           \
-                int shift = (r < 0) - (r > d);                                                    \
-                rank[i] = r + dp1 * shift;                                                        \
-                v[i] += (T)shift;                                                                 \
-            }                                                                                     \
-            for (int k = 0; k < d + 2; k++) bary[k] = 0;                                          \
-            for (int i = 0; i <= d; i++) {                                                        \
-                T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                     \
-                bary[d - rank[i]] += bw;                                                          \
-            }                                                                                     \
-            for (int i = 0; i <= d; i++) {                                                        \
-                T bw = (elevated[i] - v[i] * tdp1) * inv_dp1;                                     \
-                bary[d - rank[i] + 1] -= bw;                                                      \
-            }                                                                                     \
-            bary[0] += (T)1 + bary[d + 1];                                                        \
-            for (int r = 0; r <= d; r++) {                                                        \
-                int32_t *pk = prev_key + r * d;                                                   \
-                for (int i = 0; i < d; i++)                                                       \
-                    key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);              \
-                int64_t vert = prev_vert[r];                                                      \
-                if (vert < 0 || !keys_equal(pk, key, d)) {                                        \
-                    vert = table_find(&b->table, key, 1);                                         \
-                    memcpy(pk, key, sizeof(int32_t) * (size_t)d);                                 \
-                    prev_vert[r] = vert;                                                          \
-                }                                                                                 \
-                if (vert < 0) {                                                                   \
-                    free(work); free(ints); free(key); free(prev_key); free(prev_vert); lattice_free(b);                           \
-                    return NULL;                                                                  \
-                }                                                                                 \
-                if (p < n_real) {                                                                 \
-                    b->entry_vertex[p * dp1 + r] = (int32_t)vert;                                 \
-                    entry_weight[p * dp1 + r] = bary[r];                                          \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-        free(work); free(ints); free(key); free(prev_key); free(prev_vert);                       \
-        if (b->table.failed) {                                                                    \
-            lattice_free(b);                                                                      \
-            return NULL;                                                                          \
-        }                                                                                         \
-        *m_out = b->table.m;                                                                      \
-        return b;                                                                                 \
+                              T *entry_weight, int64_t *m_out, int nthreads) {                   \
+        build_ctx_##SUF x = {{NULL, NULL}, features, n_real, d, scale_in, feature_scale,          \
+                             inv_dp1_in, entry_weight};                                           \
+        return build_lattice(n, n_real, d, nthreads, build_stripe_##SUF, &x, m_out);              \
     }
+
+typedef struct {
+    build_t *b;
+    stripe_t *stripes;
+    int64_t **maps;
+    int dp1;
+} remap_ctx;
+
+static void remap_range(void *vctx, int64_t s0, int64_t s1) {
+    remap_ctx *x = (remap_ctx *)vctx;
+    for (int64_t si = s0 + 1; si < s1 + 1; si++) {
+        const stripe_t *st = &x->stripes[si];
+        const int64_t *map = x->maps[si];
+        int64_t end = st->end < x->b->n_real ? st->end : x->b->n_real;
+        for (int64_t e = st->begin * x->dp1; e < end * x->dp1; e++)
+            x->b->entry_vertex[e] = (int32_t)map[x->b->entry_vertex[e]];
+    }
+}
+
+/* The type-independent part of lattice_build_*: stripes, parallel hashing, merge. */
+static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range_fn stripe_fn,
+                           void *ctx, int64_t *m_out) {
+    const int dp1 = d + 1;
+    int nstripes = nthreads;
+    if (nstripes > MAX_THREADS) nstripes = MAX_THREADS;
+    if (nstripes > n / 16384) nstripes = (int)(n / 16384);
+    if (nstripes < 1) nstripes = 1;
+    build_t *b = (build_t *)calloc(1, sizeof(build_t));
+    stripe_t *stripes = (stripe_t *)calloc((size_t)nstripes, sizeof(stripe_t));
+    int64_t **maps = (int64_t **)calloc((size_t)nstripes, sizeof(int64_t *));
+    int ok = b && stripes && maps;
+    if (ok) {
+        b->n_real = n_real;
+        b->entry_vertex = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n_real * dp1 + 1));
+        ok = b->entry_vertex != NULL;
+    }
+    for (int si = 0; ok && si < nstripes; si++) {
+        stripes[si].begin = n * si / nstripes;
+        stripes[si].end = n * (si + 1) / nstripes;
+        int64_t points = stripes[si].end - stripes[si].begin;
+        if (table_init(&stripes[si].table, d, points * dp1 / 32 + 64) != 0) ok = 0;
+    }
+    if (ok) {
+        ((build_common_t *)ctx)->entry_vertex = b->entry_vertex;
+        ((build_common_t *)ctx)->stripes = stripes;
+        parallel_for(nstripes, nstripes, 1, stripe_fn, ctx);
+        for (int si = 0; si < nstripes; si++)
+            if (stripes[si].failed) ok = 0;
+    }
+    if (ok) {
+        /* merge: stripe 0's table becomes the lattice's; later stripes' vertices are looked
+         * up (and appended when new) in stripe order */
+        b->table = stripes[0].table;
+        memset(&stripes[0].table, 0, sizeof(table_t));
+        for (int si = 1; ok && si < nstripes; si++) {
+            table_t *t = &stripes[si].table;
+            maps[si] = (int64_t *)malloc(sizeof(int64_t) * (size_t)(t->m + 1));
+            if (!maps[si]) {
+                ok = 0;
+                break;
+            }
+            for (int64_t v = 0; v < t->m; v++) {
+                maps[si][v] = table_find(&b->table, t->keys + v * d, 1);
+                if (maps[si][v] < 0) ok = 0;
+            }
+            table_free(t);
+        }
+        if (b->table.failed) ok = 0;
+    }
+    if (ok && nstripes > 1) {
+        remap_ctx rc = {b, stripes, maps, dp1};
+        parallel_for(nstripes - 1, nthreads, 1, remap_range, &rc);
+    }
+    for (int si = 0; stripes && si < nstripes; si++) {
+        table_free(&stripes[si].table);
+        if (maps) free(maps[si]);
+    }
+    free(stripes);
+    free(maps);
+    if (!ok) {
+        lattice_free(b);
+        return NULL;
+    }
+    *m_out = b->table.m;
+    return b;
+}
 
 /* ------------------------------------------------------------------ filtering */
 #define DEFINE_FILTER(T, SUF)                                                                     \
@@ -967,4 +1117,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 4; }
+int deepcrf_kernel_abi(void) { return 5; }

@@ -35,6 +35,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from deepcrf._checks import check_tensor
@@ -253,13 +254,16 @@ class PermutohedralLattice:
             return None
         batch, n, d = features.shape
         # The kernel keeps lattice coordinates in int32 and indices in int32.
-        reach = float(features.abs().amax()) * feature_scale * 2 * (d + 1) + 2 * (d + 1)
-        fits = (n + 3) * (d + 1) * batch < 2**31 - 1 and reach < 2**30 and d >= 1
+        # numpy, not torch: see deepcrf._checks._all_finite
+        magnitude = float(np.abs(features.detach().numpy()).max())
+        reach = magnitude * feature_scale * 2 * (d + 1) + 2 * (d + 1)
+        fits = (n + 3) * (d + 1) * batch < 2**31 - 1 and reach < 2**30 and 1 <= d <= 64
         if not fits:
             if backend == "native":
                 raise ValueError(
-                    "backend='native' needs int32 lattice keys and indices: features of "
-                    f"magnitude {reach:.3g} or {batch}×{n} points × {d + 1} are too many"
+                    "backend='native' needs int32 lattice keys and indices and 1 <= d <= 64: "
+                    f"features of magnitude {reach:.3g}, {batch}×{n} points × {d + 1} or "
+                    f"d = {d} is out of range"
                 )
             return None
         return lib
@@ -425,8 +429,10 @@ class PermutohedralLattice:
         suf = "f32" if dtype == torch.float32 else "f64"
         pad = (-n) % 4 if self.pydensecrf_compatible else 0
         f = features.contiguous()
-        if pad:  # densecrf's zero padding points (see _build)
-            f = torch.cat([f, f.new_zeros(batch, pad, d)], dim=1)
+        if pad:  # densecrf's zero padding points (see _build); numpy: single-threaded copy
+            f = torch.from_numpy(
+                np.concatenate([f.numpy(), np.zeros((batch, pad, d), f.numpy().dtype)], axis=1)
+            )
         scale, inv_dp1 = _elevation_scales(d)
         scale_arr = (ctypes.c_double * d)(*scale)
         weights = torch.empty(batch, n * dp1, dtype=dtype)
@@ -437,7 +443,7 @@ class PermutohedralLattice:
                 m = ctypes.c_int64(0)
                 handle = getattr(lib, f"lattice_build_{suf}")(
                     f[b].data_ptr(), n + pad, n, d, scale_arr, feature_scale, inv_dp1,
-                    weights[b].data_ptr(), ctypes.byref(m),
+                    weights[b].data_ptr(), ctypes.byref(m), native.threads(),
                 )
                 if not handle:
                     raise MemoryError("the lattice kernel could not allocate its hash table")
@@ -453,7 +459,7 @@ class PermutohedralLattice:
                 err = getattr(lib, f"lattice_finish_{suf}")(
                     handle, weights[b].data_ptr(), b * n, offset, e0, m_total, m_total,
                     None, None, None, blur.data_ptr(),
-                    slice_col[e0:].data_ptr(),
+                    slice_col[e0:].data_ptr(), native.threads(),
                 )
                 if err:
                     raise MemoryError("the lattice kernel could not allocate its CSR counts")
@@ -461,8 +467,10 @@ class PermutohedralLattice:
         finally:
             for handle in handles:
                 lib.lattice_free(handle)
-        blur_crow = torch.arange(0, 3 * m_total + 1, 3, dtype=torch.int32)
-        blur_crow = torch.cat([blur_crow, blur_crow[-1:]])
+        # numpy: single-threaded (see deepcrf._checks._all_finite)
+        blur_crow = torch.from_numpy(
+            np.append(np.arange(0, 3 * m_total + 1, 3, dtype=np.int32), np.int32(3 * m_total))
+        )
         self._splat_csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._slice_idx = (slice_col, weights.reshape(-1))
         self._blur_idx = [(blur_crow, blur[j]) for j in range(dp1)]

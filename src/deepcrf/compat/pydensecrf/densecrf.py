@@ -179,27 +179,31 @@ class _Pairwise:
         feats = torch.from_numpy(np.ascontiguousarray(features.T))[None]
         self.lattice = PermutohedralLattice(feats, pydensecrf_compatible=True)
         n = features.shape[1]
-        # densecrf normalises with the filtered constant image, computed once per term.
-        ones = torch.ones(n, 1, dtype=torch.float32)
-        norm = self.lattice._apply(ones, False)[:, 0]
+        # densecrf normalises with the filtered constant image, computed once per term.  The
+        # per-pixel arithmetic is numpy's (single-threaded: an OpenMP region here would leave
+        # torch's workers spinning on the cores the lattice kernel uses next).
+        ones = torch.from_numpy(np.ones((n, 1), dtype=np.float32))
+        norm = self.lattice._apply(ones, False)[:, 0].numpy()
         if normalization == NORMALIZE_SYMMETRIC:
-            norm = 1.0 / torch.sqrt(norm + 1e-20)
+            norm = np.float32(1.0) / np.sqrt(norm + np.float32(1e-20))
         elif normalization == NO_NORMALIZATION:
             # Computed (as densecrf does) but unused by its filter.
-            norm = torch.full_like(norm, n / float(norm.sum()))
+            norm = np.full_like(norm, n / float(norm.sum()))
         else:
-            norm = 1.0 / (norm + 1e-20)
-        self.norm = norm[:, None].contiguous()
+            norm = np.float32(1.0) / (norm + np.float32(1e-20))
+        norm = torch.from_numpy(np.ascontiguousarray(norm, dtype=np.float32))
+        self.norm = norm[:, None]
         self.pre = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE)
         self.post = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
         self._set_compat(compat, nlabels)
         # Fold the normalisations (and a Potts weight −w) into the lattice's sparse matrices:
         # one filtering per iteration, no extra passes over the (N, L) arrays.
-        post = norm if self.post else None
+        post = self.norm if self.post else None
         if self.mode == "potts":
-            post = -self.weight * (norm if self.post else torch.ones_like(norm))
+            scaled = norm.numpy() if self.post else np.ones(n, np.float32)
+            post = torch.from_numpy(np.float32(-self.weight) * scaled)[:, None]
         self.operator = self.lattice._scaled_operator(
-            norm if self.pre else None, post, torch.float32
+            self.norm if self.pre else None, post, torch.float32
         )
         # The scaled operator shares the lattice's index arrays; drop the lattice's own
         # (unscaled) weights, which inference never uses.
