@@ -72,6 +72,34 @@ def test_same_lattice_as_pytorch_build(d, compatible, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("compatible", [False, True])
+def test_striped_build_is_the_one_pass_build(compatible):
+    # 70 001 points: large enough to be hashed in one stripe per thread (>= 16 384 points per
+    # stripe) and merged; the merge must give exactly the numbering of a single pass, so the
+    # index arrays are identical whatever the thread count, and agree with the PyTorch build.
+    f = _cloud(1, 70001, 5, 14.0, seed=3, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    built = []
+    try:
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            built.append(PermutohedralLattice(f, backend="native",
+                                              pydensecrf_compatible=compatible))
+    finally:
+        torch.set_num_threads(threads)
+    one = built[0]
+    for lat in built[1:]:
+        assert lat.num_vertices == one.num_vertices
+        assert torch.equal(lat._slice_idx[0], one._slice_idx[0])
+        assert torch.equal(lat._slice_idx[1], one._slice_idx[1])
+        assert torch.equal(lat._blur_cols, one._blur_cols)
+    ref = PermutohedralLattice(f, backend="torch", pydensecrf_compatible=compatible)
+    assert ref.num_vertices == one.num_vertices
+    v = torch.rand(1, 70001, 3)
+    torch.testing.assert_close(built[-1].filter(v), ref.filter(v), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("d", [2, 3, 5])
 @pytest.mark.parametrize("channels", [1, 7, 21])
 @pytest.mark.parametrize("transpose", [False, True])
