@@ -236,6 +236,7 @@ def test_fused_mean_field_threads_blocks_and_extremes():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-6)
 
 
+@needs_kernel
 def test_mean_field_rejects_bad_arguments():
     base, terms_ref, _ = _mean_field_case(200, 4, False, False)
     with pytest.raises(ValueError, match="at least one"):
