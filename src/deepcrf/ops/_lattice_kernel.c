@@ -27,8 +27,9 @@
 #define MAX_THREADS 64
 #define SOFTMAX_BLOCK 32 /* rows normalised together (a few KB: stays in L1) */
 
-/* Cumulative seconds spent in splat, blur, slice (read by benchmarks/bench_densecrf.py
- * --profile to say where the time goes). */
+/* Cumulative seconds, for profiling by hand (read with ctypes; docs/densecrf.md):
+ * lattice_filter_sum adds its splat, reduce + blur and slice times to [0], [1], [2];
+ * lattice_meanfield adds thread 0's pixel passes to [0] and the rest (waiting + blurs) to [1]. */
 double lattice_profile[3];
 
 static double now_seconds(void) {
@@ -1009,7 +1010,7 @@ static inline float v8_hsum(v8f x) {
             mf_points_##CS(x, id, src, part, it > 0, it < x->iters);                              \
             double t1 = now_seconds();                                                            \
             barrier_wait(&x->barrier, &sense);                                                    \
-            if (id == 0) { lattice_profile[0] += t1 - t0; lattice_profile[1] += now_seconds() - t1; } \
+            if (id == 0) lattice_profile[0] += t1 - t0;                                           \
             if (it == x->iters) break;                                                            \
             for (int t = 0; t < x->nterms; t++) {                                                 \
                 const int64_t mt = x->m[t], stride = (mt + 1) * CS;                               \
@@ -1036,6 +1037,7 @@ static inline float v8_hsum(v8f x) {
                 src[t] = x->bufs[t] + cur * stride;                                               \
                 part[t] = x->bufs[t] + roles[t][id] * stride;                                     \
             }                                                                                     \
+            if (id == 0) lattice_profile[1] += now_seconds() - t1;                                \
         }                                                                                         \
         return NULL;                                                                              \
     }
