@@ -743,24 +743,11 @@ def mean_field(
     if native_ok:
         lib = lattices[0]._kernel
         assert lib is not None
-        k = len(terms)
-        ptrs = ctypes.c_void_p * k
-        weights = [lat._native_weights_for(base.dtype) for lat in lattices]
-
-        def opt(t: torch.Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-
         err = lib.lattice_meanfield_f32(
-            n, c, k,
-            (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
-            (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
-            ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
-            ptrs(*[w.data_ptr() for w in weights]),
-            ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
-            ptrs(*[opt(f.pre) for f, _ in terms]),
-            ptrs(*[opt(f.post) for f, _ in terms]),
-            (ctypes.c_double * k)(
-                *[coef * lat.output_scale for (_, coef), lat in zip(terms, lattices, strict=True)]
+            n, c, len(terms),
+            *_kernel_terms(
+                lattices, [f.pre for f, _ in terms], [f.post for f, _ in terms],
+                [coef for _, coef in terms], base.dtype,
             ),
             base.data_ptr(), out.data_ptr(), iters, native.threads(),
         )
@@ -775,6 +762,35 @@ def mean_field(
         filter_sum(terms, q, base=base, out=buf, softmax=True)
         q, buf = buf, q
     return out.copy_(q)
+
+
+def _kernel_terms(
+    lattices: list[PermutohedralLattice],
+    pres: list[torch.Tensor | None],
+    posts: list[torch.Tensor | None],
+    coefs: list[float],
+    dtype: torch.dtype,
+) -> tuple[Any, ...]:
+    """The per-term arrays the kernel's multi-lattice entries take, as ctypes arguments.
+
+    (m, dp1, slice vertices, slice weights, blur columns, pre, post, coef · output scale);
+    pre/post are (P,) tensors of ``dtype`` or None.
+    """
+    k = len(lattices)
+    ptrs = ctypes.c_void_p * k
+    weights = [lat._native_weights_for(dtype) for lat in lattices]
+    return (
+        (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
+        (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
+        ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
+        ptrs(*[w.data_ptr() for w in weights]),
+        ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
+        ptrs(*[None if t is None else t.data_ptr() for t in pres]),
+        ptrs(*[None if t is None else t.data_ptr() for t in posts]),
+        (ctypes.c_double * k)(
+            *[coef * lat.output_scale for coef, lat in zip(coefs, lattices, strict=True)]
+        ),
+    )
 
 
 def _native_sum(
@@ -816,24 +832,10 @@ def _native_sum(
         a_ptrs.append(bufs.data_ptr())
         b_ptrs.append(bufs[size:].data_ptr())
         s_ptrs.append(bufs[2 * size :].data_ptr())
-    weights = [lat._native_weights_for(dtype) for lat in lattices]
-
-    def opt(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
     err = getattr(lib, f"lattice_filter_sum_{suf}")(
         n, c, k,
-        (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
-        (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
-        ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
-        ptrs(*[w.data_ptr() for w in weights]),
-        ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
-        ptrs(*[opt(t) for t in pres]),
-        ptrs(*[opt(t) for t in posts]),
-        (ctypes.c_double * k)(
-            *[coef * lat.output_scale for coef, lat in zip(coefs, lattices, strict=True)]
-        ),
-        values.data_ptr(), opt(base), out.data_ptr(),
+        *_kernel_terms(lattices, pres, posts, coefs, dtype),
+        values.data_ptr(), None if base is None else base.data_ptr(), out.data_ptr(),
         ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), int(transpose),
         nthreads,
     )
