@@ -874,7 +874,42 @@ static inline float v8_hsum(v8f x) {
     return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
 }
 
+/* Unaligned 8-float vectors (rows of (n, c) arrays start at any float). */
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+
+/* Row p of the (n, c) array `src` into nv vectors, lanes >= c zero.  Whole vectors are read
+ * straight from memory, reading past the row's end into the next rows when those exist (the
+ * extra lanes are then cleared); only the array's last rows go lane by lane. */
+static inline void mf_load_row(v8f *row, int nv, const float *src, int64_t p, int64_t n,
+                               int64_t c, const v8i *keep) {
+    const float *s = src + p * c;
+    if ((n - p) * c >= 8 * nv) {
+        for (int u = 0; u < nv; u++)
+            row[u] = v8_select(keep[u], *(const v8f_u *)(s + 8 * u), v8_splat(0.0f));
+    } else {
+        for (int u = 0; u < nv; u++)
+            for (int k = 0; k < 8; k++) row[u][k] = 8 * u + k < c ? s[8 * u + k] : 0.0f;
+    }
+}
+
+/* The first c lanes of row (nv vectors) into row p of the (n, c) array `dst`, whose rows
+ * [p, end) this thread writes in increasing order.  Whole vectors are written when they stay
+ * inside those rows (the zeros spilled into the start of the next rows are overwritten when
+ * their turn comes); the last ones go lane by lane, so no thread writes another's rows. */
+static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, int64_t end,
+                                int64_t c) {
+    float *d = dst + p * c;
+    if ((end - p) * c >= 8 * nv) {
+        for (int u = 0; u < nv; u++) *(v8f_u *)(d + 8 * u) = row[u];
+    } else {
+        for (int u = 0; u < nv; u++)
+            for (int k = 0; k < 8 && 8 * u + k < c; k++) d[8 * u + k] = row[u][k];
+    }
+}
+
 #define MF_BLOCK 8
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
 
 #define DEFINE_MEANFIELD(CS)                                                                      \
     enum { NV_##CS = CS / 8 };                                                                    \
@@ -924,12 +959,8 @@ static inline float v8_hsum(v8f x) {
         for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                          \
             const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                        \
             v8f row[MF_BLOCK][NV_##CS];                                                           \
-            float tmp[CS] __attribute__((aligned(32)));                                           \
-            for (int64_t k = c; k < CS; k++) tmp[k] = 0.0f;                                       \
-            for (int r = 0; r < nb; r++) {                                                        \
-                memcpy(tmp, x->base + (pb + r) * c, sizeof(float) * (size_t)c);                   \
-                for (int u = 0; u < NV_##CS; u++) row[r][u] = ((const v8f *)tmp)[u];              \
-            }                                                                                     \
+            for (int r = 0; r < nb; r++)                                                          \
+                mf_load_row(row[r], NV_##CS, x->base, pb + r, x->n, c, keep);                     \
             if (slice)                                                                            \
                 for (int r = 0; r < nb; r++) {                                                    \
                     const int64_t p = pb + r;                                                     \
@@ -964,11 +995,8 @@ static inline float v8_hsum(v8f x) {
                 inv[r] = 1.0f / v8_hsum(sum);                                                     \
             }                                                                                     \
             for (int r = 0; r < nb; r++) {                                                        \
-                for (int u = 0; u < NV_##CS; u++) {                                               \
-                    row[r][u] *= inv[r];                                                          \
-                    ((v8f *)tmp)[u] = row[r][u];                                                  \
-                }                                                                                 \
-                memcpy(x->q + (pb + r) * c, tmp, sizeof(float) * (size_t)c);                     \
+                for (int u = 0; u < NV_##CS; u++) row[r][u] *= inv[r];                            \
+                mf_store_row(row[r], NV_##CS, x->q, pb + r, p1, c);                               \
             }                                                                                     \
             if (splat)                                                                            \
                 for (int r = 0; r < nb; r++) {                                                    \
@@ -1046,6 +1074,7 @@ DEFINE_MEANFIELD(8)
 DEFINE_MEANFIELD(16)
 DEFINE_MEANFIELD(24)
 DEFINE_MEANFIELD(32)
+#pragma GCC pop_options
 
 /* The driver of the fused mean field above (float32).  base (n, c) = the logits' constant
  * part (-U); q (n, c) receives Q_iters.  Returns 0, -1 on allocation failure, -2 when c > 32
