@@ -262,9 +262,9 @@ static void nbr_find_range(void *vctx, int64_t begin, int64_t end) {
  */
 #define DEFINE_FINISH(T, SUF)                                                                     \
     int lattice_finish_##SUF(void *handle, const T *entry_weight, int64_t point_offset,           \
-                             int64_t vertex_offset, int64_t nnz_offset, int64_t missing,         \
+                             int64_t vertex_offset, int64_t nnz_offset, int64_t missing,          \
                              int64_t m_total, int32_t *crow, int32_t *col, T *val,                \
-                             int32_t *blur_col, int32_t *slice_col, int nthreads) {              \
+                             int32_t *blur_col, int32_t *slice_col, int nthreads) {               \
         build_t *b = (build_t *)handle;                                                           \
         table_t *t = &b->table;                                                                   \
         int d = t->d, dp1 = d + 1;                                                                \
@@ -342,13 +342,13 @@ typedef struct {
             T *work = (T *)malloc(sizeof(T) * (size_t)(5 * dp1 + 8));                             \
             int *rank = (int *)malloc(sizeof(int) * (size_t)(2 * dp1 + 2));                       \
             int32_t *key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(d + 1));                  \
-            /* the previous point's d+1 keys and vertices: neighbouring pixels share many */     \
-            int32_t *prev_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(dp1 * d + 1));      \
+            /* the previous point's d+1 keys and vertices: neighbouring pixels share many */      \
+            int32_t *prev_key = (int32_t *)malloc(sizeof(int32_t) * (size_t)(dp1 * d + 1));       \
             int64_t *prev_vert = (int64_t *)malloc(sizeof(int64_t) * (size_t)dp1);                \
             if (!work || !rank || !key || !prev_key || !prev_vert) st->failed = 1;                \
             for (int r = 0; prev_vert && r < dp1; r++) prev_vert[r] = -1;                         \
             T *elevated = work, *v = work ? work + dp1 : NULL, *bary = work ? work + 2 * dp1 : NULL; \
-            const T inv_dp1 = (T)x->inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;       \
+            const T inv_dp1 = (T)x->inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;         \
             for (int64_t p = st->begin; p < st->end && !st->failed; p++) {                        \
                 const T *f = features + p * d;                                                    \
                 T sm = 0;                                                                         \
@@ -397,7 +397,7 @@ typedef struct {
                 for (int r = 0; r <= d; r++) {                                                    \
                     int32_t *pk = prev_key + r * d;                                               \
                     for (int i = 0; i < d; i++)                                                   \
-                        key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);          \
+                        key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);           \
                     int64_t vert = prev_vert[r];                                                  \
                     if (vert < 0 || !keys_equal(pk, key, d)) {                                    \
                         vert = table_find(&st->table, key, 1);                                    \
@@ -409,7 +409,7 @@ typedef struct {
                         break;                                                                    \
                     }                                                                             \
                     if (p < n_real) {                                                             \
-                        x->common.entry_vertex[p * dp1 + r] = (int32_t)vert;                             \
+                        x->common.entry_vertex[p * dp1 + r] = (int32_t)vert;                      \
                         x->entry_weight[p * dp1 + r] = bary[r];                                   \
                     }                                                                             \
                 }                                                                                 \
@@ -420,8 +420,8 @@ typedef struct {
     }                                                                                             \
                                                                                                   \
     void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
-                              const double *scale_in, double feature_scale, double inv_dp1_in,   \
-                              T *entry_weight, int64_t *m_out, int nthreads) {                   \
+                              const double *scale_in, double feature_scale, double inv_dp1_in,    \
+                              T *entry_weight, int64_t *m_out, int nthreads) {                    \
         build_ctx_##SUF x = {{NULL, NULL}, features, n_real, d, scale_in, feature_scale,          \
                              inv_dp1_in, entry_weight};                                           \
         return build_lattice(n, n_real, d, nthreads, build_stripe_##SUF, &x, m_out);              \
@@ -584,7 +584,7 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
         for (k = 0; k < c; k++) row[k] *= inv;                                                    \
     }                                                                                             \
                                                                                                   \
-    /* softmax of `nrows` consecutive rows in place: the exponentials run as one long loop */   \
+    /* softmax of `nrows` consecutive rows in place: the exponentials run as one long loop */     \
     static inline void softmax_block_##SUF(T *restrict rows, int64_t nrows, int64_t c) {          \
         for (int64_t r = 0; r < nrows; r++) softmax_shift_##SUF(rows + r * c, c);                 \
         for (int64_t k = 0; k < nrows * c; k++) rows[k] = EXP(rows[k]);                           \
@@ -603,12 +603,12 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
         for (int64_t p = begin; p < end; p += SOFTMAX_BLOCK) {                                    \
             int64_t rows = end - p < SOFTMAX_BLOCK ? end - p : SOFTMAX_BLOCK;                     \
             if (s->out != s->x)                                                                   \
-                memcpy(s->out + p * c, s->x + p * c, sizeof(T) * (size_t)(rows * c));            \
+                memcpy(s->out + p * c, s->x + p * c, sizeof(T) * (size_t)(rows * c));             \
             softmax_block_##SUF(s->out + p * c, rows, c);                                         \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    /* out = softmax(x) along the last axis of (n, c); out may alias x. */                      \
+    /* out = softmax(x) along the last axis of (n, c); out may alias x. */                        \
     void softmax_rows_##SUF(int64_t n, int64_t c, const T *x, T *out, int nthreads) {             \
         softmax_ctx_##SUF s = {c, x, out};                                                        \
         parallel_for(n, nthreads, 4096, softmax_range_##SUF, &s);                                 \
@@ -619,7 +619,7 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
  * built on the same points (a mean-field update's messages), optionally followed by a softmax
  * of each output row: values are read once for every lattice's splat, and each output row is
  * written once, while it is in cache. */
-#define DEFINE_FILTER_SUM(T, SUF)                                                            \
+#define DEFINE_FILTER_SUM(T, SUF)                                                                 \
     typedef struct {                                                                              \
         int64_t n, c, nparts;                                                                     \
         int nterms;                                                                               \
@@ -704,11 +704,11 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    /* nterms <= 16 lattices over the same n points.  Per term t: m[t] vertices, dp1[t], slice \
-     * arrays vert[t]/w[t] (n * dp1[t]), blur_col[t] (dp1[t], 3 m[t]), pre[t]/post[t] (n or   \
-     * NULL), coef[t] (times the output scale), buf_a[t], buf_b[t] ((m[t]+1) * c) and         \
-     * scratch[t] ((nparts-1) * m[t] * c).  out may alias base, not values.  `transpose`     \
-     * applies every term's blurs in reverse order (the transposed filter). */                  \
+    /* nterms <= 16 lattices over the same n points.  Per term t: m[t] vertices, dp1[t], slice    \
+     * arrays vert[t]/w[t] (n * dp1[t]), blur_col[t] (dp1[t], 3 m[t]), pre[t]/post[t] (n or       \
+     * NULL), coef[t] (times the output scale), buf_a[t], buf_b[t] ((m[t]+1) * c) and             \
+     * scratch[t] ((nparts-1) * m[t] * c).  out may alias base, not values.  `transpose`          \
+     * applies every term's blurs in reverse order (the transposed filter). */                    \
     int lattice_filter_sum_##SUF(int64_t n, int64_t c, int nterms, const int64_t *m,              \
                                  const int *dp1, const int32_t *const *vert, const T *const *w,   \
                                  const int32_t *const *blur_col, const T *const *pre,             \
@@ -806,9 +806,8 @@ static void barrier_wait(barrier_t *b, int *local_sense) {
  * sliced from every lattice, normalised, written, and splatted straight into the next
  * iteration's vertex buffers while its indices and weights are in cache.  Vertex rows are
  * CS floats (the label count rounded up; a compile-time constant, so every row operation is a
- * few full-width vector instructions on aligned memory).  Thread i owns points
- * [n i / T, n (i+1) / T) and splats them into its own buffer; the buffers are summed inside the
- * first blur. */
+ * few full-width vector instructions on aligned memory).  Each thread splats its points (its
+ * chunks, see MF_CHUNK) into its own buffer; the buffers are summed inside the first blur. */
 typedef struct {
     int64_t n, c;
     int nterms, iters, nthreads;
@@ -908,12 +907,17 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
 }
 
 #define MF_BLOCK 8
+/* Thread i takes the chunks of MF_CHUNK consecutive points i, i + T, i + 2T, ...: a fixed
+ * assignment (so the per-thread sums, and the result, do not depend on timing) that still
+ * gives every thread a share of each part of the image (halves of a photo can differ in cost
+ * by 15%: sky and grass). */
+#define MF_CHUNK 4096
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 
 #define DEFINE_MEANFIELD(CS)                                                                      \
     enum { NV_##CS = CS / 8 };                                                                    \
-    static void mf_blur_##CS(const int32_t *restrict nbr, float *const *srcs, int nsrc,          \
+    static void mf_blur_##CS(const int32_t *restrict nbr, float *const *srcs, int nsrc,           \
                              float *restrict dst, int64_t v0, int64_t v1) {                       \
         for (int64_t v = v0; v < v1; v++) {                                                       \
             const int64_t s = (int64_t)nbr[3 * v] * CS, a = (int64_t)nbr[3 * v + 1] * CS,         \
@@ -938,14 +942,13 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    static void mf_points_##CS(mf_ctx *x, int id, float *const *src, float *const *part,        \
+    static void mf_points_##CS(mf_ctx *x, int id, float *const *src, float *const *part,          \
                                int slice, int splat) {                                            \
-        const int64_t c = x->c, p0 = x->n * id / x->nthreads,                                     \
-                      p1 = x->n * (id + 1) / x->nthreads;                                         \
+        const int64_t c = x->c;                                                                   \
         if (splat)                                                                                \
             for (int t = 0; t < x->nterms; t++)                                                   \
                 memset(part[t], 0, sizeof(float) * (size_t)(x->m[t] * CS));                       \
-        /* lanes >= c: -inf before the softmax's maximum, 0 after it */                          \
+        /* lanes >= c: -inf before the softmax's maximum, 0 after it */                           \
         v8f pad_low[NV_##CS];                                                                     \
         v8i keep[NV_##CS];                                                                        \
         for (int u = 0; u < NV_##CS; u++)                                                         \
@@ -953,66 +956,70 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 pad_low[u][k] = 8 * u + k < c ? 0.0f : -INFINITY;                                 \
                 keep[u][k] = 8 * u + k < c ? -1 : 0;                                              \
             }                                                                                     \
-        /* Points go in blocks of MF_BLOCK: each stage (slice, maximum, exp, normalise, splat)  \
-         * runs over the whole block, so the block's rows are independent chains of work that  \
-         * the CPU overlaps (one row at a time is one long chain of dependent operations). */   \
-        for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                          \
-            const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                        \
-            v8f row[MF_BLOCK][NV_##CS];                                                           \
-            for (int r = 0; r < nb; r++)                                                          \
-                mf_load_row(row[r], NV_##CS, x->base, pb + r, x->n, c, keep);                     \
-            if (slice)                                                                            \
-                for (int r = 0; r < nb; r++) {                                                    \
-                    const int64_t p = pb + r;                                                     \
-                    for (int t = 0; t < x->nterms; t++) {                                         \
-                        const int dp1 = x->dp1[t];                                                \
-                        const int32_t *vs = x->vert[t] + p * dp1;                                 \
-                        const float *ws = x->w[t] + p * dp1;                                      \
-                        float f = (float)x->coef[t];                                              \
-                        if (x->post[t]) f *= x->post[t][p];                                       \
-                        for (int j = 0; j < dp1; j++) {                                           \
-                            const v8f *v = (const v8f *)(src[t] + (int64_t)vs[j] * CS);           \
-                            const float wj = ws[j] * f;                                           \
-                            for (int u = 0; u < NV_##CS; u++) row[r][u] += wj * v[u];             \
+        /* Points go in blocks of MF_BLOCK: each stage (slice, maximum, exp, normalise, splat)    \
+         * runs over the whole block, so the block's rows are independent chains of work that     \
+         * the CPU overlaps (one row at a time is one long chain of dependent operations). */     \
+        for (int64_t ch = id; ch * MF_CHUNK < x->n; ch += x->nthreads) {                          \
+            const int64_t p0 = ch * MF_CHUNK,                                                     \
+                          p1 = p0 + MF_CHUNK < x->n ? p0 + MF_CHUNK : x->n;                       \
+            for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                      \
+                const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                    \
+                v8f row[MF_BLOCK][NV_##CS];                                                       \
+                for (int r = 0; r < nb; r++)                                                      \
+                    mf_load_row(row[r], NV_##CS, x->base, pb + r, x->n, c, keep);                 \
+                if (slice)                                                                        \
+                    for (int r = 0; r < nb; r++) {                                                \
+                        const int64_t p = pb + r;                                                 \
+                        for (int t = 0; t < x->nterms; t++) {                                     \
+                            const int dp1 = x->dp1[t];                                            \
+                            const int32_t *vs = x->vert[t] + p * dp1;                             \
+                            const float *ws = x->w[t] + p * dp1;                                  \
+                            float f = (float)x->coef[t];                                          \
+                            if (x->post[t]) f *= x->post[t][p];                                   \
+                            for (int j = 0; j < dp1; j++) {                                       \
+                                const v8f *v = (const v8f *)(src[t] + (int64_t)vs[j] * CS);       \
+                                const float wj = ws[j] * f;                                       \
+                                for (int u = 0; u < NV_##CS; u++) row[r][u] += wj * v[u];         \
+                            }                                                                     \
                         }                                                                         \
                     }                                                                             \
-                }                                                                                 \
-            float mx[MF_BLOCK], inv[MF_BLOCK];                                                    \
-            for (int r = 0; r < nb; r++) {                                                        \
-                v8f mv = row[r][0] + pad_low[0];                                                  \
-                for (int u = 1; u < NV_##CS; u++) {                                               \
-                    v8f y = row[r][u] + pad_low[u];                                               \
-                    mv = v8_select(y > mv, y, mv);                                                \
-                }                                                                                 \
-                mx[r] = v8_hmax(mv);                                                              \
-            }                                                                                     \
-            for (int r = 0; r < nb; r++) {                                                        \
-                v8f sum = v8_splat(0.0f);                                                         \
-                for (int u = 0; u < NV_##CS; u++) {                                               \
-                    row[r][u] = v8_select(keep[u], v8_exp_nonpositive(row[r][u] - mx[r]), v8_splat(0.0f));             \
-                    sum += row[r][u];                                                             \
-                }                                                                                 \
-                inv[r] = 1.0f / v8_hsum(sum);                                                     \
-            }                                                                                     \
-            for (int r = 0; r < nb; r++) {                                                        \
-                for (int u = 0; u < NV_##CS; u++) row[r][u] *= inv[r];                            \
-                mf_store_row(row[r], NV_##CS, x->q, pb + r, p1, c);                               \
-            }                                                                                     \
-            if (splat)                                                                            \
+                float mx[MF_BLOCK], inv[MF_BLOCK];                                                \
                 for (int r = 0; r < nb; r++) {                                                    \
-                    const int64_t p = pb + r;                                                     \
-                    for (int t = 0; t < x->nterms; t++) {                                         \
-                        const int dp1 = x->dp1[t];                                                \
-                        const int32_t *vs = x->vert[t] + p * dp1;                                 \
-                        const float *ws = x->w[t] + p * dp1;                                      \
-                        const float s = x->pre[t] ? x->pre[t][p] : 1.0f;                          \
-                        for (int j = 0; j < dp1; j++) {                                           \
-                            v8f *acc = (v8f *)(part[t] + (int64_t)vs[j] * CS);                    \
-                            const float wj = ws[j] * s;                                           \
-                            for (int u = 0; u < NV_##CS; u++) acc[u] += wj * row[r][u];           \
+                    v8f mv = row[r][0] + pad_low[0];                                              \
+                    for (int u = 1; u < NV_##CS; u++) {                                           \
+                        v8f y = row[r][u] + pad_low[u];                                           \
+                        mv = v8_select(y > mv, y, mv);                                            \
+                    }                                                                             \
+                    mx[r] = v8_hmax(mv);                                                          \
+                }                                                                                 \
+                for (int r = 0; r < nb; r++) {                                                    \
+                    v8f sum = v8_splat(0.0f);                                                     \
+                    for (int u = 0; u < NV_##CS; u++) {                                           \
+                        row[r][u] = v8_select(keep[u], v8_exp_nonpositive(row[r][u] - mx[r]), v8_splat(0.0f)); \
+                        sum += row[r][u];                                                         \
+                    }                                                                             \
+                    inv[r] = 1.0f / v8_hsum(sum);                                                 \
+                }                                                                                 \
+                for (int r = 0; r < nb; r++) {                                                    \
+                    for (int u = 0; u < NV_##CS; u++) row[r][u] *= inv[r];                        \
+                    mf_store_row(row[r], NV_##CS, x->q, pb + r, p1, c);                           \
+                }                                                                                 \
+                if (splat)                                                                        \
+                    for (int r = 0; r < nb; r++) {                                                \
+                        const int64_t p = pb + r;                                                 \
+                        for (int t = 0; t < x->nterms; t++) {                                     \
+                            const int dp1 = x->dp1[t];                                            \
+                            const int32_t *vs = x->vert[t] + p * dp1;                             \
+                            const float *ws = x->w[t] + p * dp1;                                  \
+                            const float s = x->pre[t] ? x->pre[t][p] : 1.0f;                      \
+                            for (int j = 0; j < dp1; j++) {                                       \
+                                v8f *acc = (v8f *)(part[t] + (int64_t)vs[j] * CS);                \
+                                const float wj = ws[j] * s;                                       \
+                                for (int u = 0; u < NV_##CS; u++) acc[u] += wj * row[r][u];       \
+                            }                                                                     \
                         }                                                                         \
                     }                                                                             \
-                }                                                                                 \
+            }                                                                                     \
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
@@ -1024,13 +1031,13 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
         if (go < 0 && arg->id != 0) return NULL;                                                  \
         const int id = arg->id, nt = x->nthreads;                                                 \
         int sense = 0;                                                                            \
-        /* roles[t][i]: which of term t's nt + 1 buffers is thread i's splat target (i < nt)  \
+        /* roles[t][i]: which of term t's nt + 1 buffers is thread i's splat target (i < nt)      \
          * and which is spare (i = nt); every thread derives the same roles. */                   \
         int roles[16][MAX_THREADS + 1];                                                           \
         float *part[16], *src[16];                                                                \
         for (int t = 0; t < x->nterms; t++) {                                                     \
             for (int i = 0; i <= nt; i++) roles[t][i] = i;                                        \
-            part[t] = x->bufs[t] + (int64_t)roles[t][id] * (x->m[t] + 1) * CS;                   \
+            part[t] = x->bufs[t] + (int64_t)roles[t][id] * (x->m[t] + 1) * CS;                    \
             src[t] = NULL;                                                                        \
         }                                                                                         \
         for (int it = 0; it <= x->iters; it++) {                                                  \
@@ -1057,7 +1064,7 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                     }                                                                             \
                     barrier_wait(&x->barrier, &sense);                                            \
                 }                                                                                 \
-                /* `cur` holds the blurred values; the other nt buffers are the next parts */   \
+                /* `cur` holds the blurred values; the other nt buffers are the next parts */     \
                 int k = 0;                                                                        \
                 for (int i = 0; i <= nt; i++)                                                     \
                     if (i != cur) roles[t][k++] = i;                                              \
