@@ -174,11 +174,13 @@ class _Pairwise:
         normalization: NormalizationType,
         nlabels: int,
     ) -> None:
+        # features: (N, D) float32, point-major (the lattice's layout)
         self.kernel = kernel
         self.normalization = normalization
-        feats = torch.from_numpy(np.ascontiguousarray(features.T))[None]
+        feats = torch.from_numpy(np.ascontiguousarray(features))[None]
         self.lattice = PermutohedralLattice(feats, pydensecrf_compatible=True)
-        n = features.shape[1]
+        del feats
+        n = features.shape[0]
         # densecrf normalises with the filtered constant image, computed once per term.  The
         # per-pixel arithmetic is numpy's (single-threaded: an OpenMP region here would leave
         # torch's workers spinning on the cores the lattice kernel uses next).
@@ -359,9 +361,10 @@ class DenseCRF:
                 "looks transposed"
             )
         arr = _float32_matrix(arr, "features", (None, self._nvar))
-        self._add(arr, compat, kernel, normalization)
+        self._add(arr.T, compat, kernel, normalization)
 
     def _add(self, features: np.ndarray, compat: Any, kernel: Any, normalization: Any) -> None:
+        """Append a term; ``features`` (N, D) float32, finite."""
         term = _Pairwise(
             features, compat, _kernel_type(kernel), _normalization(normalization), self._nlabel
         )
@@ -485,13 +488,23 @@ class DenseCRF2D(DenseCRF):
         self._h = self._positive_int(h, "h")
         super().__init__(self._w * self._h, nlabels)
 
-    def _grid(self, sx: np.float32, sy: np.float32) -> tuple[np.ndarray, np.ndarray]:
-        # float32 division exactly as densecrf computes i / sx (no reciprocal multiply).
+    def _grid_features(self, sx: np.float32, sy: np.float32, extra: int) -> np.ndarray:
+        """(N, 2 + extra) float32 features: columns x / sx and y / sy filled, the rest not.
+
+        Built point-major in place (no (D, N) array to transpose).  The division is float32,
+        as densecrf computes i / sx (no reciprocal multiply).
+        """
         xs = np.arange(self._w, dtype=np.float32) / sx
         ys = np.arange(self._h, dtype=np.float32) / sy
-        return np.broadcast_to(xs[None, :], (self._h, self._w)), np.broadcast_to(
-            ys[:, None], (self._h, self._w)
-        )
+        if not (np.isfinite(xs[-1]) and np.isfinite(ys[-1])):
+            raise ValueError(
+                f"sxy is too small: the pixel positions divided by it overflow float32; got "
+                f"{(float(sx), float(sy))}"
+            )
+        features = np.empty((self._h, self._w, 2 + extra), dtype=np.float32)
+        features[..., 0] = xs[None, :]
+        features[..., 1] = ys[:, None]
+        return features.reshape(self._nvar, 2 + extra)
 
     @staticmethod
     def _pair(value: Any, name: str, count: int) -> list[np.float32]:
@@ -522,9 +535,7 @@ class DenseCRF2D(DenseCRF):
             normalization: normalisation constant.
         """
         sx, sy = self._pair(sxy, "sxy", 2)
-        xs, ys = self._grid(sx, sy)
-        features = np.stack([xs.reshape(-1), ys.reshape(-1)])
-        self._add(features, compat, kernel, normalization)
+        self._add(self._grid_features(sx, sy, 0), compat, kernel, normalization)
 
     def addPairwiseBilateral(
         self,
@@ -573,7 +584,14 @@ class DenseCRF2D(DenseCRF):
                 "images build the features with utils.create_pairwise_bilateral and use "
                 "addPairwiseEnergy"
             )
-        xs, ys = self._grid(sx, sy)
-        colour = [rgbim[..., c].astype(np.float32) / channel_scales[c] for c in range(3)]
-        features = np.stack([xs.reshape(-1), ys.reshape(-1)] + [c.reshape(-1) for c in colour])
+        for scale in channel_scales:
+            if not np.isfinite(np.float32(255) / scale):
+                raise ValueError(
+                    f"srgb is too small: colours divided by it overflow float32; got {srgb!r}"
+                )
+        features = self._grid_features(sx, sy, 3)
+        grid = features.reshape(self._h, self._w, 5)
+        for c in range(3):  # float32 colour / srgb, as densecrf (in place: no temporaries)
+            grid[..., 2 + c] = rgbim[..., c]
+            grid[..., 2 + c] /= channel_scales[c]
         self._add(features, compat, kernel, normalization)
