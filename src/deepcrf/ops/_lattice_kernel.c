@@ -195,26 +195,16 @@ static int64_t table_find(table_t *t, const int32_t *key, int insert) {
 typedef struct {
     table_t table;
     int64_t n_real; /* points whose entries are emitted (the rest are densecrf's padding) */
-    int32_t *entry_vertex; /* n_real * (d+1), local vertex ids, point-major (= slice columns) */
+    int32_t *entry_vertex; /* the caller's n_real * (d+1) slice columns, point-major (borrowed) */
 } build_t;
 
 void lattice_free(void *handle) {
     build_t *b = (build_t *)handle;
     if (!b) return;
     table_free(&b->table);
-    free(b->entry_vertex);
     free(b);
 }
 
-/* Second phase, once the total vertex count of the batch is known: the splat CSR rows of this
- * item's vertices (columns = global point indices, grouped by vertex, increasing point index
- * within a row) and the blur neighbours along each of the d+1 directions.
- *   crow:      m+1 entries written (crow[0] = nnz_offset); NULL: no CSR (col, val unused)
- *   col, val:  the item's n_real*(d+1) entries, written from their start
- *   blur_col:  (d+1) arrays of 3*m_total, this item's 3*m written from 3*vertex_offset:
- *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
- *   slice_col: the item's n_real*(d+1) slice columns (global vertex ids)
- */
 /* Blur neighbours along direction j of vertices [begin, end): read-only look-ups, so the
  * vertices are split between threads.  Each vertex is the n1 neighbour of at most one other
  * (the step is a bijection of the lattice), so the n2 writes never collide. */
@@ -251,57 +241,40 @@ static void nbr_find_range(void *vctx, int64_t begin, int64_t end) {
     }
 }
 
-/* Second phase, once the total vertex count of the batch is known: the splat CSR rows of this
- * item's vertices (columns = global point indices, grouped by vertex, increasing point index
- * within a row) and the blur neighbours along each of the d+1 directions.
- *   crow:      m+1 entries written (crow[0] = nnz_offset); NULL: no CSR (col, val unused)
- *   col, val:  the item's n_real*(d+1) entries, written from their start
+/* Second phase, once the total vertex count of the batch is known: this item's slice columns
+ * made global (the entry_vertex array given to lattice_build gets vertex_offset added) and
+ * the blur neighbours along each of the d+1 directions:
  *   blur_col:  (d+1) arrays of 3*m_total, this item's 3*m written from 3*vertex_offset:
  *              [v, n1, n2] per vertex, `missing` where a neighbour is absent
- *   slice_col: the item's n_real*(d+1) slice columns (global vertex ids)
- */
-#define DEFINE_FINISH(T, SUF)                                                                     \
-    int lattice_finish_##SUF(void *handle, const T *entry_weight, int64_t point_offset,           \
-                             int64_t vertex_offset, int64_t nnz_offset, int64_t missing,          \
-                             int64_t m_total, int32_t *crow, int32_t *col, T *val,                \
-                             int32_t *blur_col, int32_t *slice_col, int nthreads) {               \
-        build_t *b = (build_t *)handle;                                                           \
-        table_t *t = &b->table;                                                                   \
-        int d = t->d, dp1 = d + 1;                                                                \
-        int64_t m = t->m, nnz = b->n_real * dp1;                                                  \
-        if (d > 64) return -2;                                                                    \
-        for (int64_t e = 0; e < nnz; e++)                                                         \
-            slice_col[e] = (int32_t)(vertex_offset + b->entry_vertex[e]);                         \
-        if (crow) {                                                                               \
-            int64_t *fill = (int64_t *)calloc((size_t)(m + 1), sizeof(int64_t));                  \
-            if (!fill) return -1;                                                                 \
-            for (int64_t e = 0; e < nnz; e++) fill[b->entry_vertex[e] + 1]++;                     \
-            for (int64_t v = 0; v < m; v++) fill[v + 1] += fill[v];                               \
-            for (int64_t v = 0; v <= m; v++) crow[v] = (int32_t)(nnz_offset + fill[v]);           \
-            for (int64_t e = 0; e < nnz; e++) {                                                   \
-                int64_t k = fill[b->entry_vertex[e]]++;                                           \
-                col[k] = (int32_t)(point_offset + e / dp1);                                       \
-                val[k] = entry_weight[e];                                                         \
-            }                                                                                     \
-            free(fill);                                                                           \
-        }                                                                                         \
-        for (int j = 0; j <= d; j++) {                                                            \
-            nbr_ctx x = {t, j, vertex_offset, blur_col + (int64_t)j * 3 * m_total + 3 * vertex_offset}; \
-            parallel_for(m, nthreads, 4096, nbr_init_range, &x);                                  \
-            parallel_for(m, nthreads, 4096, nbr_find_range, &x);                                  \
-            for (int64_t v = 0; v < m; v++) {                                                     \
-                if (x.out[3 * v + 1] < 0) x.out[3 * v + 1] = (int32_t)missing;                    \
-                if (x.out[3 * v + 2] < 0) x.out[3 * v + 2] = (int32_t)missing;                    \
-            }                                                                                     \
-        }                                                                                         \
-        return 0;                                                                                 \
+ * Returns 0, or -2 when d > 64. */
+int lattice_finish(void *handle, int64_t vertex_offset, int64_t missing, int64_t m_total,
+                   int32_t *blur_col, int nthreads) {
+    build_t *b = (build_t *)handle;
+    table_t *t = &b->table;
+    const int d = t->d;
+    const int64_t m = t->m, nnz = b->n_real * (d + 1);
+    if (d > 64) return -2;
+    if (vertex_offset != 0)
+        for (int64_t e = 0; e < nnz; e++) b->entry_vertex[e] += (int32_t)vertex_offset;
+    for (int j = 0; j <= d; j++) {
+        nbr_ctx x = {t, j, vertex_offset, blur_col + (int64_t)j * 3 * m_total + 3 * vertex_offset};
+        parallel_for(m, nthreads, 4096, nbr_init_range, &x);
+        parallel_for(m, nthreads, 4096, nbr_find_range, &x);
+        for (int64_t v = 0; v < m; v++) {
+            if (x.out[3 * v + 1] < 0) x.out[3 * v + 1] = (int32_t)missing;
+            if (x.out[3 * v + 2] < 0) x.out[3 * v + 2] = (int32_t)missing;
+        }
     }
+    return 0;
+}
 
 /* First phase: elevate, round, rank, barycentric weights, insert the d+1 vertices of every
  * point into the table.  features (n, d); scale[d] the elevation factors (already rounded to
  * the working precision by the caller, as in the PyTorch path); points >= n_real only insert
- * vertices (densecrf's zero padding).  Writes entry_weight (n_real * (d+1), point-major) and
- * *m_out; returns a handle for lattice_finish / lattice_free (NULL on allocation failure).
+ * vertices (densecrf's zero padding).  Writes entry_weight and entry_vertex (each n_real *
+ * (d+1), point-major: the barycentric weights and the item-local vertex ids, i.e. the slice
+ * matrix) and *m_out; returns a handle for lattice_finish / lattice_free (NULL on allocation
+ * failure), which keeps using entry_vertex until then.
  *
  * Large inputs are cut into one stripe of consecutive points per thread, each hashed into its
  * own table; the tables are then merged in stripe order, each stripe's new vertices appended
@@ -421,10 +394,12 @@ typedef struct {
                                                                                                   \
     void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
                               const double *scale_in, double feature_scale, double inv_dp1_in,    \
-                              T *entry_weight, int64_t *m_out, int nthreads) {                    \
+                              T *entry_weight, int32_t *entry_vertex, int64_t *m_out,             \
+                              int nthreads) {                                                     \
         build_ctx_##SUF x = {{NULL, NULL}, features, n_real, d, scale_in, feature_scale,          \
                              inv_dp1_in, entry_weight};                                           \
-        return build_lattice(n, n_real, d, nthreads, build_stripe_##SUF, &x, m_out);              \
+        return build_lattice(n, n_real, d, nthreads, build_stripe_##SUF, &x, entry_vertex,        \
+                             m_out);                                                              \
     }
 
 typedef struct {
@@ -447,7 +422,7 @@ static void remap_range(void *vctx, int64_t s0, int64_t s1) {
 
 /* The type-independent part of lattice_build_*: stripes, parallel hashing, merge. */
 static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range_fn stripe_fn,
-                           void *ctx, int64_t *m_out) {
+                           void *ctx, int32_t *entry_vertex, int64_t *m_out) {
     const int dp1 = d + 1;
     int nstripes = nthreads;
     if (nstripes > MAX_THREADS) nstripes = MAX_THREADS;
@@ -459,8 +434,7 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
     int ok = b && stripes && maps;
     if (ok) {
         b->n_real = n_real;
-        b->entry_vertex = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n_real * dp1 + 1));
-        ok = b->entry_vertex != NULL;
+        b->entry_vertex = entry_vertex;
     }
     for (int si = 0; ok && si < nstripes; si++) {
         stripes[si].begin = n * si / nstripes;
@@ -1145,8 +1119,6 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
 
 DEFINE_BUILD(float, f32, nearbyintf)
 DEFINE_BUILD(double, f64, nearbyint)
-DEFINE_FINISH(float, f32)
-DEFINE_FINISH(double, f64)
 DEFINE_FILTER(float, f32)
 DEFINE_FILTER(double, f64)
 DEFINE_SOFTMAX(float, f32, exp_nonpositive)
@@ -1155,4 +1127,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 5; }
+int deepcrf_kernel_abi(void) { return 6; }

@@ -36,7 +36,7 @@ import torch
 __all__ = ["available", "cache_dir", "library", "softmax_rows", "status", "threads"]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 5
+_ABI = 6
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -106,10 +106,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suf in ("f32", "f64"):
         build = getattr(lib, f"lattice_build_{suf}")
         build.restype = p
-        build.argtypes = [p, i64, i64, i32, p, f64, f64, p, ctypes.POINTER(i64), i32]
-        finish = getattr(lib, f"lattice_finish_{suf}")
-        finish.restype = i32
-        finish.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, p, p, p, i32]
+        build.argtypes = [p, i64, i64, i32, p, f64, f64, p, p, ctypes.POINTER(i64), i32]
         soft = getattr(lib, f"softmax_rows_{suf}")
         soft.restype = None
         soft.argtypes = [i64, i64, p, p, i32]
@@ -117,6 +114,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fsum.restype = i32
         fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p]
         fsum.argtypes += [i32, i32, i32, i32]
+    lib.lattice_finish.restype = i32
+    lib.lattice_finish.argtypes = [p, i64, i64, i64, p, i32]
     mf = lib.lattice_meanfield_f32
     mf.restype = i32
     mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, i32, i32]

@@ -436,6 +436,8 @@ class PermutohedralLattice:
         scale, inv_dp1 = _elevation_scales(d)
         scale_arr = (ctypes.c_double * d)(*scale)
         weights = torch.empty(batch, n * dp1, dtype=dtype)
+        # the slice columns: item-local vertex ids from the build, made global by finish
+        slice_col = torch.empty(batch, n * dp1, dtype=torch.int32)
         handles: list[int] = []
         sizes: list[int] = []
         try:
@@ -443,26 +445,23 @@ class PermutohedralLattice:
                 m = ctypes.c_int64(0)
                 handle = getattr(lib, f"lattice_build_{suf}")(
                     f[b].data_ptr(), n + pad, n, d, scale_arr, feature_scale, inv_dp1,
-                    weights[b].data_ptr(), ctypes.byref(m), native.threads(),
+                    weights[b].data_ptr(), slice_col[b].data_ptr(), ctypes.byref(m),
+                    native.threads(),
                 )
                 if not handle:
                     raise MemoryError("the lattice kernel could not allocate its hash table")
                 handles.append(handle)
                 sizes.append(int(m.value))
+            del f
             m_total = sum(sizes)
-            nnz = batch * n * dp1
             blur = torch.empty(dp1, 3 * m_total, dtype=torch.int32)
-            slice_col = torch.empty(nnz, dtype=torch.int32)
             offset = 0
-            for b, (handle, m_b) in enumerate(zip(handles, sizes, strict=True)):
-                e0 = b * n * dp1
-                err = getattr(lib, f"lattice_finish_{suf}")(
-                    handle, weights[b].data_ptr(), b * n, offset, e0, m_total, m_total,
-                    None, None, None, blur.data_ptr(),
-                    slice_col[e0:].data_ptr(), native.threads(),
+            for handle, m_b in zip(handles, sizes, strict=True):
+                err = lib.lattice_finish(
+                    handle, offset, m_total, m_total, blur.data_ptr(), native.threads()
                 )
                 if err:
-                    raise MemoryError("the lattice kernel could not allocate its CSR counts")
+                    raise ValueError(f"the lattice kernel takes d <= 64 features; got d = {d}")
                 offset += m_b
         finally:
             for handle in handles:
@@ -472,7 +471,7 @@ class PermutohedralLattice:
             np.append(np.arange(0, 3 * m_total + 1, 3, dtype=np.int32), np.int32(3 * m_total))
         )
         self._splat_csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._slice_idx = (slice_col, weights.reshape(-1))
+        self._slice_idx = (slice_col.reshape(-1), weights.reshape(-1))
         self._blur_idx = [(blur_crow, blur[j]) for j in range(dp1)]
         self._blur_cols = blur
         self._index_dtype = torch.int32
