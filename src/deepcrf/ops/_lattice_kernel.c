@@ -99,7 +99,7 @@ static inline int keys_equal(const int32_t *a, const int32_t *b, int d) {
     return 1;
 }
 
-static uint64_t hash_key(const int32_t *k, int d) {
+static inline uint64_t hash_key(const int32_t *k, int d) {
     uint64_t h = 0x9E3779B97F4A7C15ull;
     for (int i = 0; i < d; i++) {
         h ^= (uint64_t)(uint32_t)k[i];
@@ -137,6 +137,12 @@ static void table_free(table_t *t) {
     t->slots = NULL;
 }
 
+/* Start loading the slot where the look-up of a key with hash h begins (look-ups of
+ * unrelated keys then wait for memory together, not one after another). */
+static inline void table_prefetch(const table_t *t, uint64_t h) {
+    __builtin_prefetch(&t->slots[h & (uint64_t)(t->nslots - 1)]);
+}
+
 static int table_grow(table_t *t) {
     int d = t->d;
     int64_t nslots = t->nslots * 2;
@@ -155,13 +161,12 @@ static int table_grow(table_t *t) {
     return 0;
 }
 
-/* Index of `key` (inserting it when `insert`), or -1 when absent / on allocation failure.
- * A slot holds the vertex index in its low 32 bits and 31 more bits of the key's hash above
- * them, so most mismatches are rejected without reading the key itself. */
-static int64_t table_find(table_t *t, const int32_t *key, int insert) {
+/* Index of `key` (inserting it when `insert`), or -1 when absent / on allocation failure;
+ * h = hash_key(key).  A slot holds the vertex index in its low 32 bits and 31 more bits of
+ * the key's hash above them, so most mismatches are rejected without reading the key itself. */
+static int64_t table_find(table_t *t, const int32_t *key, uint64_t h, int insert) {
     int d = t->d;
     uint64_t mask = (uint64_t)(t->nslots - 1);
-    uint64_t h = hash_key(key, d);
     uint64_t s = h & mask;
     const int64_t tag = slot_entry(h, 0);
     for (;;) {
@@ -227,16 +232,25 @@ static void nbr_find_range(void *vctx, int64_t begin, int64_t end) {
     nbr_ctx *x = (nbr_ctx *)vctx;
     const table_t *t = x->t;
     const int d = t->d, dp1 = d + 1, j = x->j;
-    int32_t n1[64];
-    for (int64_t v = begin; v < end; v++) {
-        const int32_t *key = t->keys + v * d;
-        /* n1 = key - 1 everywhere, + (d+1) at j (j = d: the implied coordinate) */
-        for (int i = 0; i < d; i++) n1[i] = key[i] - 1 + (i == j ? dp1 : 0);
-        int64_t u = table_find((table_t *)t, n1, 0);
-        if (u >= 0) {
-            /* n2 is the inverse step: v is u's n2 neighbour */
-            x->out[3 * v + 1] = (int32_t)(x->vertex_offset + u);
-            x->out[3 * u + 2] = (int32_t)(x->vertex_offset + v);
+    enum { GROUP = 8 }; /* look-ups whose slots are fetched together */
+    int32_t n1[GROUP][64];
+    uint64_t h[GROUP];
+    for (int64_t v0 = begin; v0 < end; v0 += GROUP) {
+        const int g = end - v0 < GROUP ? (int)(end - v0) : GROUP;
+        for (int a = 0; a < g; a++) {
+            const int32_t *key = t->keys + (v0 + a) * d;
+            /* n1 = key - 1 everywhere, + (d+1) at j (j = d: the implied coordinate) */
+            for (int i = 0; i < d; i++) n1[a][i] = key[i] - 1 + (i == j ? dp1 : 0);
+            h[a] = hash_key(n1[a], d);
+            table_prefetch(t, h[a]);
+        }
+        for (int a = 0; a < g; a++) {
+            const int64_t v = v0 + a, u = table_find((table_t *)t, n1[a], h[a], 0);
+            if (u >= 0) {
+                /* n2 is the inverse step: v is u's n2 neighbour */
+                x->out[3 * v + 1] = (int32_t)(x->vertex_offset + u);
+                x->out[3 * u + 2] = (int32_t)(x->vertex_offset + v);
+            }
         }
     }
 }
@@ -292,20 +306,12 @@ typedef struct {
     stripe_t *stripes;
 } build_common_t;
 
-#define DEFINE_BUILD(T, SUF, ROUND)                                                               \
-    typedef struct {                                                                              \
-        build_common_t common;                                                                    \
-        const T *features;                                                                        \
-        int64_t n_real;                                                                           \
-        int d;                                                                                    \
-        const double *scale_in;                                                                   \
-        double feature_scale, inv_dp1_in;                                                         \
-        T *entry_weight;                                                                          \
-    } build_ctx_##SUF;                                                                            \
-                                                                                                  \
-    static void build_stripe_##SUF(void *vctx, int64_t s0, int64_t s1) {                          \
+/* The per-stripe hashing of lattice_build_*, once with d a run-time value and once per common
+ * d as a compile-time constant (its loops then unroll: ~30% faster for d = 5). */
+#define DEFINE_BUILD_STRIPE(T, SUF, ROUND, NAME, DVAL)                                            \
+    static void NAME(void *vctx, int64_t s0, int64_t s1) {                                        \
         build_ctx_##SUF *x = (build_ctx_##SUF *)vctx;                                             \
-        const int d = x->d, dp1 = d + 1;                                                          \
+        const int d = DVAL, dp1 = d + 1;                                                          \
         const int64_t n_real = x->n_real;                                                         \
         const T *features = x->features;                                                          \
         const double *scale_in = x->scale_in;                                                     \
@@ -320,7 +326,8 @@ typedef struct {
             int64_t *prev_vert = (int64_t *)malloc(sizeof(int64_t) * (size_t)dp1);                \
             if (!work || !rank || !key || !prev_key || !prev_vert) st->failed = 1;                \
             for (int r = 0; prev_vert && r < dp1; r++) prev_vert[r] = -1;                         \
-            T *elevated = work, *v = work ? work + dp1 : NULL, *bary = work ? work + 2 * dp1 : NULL; \
+            T *elevated = work, *v = work ? work + dp1 : NULL;                                    \
+            T *bary = work ? work + 2 * dp1 : NULL;                                               \
             const T inv_dp1 = (T)x->inv_dp1_in, fscale = (T)feature_scale, tdp1 = (T)dp1;         \
             for (int64_t p = st->begin; p < st->end && !st->failed; p++) {                        \
                 const T *f = features + p * d;                                                    \
@@ -373,7 +380,7 @@ typedef struct {
                         key[i] = (int32_t)v[i] * dp1 + r - (rank[i] > d - r ? dp1 : 0);           \
                     int64_t vert = prev_vert[r];                                                  \
                     if (vert < 0 || !keys_equal(pk, key, d)) {                                    \
-                        vert = table_find(&st->table, key, 1);                                    \
+                        vert = table_find(&st->table, key, hash_key(key, d), 1);                  \
                         for (int i = 0; i < d; i++) pk[i] = key[i];                               \
                         prev_vert[r] = vert;                                                      \
                     }                                                                             \
@@ -390,7 +397,23 @@ typedef struct {
             if (st->table.failed) st->failed = 1;                                                 \
             free(work); free(rank); free(key); free(prev_key); free(prev_vert);                   \
         }                                                                                         \
-    }                                                                                             \
+    }
+
+#define DEFINE_BUILD(T, SUF, ROUND)                                                               \
+    typedef struct {                                                                              \
+        build_common_t common;                                                                    \
+        const T *features;                                                                        \
+        int64_t n_real;                                                                           \
+        int d;                                                                                    \
+        const double *scale_in;                                                                   \
+        double feature_scale, inv_dp1_in;                                                         \
+        T *entry_weight;                                                                          \
+    } build_ctx_##SUF;                                                                            \
+                                                                                                  \
+    DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe_##SUF, x->d)                                  \
+    DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe2_##SUF, 2)                                    \
+    DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe3_##SUF, 3)                                    \
+    DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe5_##SUF, 5)                                    \
                                                                                                   \
     void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
                               const double *scale_in, double feature_scale, double inv_dp1_in,    \
@@ -398,7 +421,11 @@ typedef struct {
                               int nthreads) {                                                     \
         build_ctx_##SUF x = {{NULL, NULL}, features, n_real, d, scale_in, feature_scale,          \
                              inv_dp1_in, entry_weight};                                           \
-        return build_lattice(n, n_real, d, nthreads, build_stripe_##SUF, &x, entry_vertex,        \
+        range_fn stripe = d == 2   ? build_stripe2_##SUF                                          \
+                          : d == 3 ? build_stripe3_##SUF                                          \
+                          : d == 5 ? build_stripe5_##SUF                                          \
+                                   : build_stripe_##SUF;                                          \
+        return build_lattice(n, n_real, d, nthreads, stripe, &x, entry_vertex,                    \
                              m_out);                                                              \
     }
 
@@ -462,7 +489,8 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
                 break;
             }
             for (int64_t v = 0; v < t->m; v++) {
-                maps[si][v] = table_find(&b->table, t->keys + v * d, 1);
+                const int32_t *key = t->keys + v * d;
+                maps[si][v] = table_find(&b->table, key, hash_key(key, d), 1);
                 if (maps[si][v] < 0) ok = 0;
             }
             table_free(t);
