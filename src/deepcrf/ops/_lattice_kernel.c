@@ -652,6 +652,10 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
                     const int32_t *vs = x->vert[t] + p * dp1;                                     \
                     const T *ws = x->w[t] + p * dp1;                                              \
                     T s = x->pre[t] ? x->pre[t][p] : (T)1;                                        \
+                    if (c == 1) { /* one channel (e.g. the normalisation): no row loop */         \
+                        for (int j = 0; j < dp1; j++) dst[t][vs[j]] += ws[j] * s * row[0];        \
+                        continue;                                                                 \
+                    }                                                                             \
                     for (int j = 0; j < dp1; j++) {                                               \
                         T *restrict acc = dst[t] + (int64_t)vs[j] * c;                            \
                         T wj = ws[j] * s;                                                         \
@@ -692,6 +696,10 @@ static void *build_lattice(int64_t n, int64_t n_real, int d, int nthreads, range
                 const T *ws = x->w[t] + p * dp1;                                                  \
                 T f = (T)x->coef[t];                                                              \
                 if (x->post[t]) f *= x->post[t][p];                                               \
+                if (c == 1) {                                                                     \
+                    for (int j = 0; j < dp1; j++) out[0] += ws[j] * f * x->src[t][vs[j]];         \
+                    continue;                                                                     \
+                }                                                                                 \
                 for (int j = 0; j < dp1; j++) {                                                   \
                     const T *restrict r = x->src[t] + (int64_t)vs[j] * c;                         \
                     T wj = ws[j] * f;                                                             \
