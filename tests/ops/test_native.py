@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -234,6 +235,35 @@ def test_fused_mean_field_threads_blocks_and_extremes():
     for got in results:
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-6)
+
+
+@needs_kernel
+def test_fused_mean_field_workspace_is_kept_released_and_not_shared():
+    # The vertex buffers outlive the call (kept for the next one) until released; calls that
+    # overlap in time (ctypes lets other Python threads run) do not share them.
+    base, _, terms_nat = _mean_field_case(5000, 21, True, True, seed=12)
+    expected = mean_field(terms_nat, base, 4)
+    assert native.release_workspace() > 0
+    assert native.release_workspace() == 0
+    torch.testing.assert_close(mean_field(terms_nat, base, 4), expected, rtol=0, atol=0)
+    other_base = base.flip(0).contiguous()
+    other_expected = mean_field(terms_nat, other_base, 4)
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def run(k: int) -> None:
+        for _ in range(6):
+            results[k].append(mean_field(terms_nat, base if k == 0 else other_base, 4))
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got in results[0]:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for got in results[1]:
+        torch.testing.assert_close(got, other_expected, rtol=0, atol=0)
+    native.release_workspace()
 
 
 @needs_kernel

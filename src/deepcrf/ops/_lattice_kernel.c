@@ -786,6 +786,83 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : y;
 }
 
+/* ------------------------------------------------------------------ workspace */
+/* The fused mean field's vertex buffers (tens of MB) are kept for the next call, up to
+ * WS_KEEP bytes: fresh memory costs a page fault per 4 KB page on first touch (~1.6 us each on
+ * the development VM, ~10 ms per 500x375 call).  Where the system has them the block is asked
+ * for transparent huge pages, which also spares TLB misses in the random vertex accesses.  One
+ * block, used by one call at a time (a concurrent call maps its own); lattice_release_workspace
+ * unmaps it. */
+#include <sys/mman.h>
+
+#define WS_ALIGN ((size_t)2 << 20)
+#define WS_KEEP ((size_t)256 << 20)
+
+typedef struct {
+    void *raw; /* the mapping, WS_ALIGN larger than usable */
+    size_t len;
+} ws_block_t;
+
+static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER;
+static ws_block_t ws_kept;
+
+static void ws_unmap(ws_block_t *b) {
+    if (b->raw) munmap(b->raw, b->len);
+    b->raw = NULL;
+    b->len = 0;
+}
+
+static float *ws_data(const ws_block_t *b) {
+    return (float *)(((uintptr_t)b->raw + WS_ALIGN - 1) & ~(uintptr_t)(WS_ALIGN - 1));
+}
+
+static int ws_map(ws_block_t *b, size_t bytes) {
+    size_t len = bytes + WS_ALIGN;
+    void *raw = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return -1;
+    b->raw = raw;
+    b->len = len;
+#ifdef MADV_HUGEPAGE
+    madvise(ws_data(b), bytes, MADV_HUGEPAGE);
+#endif
+    return 0;
+}
+
+/* A block of at least `bytes` (2 MB aligned) in *b; *kept says whether it is the kept one
+ * (hand it back with ws_release) or the caller's own (ws_unmap it).  0, or -1 (no memory). */
+static int ws_acquire(ws_block_t *b, size_t bytes, int *kept) {
+    *kept = 0;
+    if (bytes <= WS_KEEP && pthread_mutex_trylock(&ws_lock) == 0) {
+        if (ws_kept.len < bytes + WS_ALIGN) {
+            ws_unmap(&ws_kept);
+            if (ws_map(&ws_kept, bytes) != 0) {
+                pthread_mutex_unlock(&ws_lock);
+                return -1;
+            }
+        }
+        *b = ws_kept;
+        *kept = 1;
+        return 0;
+    }
+    return ws_map(b, bytes);
+}
+
+static void ws_release(ws_block_t *b, int kept) {
+    if (kept)
+        pthread_mutex_unlock(&ws_lock);
+    else
+        ws_unmap(b);
+}
+
+/* Unmap the kept block (when no call is using it); returns the bytes released. */
+int64_t lattice_release_workspace(void) {
+    pthread_mutex_lock(&ws_lock);
+    int64_t len = (int64_t)ws_kept.len;
+    ws_unmap(&ws_kept);
+    pthread_mutex_unlock(&ws_lock);
+    return len;
+}
+
 /* ------------------------------------------------------------------ fused mean field */
 /* A team of threads that lives for one call, synchronised by a spinning barrier (the phases
  * of a mean-field iteration are ~1 ms: forking threads per phase would cost more). */
@@ -1108,17 +1185,20 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
     if (nthreads > n / 1024) nthreads = (int)(n / 1024);
     if (nthreads < 1) nthreads = 1;
     float *bufs[16] = {0};
-    int err = 0;
-    for (int t = 0; t < nterms && !err; t++) {
-        size_t stride = (size_t)((m[t] + 1) * cs);
-        void *mem = NULL;
-        if (posix_memalign(&mem, 64, sizeof(float) * stride * (size_t)(nthreads + 1)) != 0) {
-            err = -1;
-            break;
+    size_t total = 0;
+    for (int t = 0; t < nterms; t++) /* per term nthreads + 1 buffers, 64-byte aligned */
+        total += (sizeof(float) * (size_t)((m[t] + 1) * cs) * (size_t)(nthreads + 1) + 63) & ~(size_t)63;
+    ws_block_t block = {NULL, 0};
+    int kept = 0, err = ws_acquire(&block, total, &kept);
+    if (!err) {
+        char *at = (char *)ws_data(&block);
+        for (int t = 0; t < nterms; t++) {
+            const size_t stride = (size_t)((m[t] + 1) * cs);
+            bufs[t] = (float *)at;
+            at += (sizeof(float) * stride * (size_t)(nthreads + 1) + 63) & ~(size_t)63;
+            for (int i = 0; i <= nthreads; i++) /* the zero row that missing neighbours point at */
+                memset(bufs[t] + i * stride + m[t] * cs, 0, sizeof(float) * (size_t)cs);
         }
-        bufs[t] = (float *)mem;
-        for (int i = 0; i <= nthreads; i++) /* the zero row that missing neighbours point at */
-            memset(bufs[t] + i * stride + m[t] * cs, 0, sizeof(float) * (size_t)cs);
     }
     if (!err) {
         mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
@@ -1149,7 +1229,7 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
         for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
         if (started != nthreads) fn(&args[0]);
     }
-    for (int t = 0; t < nterms; t++) free(bufs[t]);
+    if (!err) ws_release(&block, kept);
     return err;
 }
 
