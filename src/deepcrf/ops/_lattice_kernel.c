@@ -1,21 +1,25 @@
 /* Compiled CPU kernel for deepcrf's permutohedral lattice (optional; see deepcrf/ops/native.py).
  *
  * The PyTorch code in deepcrf/ops/permutohedral.py is the reference and the fallback: this file
- * computes exactly the same index arrays (splat CSR, slice entries, blur neighbours) and the same
+ * computes exactly the same index arrays (slice entries, blur neighbours) and the same
  * filter  out = base + alpha * post . (scale * S^T B_d ... B_0 S (pre . values)),  so that a
  * lattice built here can be filtered by either path and vice versa.
  *
  *  - build: elevation, rounding, rank and barycentric weights of every point in registers, and
  *    the d+1 simplex vertices inserted into an open-addressing hash table (one pass over the
- *    points, no sort).  The float arithmetic is the PyTorch path's, step by step (compile with
- *    -ffp-contract=off), so rounding decisions are the same.
- *  - filter: splat as a gather over each vertex's CSR row (no atomics, the result does not depend
- *    on the thread count), d+1 double-buffered blurs, slice fused with the per-point scales and
- *    an optional "base + alpha *" accumulation.
+ *    points, no sort; one stripe of points per thread, merged in order).  The float arithmetic
+ *    is the PyTorch path's, step by step (compile with -ffp-contract=off), so rounding decisions
+ *    are the same.
+ *  - filter (filter_sum): splat pixel-major into one vertex buffer per thread (no atomics),
+ *    summed, d+1 double-buffered blurs, slice fused with the per-point scales, an optional
+ *    "base + alpha *" accumulation and softmax.
+ *  - fused mean field (meanfield_f32): the whole Potts mean-field loop in one call, one pass
+ *    over the points per iteration; its vertex buffers are kept between calls (workspace).
  *  - softmax over the last axis of an (N, C) array.
  *
- * Threads: plain pthreads, forked and joined per call (torch's OpenMP pool is left alone).
- * Every function is generated for float and double (suffix _f32 / _f64).
+ * Threads: plain pthreads (torch's OpenMP pool is left alone), forked per call; the fused mean
+ * field keeps one team for the whole call, synchronised by a spinning barrier.
+ * The build, filter and softmax are generated for float and double (suffix _f32 / _f64).
  */
 #include <math.h>
 #include <pthread.h>
@@ -999,6 +1003,9 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
  * gives every thread a share of each part of the image (halves of a photo can differ in cost
  * by 15%: sky and grass). */
 #define MF_CHUNK 4096
+/* The mean-field loop may fuse multiply-adds (the file is compiled with -ffp-contract=off so
+ * that the build's rounding is the PyTorch path's bit for bit; here results are compared with
+ * a tolerance, and the slice/splat accumulations are a third fewer instructions). */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 
