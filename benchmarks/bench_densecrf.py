@@ -2,11 +2,15 @@
 
 Every (implementation, image size, iterations) case runs in a fresh Python subprocess so that
 its peak resident memory can be read from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``; the
-figure reported is that peak minus the peak of an idle interpreter that imported the same
-modules (numpy + torch + deepcrf, and pydensecrf where installed) — i.e. the extra memory the
-CRF itself needed.  Times are the median over ``--repeats`` runs inside the subprocess of the
-full work a user pays for: building the CRF (unary, Gaussian and bilateral terms, lattices)
-plus ``iters`` mean-field iterations.
+figure reported is that peak minus the same process's peak after warming the implementation
+up on an 8x8 image (imports, the compiled kernel, one-off allocations) — i.e. the extra memory
+the CRF itself needed.  The driver stays small (cases and machine facts are made in child
+processes too): on Linux a child's ``ru_maxrss`` starts at the parent's peak RSS at the fork,
+so a driver that had made a large case would put a floor under every figure (it did until
+session 4: the 800x600 and 1024x768 figures of earlier tables are that floor).  Times are the
+median over ``--repeats`` runs inside the subprocess of the full work a user pays for:
+building the CRF (unary, Gaussian and bilateral terms, lattices) plus ``iters`` mean-field
+iterations.
 
 Parameters: DeepLab v1 (bilateral w=4, θα=121, θβ=5; Gaussian w=3, θγ=3), 21 labels, the
 unary from a smooth random 21-class softmax, the image the reference photo
@@ -90,6 +94,10 @@ def _make_case(width: int, height: int, labels: int = LABELS):
     return np.ascontiguousarray(image), unary.astype(np.float32)
 
 
+def _as_is(image, unary):
+    return image, unary
+
+
 def _run_pydensecrf_like(module, image, unary, iters):
     height, width = image.shape[:2]
     crf = module.DenseCRF2D(width, height, unary.shape[0])
@@ -104,85 +112,86 @@ def _run_pydensecrf_like(module, image, unary, iters):
     return np.array(crf.inference(iters))
 
 
-def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dict:
-    import resource
+def _runner(impl: str, iters: int):
+    """(prepare, run) for ``impl``, or a str saying why it cannot run here.
 
+    ``prepare(image, unary)`` converts the inputs outside the timing (dense_crf takes tensors),
+    ``run(*prepared)`` is the timed work.
+    """
     import torch
 
-    import deepcrf  # noqa: F401  (same imports in every worker and in the baseline)
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        import pydensecrf.densecrf as pyd
-    except ImportError:
-        pyd = None
-    if impl == "baseline":
-        # Warm up every implementation on a tiny image so that lazily loaded library code and
-        # one-off allocations are in the baseline, and "extra" is the size-dependent memory.
-        import deepcrf.compat.pydensecrf.densecrf as ours
-
-        image, unary = _make_case(8, 8)
-        for module in (pyd, ours):
-            if module is not None:
-                _run_pydensecrf_like(module, image, unary, 2)
-        try:
-            from deepcrf.crf.dense import dense_crf
-
-            with torch.no_grad():
-                dense_crf(
-                    -torch.from_numpy(unary).reshape(1, LABELS, 8, 8),
-                    torch.from_numpy(image).permute(2, 0, 1)[None].float(),
-                    iters=2,
-                    **PARAMS,
-                )
-        except ImportError:
-            pass
-        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    # The case is made by the parent and loaded here, so the inputs (the only memory both
-    # implementations must hold) do not inflate the peak with the generator's temporaries.
-    with np.load(case) as data:
-        image, unary = data["image"], data["unary"]
-    height, width = image.shape[:2]
     if impl == "pydensecrf":
-        if pyd is None:
-            return {"skipped": "pydensecrf not installed"}
-
-        def run():
-            return _run_pydensecrf_like(pyd, image, unary, iters)
-    elif impl in ("deepcrf-compat", "deepcrf-compat-torch"):
+        try:
+            import pydensecrf.densecrf as pyd
+        except ImportError:
+            return "pydensecrf not installed"
+        return _as_is, lambda image, unary: _run_pydensecrf_like(pyd, image, unary, iters)
+    if impl in ("deepcrf-compat", "deepcrf-compat-torch"):
         import deepcrf.compat.pydensecrf.densecrf as ours
 
-        def run():
-            return _run_pydensecrf_like(ours, image, unary, iters)
-    elif impl.startswith("deepcrf-dense"):
+        return _as_is, lambda image, unary: _run_pydensecrf_like(ours, image, unary, iters)
+    if impl.startswith("deepcrf-dense"):
         device = "cuda" if impl.endswith("cuda") else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            return {"skipped": "no CUDA device"}
+            return "no CUDA device"
         try:
             from deepcrf.crf.dense import dense_crf
         except ImportError as exc:
-            return {"skipped": f"deepcrf.crf.dense unavailable ({exc})"}
-        image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
-        logits_t = (-torch.from_numpy(unary)).reshape(1, LABELS, height, width).to(device)
+            return f"deepcrf.crf.dense unavailable ({exc})"
 
-        def run():
+        def prepare(image, unary):
+            height, width = image.shape[:2]
+            image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
+            logits_t = (-torch.from_numpy(unary)).reshape(1, LABELS, height, width).to(device)
+            return logits_t, image_t
+
+        def run(logits_t, image_t):
             with torch.no_grad():
                 out = dense_crf(logits_t, image_t, iters=iters, **PARAMS)
             if device == "cuda":
                 torch.cuda.synchronize()
             return out
-    else:
-        raise ValueError(f"unknown implementation {impl!r}")
+
+        return prepare, run
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    import deepcrf  # noqa: F401  (same imports in every worker)
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    runner = _runner(impl, iters)
+    if isinstance(runner, str):
+        return {"skipped": runner}
+    prepare, run = runner
+    # The baseline: this interpreter after warming the implementation up on an 8x8 image
+    # (lazily loaded library code, the compiled kernel, one-off allocations), so that "extra"
+    # is the memory the case itself needs.
+    run(*prepare(*_make_case(8, 8)))
+    base = peak_mb()
+    # The case is made by the parent and loaded here, so the inputs (the only memory both
+    # implementations must hold) do not inflate the peak with the generator's temporaries.
+    with np.load(case) as data:
+        inputs = prepare(data["image"], data["unary"])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        run(*inputs)
         times.append(time.perf_counter() - start)
     out = {
         "seconds": statistics.median(times),
         "seconds_all": times,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "baseline_peak_mb": base,
+        "peak_rss_mb": peak_mb(),
+        "extra_peak_mb": peak_mb() - base,
     }
     if impl.endswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -190,10 +199,15 @@ def _worker(impl: str, case: str, iters: int, repeats: int, threads: int) -> dic
 
 
 def _spawn(args: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    """Run one worker case in a fresh interpreter; its JSON result (or {"error": ...})."""
     env = dict(os.environ)
     if args[0].endswith("-torch"):
         env["DEEPCRF_NATIVE"] = "0"
+    return _spawn_plain(["--worker", *args], env)
+
+
+def _spawn_plain(args: list[str], env: dict | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
@@ -253,11 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--make-case", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--machine-info", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         impl, case, iters, repeats, threads = args.worker
         print(json.dumps(_worker(impl, case, int(iters), int(repeats), int(threads))))
+        return 0
+    if args.make_case:
+        width, height, path = args.make_case
+        image, unary = _make_case(int(width), int(height))
+        np.savez(path, image=image, unary=unary)
+        print(json.dumps({"case": path}))
+        return 0
+    if args.machine_info:
+        print(json.dumps(_machine()))
         return 0
 
     if args.quick:
@@ -266,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     iters_list = [int(v) for v in args.iters.split(",")]
     impls = [i for i in args.impls.split(",") if i]
-    machine = _machine()
+    # Everything heavy runs in child processes: Linux reports a child's ru_maxrss as at least
+    # the parent's peak RSS at the fork (it survives exec), so a parent that had made a large
+    # case or imported torch would set a floor under every measured peak.
+    machine = _spawn_plain(["--machine-info"])
     print(f"# machine: {json.dumps(machine)}")
-    baseline = _spawn(["baseline", "-", "0", "1", str(args.threads)])
-    base_mb = baseline.get("peak_rss_mb", 0.0)
     print(
-        f"# baseline peak RSS: {base_mb:.0f} MB (interpreter with numpy, torch, deepcrf and "
-        "pydensecrf imported, each warmed up on an 8x8 image); 'extra peak MB' = case - baseline"
+        "# 'extra peak MB' = peak RSS of the worker running the case - its peak after warming "
+        "the same implementation up on an 8x8 image (each case in a fresh interpreter)"
     )
     header = (
         f"{'size':>10} {'iters':>5} {'impl':>20} {'seconds':>9} {'x pydensecrf':>13} "
@@ -283,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     for width, height in sizes:
         case = Path(tmp.name) / f"case_{width}x{height}.npz"
-        image, unary = _make_case(width, height)
-        np.savez(case, image=image, unary=unary)
-        del image, unary
+        made = _spawn_plain(["--make-case", str(width), str(height), str(case)])
+        if "error" in made:
+            raise SystemExit(f"making the {width}x{height} case failed: {made['error']}")
         for iters in iters_list:
             ref_seconds = None
             for impl in impls:
@@ -299,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 if impl == "pydensecrf":
                     ref_seconds = res["seconds"]
                 speedup = f"{ref_seconds / res['seconds']:.2f}x" if ref_seconds else "-"
-                extra = res["peak_rss_mb"] - base_mb
-                res["extra_peak_mb"] = extra
+                extra = res["extra_peak_mb"]
                 line = (
                     f"{width}x{height:<5} {iters:>5} {impl:>20} {res['seconds']:>9.3f} "
                     f"{speedup:>13} {extra:>14.0f}"
@@ -310,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
     tmp.cleanup()
     if args.json is not None:
-        payload = {"machine": machine, "baseline_peak_mb": base_mb, "results": results}
+        payload = {"machine": machine, "results": results}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
