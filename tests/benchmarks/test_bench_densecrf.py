@@ -22,7 +22,8 @@ def test_benchmark_quick_run_writes_results(tmp_path):
     rows = {r["impl"]: r for r in payload["results"]}
     ours = rows["deepcrf-compat"]
     assert (ours["width"], ours["height"], ours["iters"]) == (24, 16, 5)
-    assert ours["seconds"] > 0 and "peak_rss_mb" in ours
+    assert ours["seconds"] > 0 and ours["cold_seconds"] > 0 and "peak_rss_mb" in ours
+    assert ours["extra_peak_mb"] == ours["peak_rss_mb"] - ours["baseline_peak_mb"]
     # pydensecrf is optional: either measured or reported as skipped, never an error.
     assert "error" not in rows["pydensecrf"]
 
