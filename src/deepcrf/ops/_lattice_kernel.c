@@ -793,17 +793,17 @@ static inline float exp_nonpositive(float x) {
 /* ------------------------------------------------------------------ workspace */
 /* The fused mean field's vertex buffers (tens of MB) are kept for the next call, up to
  * WS_KEEP bytes: fresh memory costs a page fault per 4 KB page on first touch (~1.6 us each on
- * the development VM, ~10 ms per 500x375 call).  Where the system has them the block is asked
- * for transparent huge pages, which also spares TLB misses in the random vertex accesses.  One
- * block, used by one call at a time (a concurrent call maps its own); lattice_release_workspace
- * unmaps it. */
+ * the development VM, ~10 ms per 500x375 call).  One block, used by one call at a time (a
+ * concurrent call maps its own); lattice_release_workspace unmaps it.  It is not asked for
+ * transparent huge pages: on the development VM their first touch cost more (direct
+ * compaction, ~60 ms more for the first 500x375 call, also slowing the next huge-page user)
+ * than the TLB misses they spare. */
 #include <sys/mman.h>
 
-#define WS_ALIGN ((size_t)2 << 20)
 #define WS_KEEP ((size_t)256 << 20)
 
 typedef struct {
-    void *raw; /* the mapping, WS_ALIGN larger than usable */
+    void *raw; /* page-aligned (mmap) */
     size_t len;
 } ws_block_t;
 
@@ -816,28 +816,23 @@ static void ws_unmap(ws_block_t *b) {
     b->len = 0;
 }
 
-static float *ws_data(const ws_block_t *b) {
-    return (float *)(((uintptr_t)b->raw + WS_ALIGN - 1) & ~(uintptr_t)(WS_ALIGN - 1));
-}
+static float *ws_data(const ws_block_t *b) { return (float *)b->raw; }
 
 static int ws_map(ws_block_t *b, size_t bytes) {
-    size_t len = bytes + WS_ALIGN;
+    size_t len = bytes > 0 ? bytes : 1;
     void *raw = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return -1;
     b->raw = raw;
     b->len = len;
-#ifdef MADV_HUGEPAGE
-    madvise(ws_data(b), bytes, MADV_HUGEPAGE);
-#endif
     return 0;
 }
 
-/* A block of at least `bytes` (2 MB aligned) in *b; *kept says whether it is the kept one
+/* A block of at least `bytes` (page aligned) in *b; *kept says whether it is the kept one
  * (hand it back with ws_release) or the caller's own (ws_unmap it).  0, or -1 (no memory). */
 static int ws_acquire(ws_block_t *b, size_t bytes, int *kept) {
     *kept = 0;
     if (bytes <= WS_KEEP && pthread_mutex_trylock(&ws_lock) == 0) {
-        if (ws_kept.len < bytes + WS_ALIGN) {
+        if (ws_kept.len < bytes) {
             ws_unmap(&ws_kept);
             if (ws_map(&ws_kept, bytes) != 0) {
                 pthread_mutex_unlock(&ws_lock);
