@@ -1084,7 +1084,8 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 for (int r = 0; r < nb; r++) {                                                    \
                     v8f sum = v8_splat(0.0f);                                                     \
                     for (int u = 0; u < NV_##CS; u++) {                                           \
-                        row[r][u] = v8_select(keep[u], v8_exp_nonpositive(row[r][u] - mx[r]), v8_splat(0.0f)); \
+                        const v8f e = v8_exp_nonpositive(row[r][u] - mx[r]);                      \
+                        row[r][u] = v8_select(keep[u], e, v8_splat(0.0f));                        \
                         sum += row[r][u];                                                         \
                     }                                                                             \
                     inv[r] = 1.0f / v8_hsum(sum);                                                 \
