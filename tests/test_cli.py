@@ -150,48 +150,52 @@ def test_benchmark_json(capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def _fails(argv, capsys, match):
+def assert_cli_fails(argv, capsys, match):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and match in err, err
 
 
 def test_missing_data_dir(tmp_path, capsys):
-    _fails(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
-            "--max-steps", "1", "--quiet"], capsys, "does not exist")  # fmt: skip
+    argv = ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+            "--max-steps", "1", "--quiet"]  # fmt: skip
+    assert_cli_fails(argv, capsys, "does not exist")
 
 
 def test_missing_files_listed_in_split(tmp_path, fake_voc, capsys):
     (fake_voc / "JPEGImages" / "2007_000002.jpg").unlink()
-    _fails(["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--max-steps", "1",
-            "--quiet"], capsys, "2007_000002.jpg")  # fmt: skip
+    argv = ["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--max-steps", "1",
+            "--quiet"]  # fmt: skip
+    assert_cli_fails(argv, capsys, "2007_000002.jpg")
 
 
 def test_empty_split(tmp_path, fake_voc, capsys):
     (fake_voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n")
-    _fails(["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--max-steps", "1",
-            "--quiet"], capsys, "empty")  # fmt: skip
+    argv = ["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--max-steps", "1",
+            "--quiet"]  # fmt: skip
+    assert_cli_fails(argv, capsys, "empty")
 
 
 def test_unknown_config_key(tmp_path, fake_voc, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlearning_rate = 0.1\n")
-    _fails(["train", "--config", str(bad), "--data", str(fake_voc), "--out", str(tmp_path / "r")],
-           capsys, "unknown config key train.learning_rate")  # fmt: skip
-    _fails(["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--set",
-            "train.lr=fast"], capsys, "train.lr must be number")  # fmt: skip
+    argv = ["train", "--config", str(bad), "--data", str(fake_voc), "--out", str(tmp_path / "r")]
+    assert_cli_fails(argv, capsys, "unknown config key train.learning_rate")
+    argv = ["train", "--data", str(fake_voc), "--out", str(tmp_path / "r"), "--set",
+            "train.lr=fast"]  # fmt: skip
+    assert_cli_fails(argv, capsys, "train.lr must be number")
 
 
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
-    _fails(["evaluate", "--checkpoint", str(tmp_path / "none")], capsys, "not found")
+    assert_cli_fails(["evaluate", "--checkpoint", str(tmp_path / "none")], capsys, "not found")
 
 
 def test_predict_unreadable_image(trained, tmp_path, capsys):
     _, run = trained
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    _fails(["predict", str(bad), "--checkpoint", str(run), "-o", str(tmp_path / "o"),
-            "--quiet"], capsys, "bad.jpg")  # fmt: skip
+    argv = ["predict", str(bad), "--checkpoint", str(run), "-o", str(tmp_path / "o"), "--quiet"]
+    assert_cli_fails(argv, capsys, "bad.jpg")
 
 
 def test_every_config_file_is_valid():
@@ -257,4 +261,5 @@ def test_kill_and_resume_is_bit_identical(tmp_path, fake_voc):
 
 def test_resume_rejects_config_flag(trained, capsys):
     _, run = trained
-    _fails(["train", "--out", str(run), "--resume", "--config", "x.toml"], capsys, "--resume")
+    argv = ["train", "--out", str(run), "--resume", "--config", "x.toml"]
+    assert_cli_fails(argv, capsys, "--resume")
