@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from deepcrf.ops.filters import exact_gaussian_filter, spatial_gaussian_filter
+from deepcrf.ops.filters import exact_gaussian_filter
 
 
 def _dense_reference(values, features, exclude_self=False):
@@ -91,49 +91,3 @@ def test_exact_filter_bad_inputs():
         exact_gaussian_filter(torch.rand(1, 5, 2), torch.rand(1, 5, 2), chunk_size=0)
     with pytest.raises(TypeError, match=r"values must have a floating-point dtype"):
         exact_gaussian_filter(torch.ones(1, 5, 2, dtype=torch.int64), torch.rand(1, 5, 2))
-
-
-@pytest.mark.parametrize("sigma,h,w", [(1.0, 9, 11), (3.0, 20, 17), (2.5, 4, 30)])
-def test_spatial_filter_matches_brute_force(sigma, h, w):
-    v = torch.rand(2, 3, h, w, dtype=torch.float64)
-    out = spatial_gaussian_filter(v, sigma)
-    feats = _positions(h, w, sigma).expand(2, -1, -1)
-    ref = exact_gaussian_filter(v.flatten(2).transpose(1, 2), feats).transpose(1, 2)
-    ref = ref.reshape(2, 3, h, w)
-    # Truncation at 4 sigma drops < exp(-8) of the 1-D weight per axis.
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=0)
-    big = spatial_gaussian_filter(v, sigma, truncate=12.0)
-    torch.testing.assert_close(big, ref, rtol=1e-12, atol=1e-12)
-
-
-def test_spatial_filter_includes_self_and_is_unnormalised():
-    v = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
-    v[0, 0, 7, 7] = 1.0
-    out = spatial_gaussian_filter(v, 2.0)
-    assert out[0, 0, 7, 7] == pytest.approx(1.0)
-    assert out[0, 0, 7, 9] == pytest.approx(math.exp(-0.5))
-
-
-def test_spatial_filter_gradcheck_values_and_sigma():
-    v = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    sigma = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, s: spatial_gaussian_filter(a, s), (v, sigma))
-
-
-def test_spatial_filter_non_contiguous_and_no_mutation():
-    v = torch.rand(1, 8, 8, 2, dtype=torch.float64).permute(0, 3, 1, 2)
-    v0 = v.clone()
-    out = spatial_gaussian_filter(v, 1.5)
-    torch.testing.assert_close(out, spatial_gaussian_filter(v.contiguous(), 1.5))
-    assert torch.equal(v, v0)
-
-
-def test_spatial_filter_bad_inputs():
-    with pytest.raises(ValueError, match=r"sigma must be a finite positive number"):
-        spatial_gaussian_filter(torch.rand(1, 1, 4, 4), 0.0)
-    with pytest.raises(ValueError, match=r"values must have 4 dimensions"):
-        spatial_gaussian_filter(torch.rand(4, 4), 1.0)
-    with pytest.raises(ValueError, match=r"sigma must be a scalar"):
-        spatial_gaussian_filter(torch.rand(1, 1, 4, 4), torch.ones(2))
-    with pytest.raises(ValueError, match=r"truncate must be positive"):
-        spatial_gaussian_filter(torch.rand(1, 1, 4, 4), 1.0, truncate=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deepcrf.ops import native
-from deepcrf.ops.permutohedral import PermutohedralLattice, ScaledFilter, filter_sum, mean_field
+from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, _step, mean_field
+from deepcrf.ops.permutohedral import PermutohedralLattice
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
 
@@ -136,44 +137,45 @@ def test_gradcheck_through_kernel():
     assert torch.autograd.gradcheck(lambda x: lat.filter(x), (v,))
 
 
+def _op_pair(features, **kw):
+    return KernelOp(features, backend="torch", **kw), KernelOp(features, backend="native", **kw)
+
+
 @needs_kernel
 @pytest.mark.parametrize("with_pre", [False, True])
 @pytest.mark.parametrize("with_post", [False, True])
-def test_scaled_filter_and_fused_sum_match_pytorch(with_pre, with_post):
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_kernel_ops_and_fused_step_match_pytorch(with_pre, with_post, exclude_self):
     g = torch.Generator().manual_seed(5)
     n, c = 2000, 6
     feats = [_cloud(1, n, 5, 6.0, seed=20), _cloud(1, n, 2, 9.0, seed=21)]
     values = torch.rand(n, c, generator=g, dtype=torch.float64)
     base = torch.randn(n, c, generator=g, dtype=torch.float64)
     terms_ref, terms_nat = [], []
-    for k, feat in enumerate(feats):
+    coefs = [torch.tensor(-1.5, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64)]
+    for feat, coef in zip(feats, coefs, strict=True):
         pre = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5 if with_pre else None
         post = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5 if with_post else None
-        ref, nat = _pair(feat)
-        coef = -1.5 if k == 0 else 0.75
-        terms_ref.append((ScaledFilter(ref, pre, post, torch.float64), coef))
-        terms_nat.append((ScaledFilter(nat, pre, post, torch.float64), coef))
-        a, b = terms_ref[-1][0], terms_nat[-1][0]
-        assert a.matrices is not None and b.matrices is None
-        torch.testing.assert_close(b(values), a(values), rtol=1e-12, atol=1e-12)
-        out = base.clone()
-        b(values, subtract_from=out, out=out)  # in place, as the compat loop does
-        torch.testing.assert_close(out, a(values, subtract_from=base), rtol=1e-12, atol=1e-12)
-    for softmax in (False, True):
-        expected = filter_sum(terms_ref, values, base=base, softmax=softmax)
-        got = filter_sum(terms_nat, values, base=base, softmax=softmax)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-        out = base.clone()
-        filter_sum(terms_nat, values, base=out, out=out, softmax=softmax)
-        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    no_base = filter_sum(terms_nat, values)
-    torch.testing.assert_close(no_base, filter_sum(terms_ref, values), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="at least one"):
-        filter_sum([], values)
+        ref, nat = _op_pair(feat, exclude_self=exclude_self)
+        assert not ref.native and nat.native
+        for transpose in (False, True):
+            torch.testing.assert_close(
+                nat.apply(values, transpose, pre, post), ref.apply(values, transpose, pre, post),
+                rtol=1e-12, atol=1e-12,
+            )
+        terms_ref.append(PairwiseTerm(ref, pre, post, coef))
+        terms_nat.append(PairwiseTerm(nat, pre, post, coef))
+    # one step of the update: the native terms are summed in one kernel pass
+    expected = _step(base, values, terms_ref, coefs)
+    torch.testing.assert_close(_step(base, values, terms_nat, coefs), expected,
+                               rtol=1e-12, atol=1e-12)
+    manual = base.clone()
+    for t, coef in zip(terms_ref, coefs, strict=True):
+        manual += coef * t.op.apply(values, False, t.pre, t.post)
+    torch.testing.assert_close(expected, manual, rtol=1e-12, atol=1e-12)
 
 
 def _mean_field_case(n, c, with_pre, with_post, seed=7):
-    """Two Potts-like terms (bilateral-ish d=5, spatial d=2) on both lattices, float32."""
     g = torch.Generator().manual_seed(seed)
     feats = [_cloud(1, n, 5, 6.0, seed=seed + 1, dtype=torch.float32),
              _cloud(1, n, 2, 9.0, seed=seed + 2, dtype=torch.float32)]
@@ -182,11 +184,11 @@ def _mean_field_case(n, c, with_pre, with_post, seed=7):
     for k, feat in enumerate(feats):
         pre = torch.rand(n, 1, generator=g) + 0.5 if with_pre else None
         post = torch.rand(n, 1, generator=g) + 0.5 if with_post else None
-        ref, nat = _pair(feat, pydensecrf_compatible=True)
+        ref, nat = _op_pair(feat, pydensecrf_compatible=True)
         # moderate weights: strong coupling amplifies float32 rounding from step to step
-        coef = -0.8 if k == 0 else -0.4
-        terms_ref.append((ScaledFilter(ref, pre, post, torch.float32), coef))
-        terms_nat.append((ScaledFilter(nat, pre, post, torch.float32), coef))
+        coef = torch.tensor(-0.8 if k == 0 else -0.4)
+        terms_ref.append(PairwiseTerm(ref, pre, post, coef))
+        terms_nat.append(PairwiseTerm(nat, pre, post, coef))
     return base, terms_ref, terms_nat
 
 
@@ -195,24 +197,33 @@ def _mean_field_loop(terms, base, iters):
     q = torch.softmax(base, dim=1)
     for _ in range(iters):
         acc = base.clone()
-        for f, coef in terms:
-            acc += coef * f(q)
+        for t in terms:
+            acc += t.coef * t.op.apply(q, False, t.pre, t.post)
         q = torch.softmax(acc, dim=1)
     return q
+
+
+def _mf(terms, base, iters):
+    return mean_field(base, terms, iters, probabilities=True)
 
 
 @needs_kernel
 @pytest.mark.parametrize("c", [1, 5, 8, 21, 32, 33])
 @pytest.mark.parametrize("with_pre,with_post", [(False, False), (True, True), (True, False)])
 def test_fused_mean_field_matches_the_definition(c, with_pre, with_post):
-    # 33 labels exceed the fused kernel's widths: that case runs the filter_sum loop.
+    # 33 labels exceed the fused kernel's widths: that case runs the step-by-step loop.
     base, terms_ref, terms_nat = _mean_field_case(3000, c, with_pre, with_post)
     for iters in (0, 1, 4):
         expected = _mean_field_loop(terms_ref, base, iters)
-        got = mean_field(terms_nat, base, iters)
+        got = _mf(terms_nat, base, iters)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-6)
-        # the PyTorch-lattice terms take the filter_sum fallback: same numbers
-        torch.testing.assert_close(mean_field(terms_ref, base, iters), expected,
+        # log Q from the kernel's log-softmax output: finite where Q underflows
+        log_q = mean_field(base, terms_nat, iters)
+        assert torch.isfinite(log_q).all()
+        big = expected > 1e-6
+        torch.testing.assert_close(log_q[big], expected.log()[big], rtol=1e-4, atol=3e-5)
+        # the PyTorch-lattice terms take the step-by-step loop: same numbers
+        torch.testing.assert_close(_mf(terms_ref, base, iters), expected,
                                    rtol=1e-4, atol=3e-6)
     assert torch.allclose(got.sum(1), torch.ones(3000), atol=1e-5)
 
@@ -228,7 +239,7 @@ def test_fused_mean_field_threads_blocks_and_extremes():
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            results.append(mean_field(terms_nat, base, 5))
+            results.append(_mf(terms_nat, base, 5))
     finally:
         torch.set_num_threads(threads)
     expected = _mean_field_loop(terms_nat, base, 5)
@@ -242,17 +253,17 @@ def test_fused_mean_field_workspace_is_kept_released_and_not_shared():
     # The vertex buffers outlive the call (kept for the next one) until released; calls that
     # overlap in time (ctypes lets other Python threads run) do not share them.
     base, _, terms_nat = _mean_field_case(5000, 21, True, True, seed=12)
-    expected = mean_field(terms_nat, base, 4)
+    expected = _mf(terms_nat, base, 4)
     assert native.release_workspace() > 0
     assert native.release_workspace() == 0
-    torch.testing.assert_close(mean_field(terms_nat, base, 4), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_mf(terms_nat, base, 4), expected, rtol=0, atol=0)
     other_base = base.flip(0).contiguous()
-    other_expected = mean_field(terms_nat, other_base, 4)
+    other_expected = _mf(terms_nat, other_base, 4)
     results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     def run(k: int) -> None:
         for _ in range(6):
-            results[k].append(mean_field(terms_nat, base if k == 0 else other_base, 4))
+            results[k].append(_mf(terms_nat, base if k == 0 else other_base, 4))
 
     workers = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
     for w in workers:
@@ -269,14 +280,29 @@ def test_fused_mean_field_workspace_is_kept_released_and_not_shared():
 @needs_kernel
 def test_mean_field_rejects_bad_arguments():
     base, terms_ref, _ = _mean_field_case(200, 4, False, False)
-    with pytest.raises(ValueError, match="at least one"):
-        mean_field([], base, 3)
     with pytest.raises(ValueError, match="iters"):
-        mean_field(terms_ref, base, -1)
-    with pytest.raises(ValueError, match="out must not be base"):
-        mean_field(terms_ref, base, 1, out=base)
-    with pytest.raises(ValueError, match="base must be"):
-        mean_field(terms_ref, base[None], 1)
+        mean_field(base, terms_ref, -1)
+    with pytest.raises(ValueError, match="iters"):
+        mean_field(base, terms_ref, 2.0)
+
+
+@needs_kernel
+def test_fused_history_is_the_step_by_step_sequence():
+    # The training mode's forward keeps Q_0 … Q_{T−1} from the fused kernel's passes.
+    from deepcrf.ops.meanfield import _fused
+
+    base, terms_ref, terms_nat = _mean_field_case(3000, 7, True, True, seed=13)
+    coefs = [float(t.coef) for t in terms_nat]
+    log_q, kept = _fused(base, terms_nat, coefs, 5, range(5))
+    q = torch.softmax(base, dim=1)
+    for t in range(5):
+        torch.testing.assert_close(kept[t], q, rtol=1e-4, atol=3e-6)
+        q = _mean_field_loop(terms_ref, base, t + 1)
+    torch.testing.assert_close(log_q.exp(), q, rtol=1e-4, atol=3e-6)
+    # a subset is kept, the others go to scratch
+    _, some = _fused(base, terms_nat, coefs, 5, [0, 3])
+    assert sorted(some) == [0, 3]
+    torch.testing.assert_close(some[3], kept[3], rtol=0, atol=0)
 
 
 @needs_kernel

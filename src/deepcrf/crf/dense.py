@@ -28,19 +28,16 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .._checks import check_positive, check_tensor
-from ..ops.gaussian import build_lattice, gaussian_filter
+from ..ops.meanfield import build_term
+from ..ops.meanfield import mean_field as engine_mean_field
 
 Normalization = Literal["symmetric", "none", "before", "after"]
 FilterMethod = Literal["lattice", "exact"]
@@ -50,16 +47,6 @@ _NORMALIZATIONS = ("symmetric", "none", "before", "after")
 _FILTERS = ("lattice", "exact")
 _WEIGHT_SHAPES = ("scalar", "vector", "matrix")
 _LEARNABLE = ("compat", "weights", "bandwidths")
-# Kernel row sums below this are treated as this value: keeps 1/n finite for a pixel that has
-# no neighbour at all (possible only with exclude_self=True).
-_NORM_EPS = 1e-10
-# Reach of the banded spatial filter, in standard deviations (dropped weights < 1.5e-8).
-_SPATIAL_TRUNCATE = 6.0
-# Output pixels per block of the windowed spatial filter. Each output costs T + 2r multiply-adds,
-# so smaller is less work, but thinner GEMMs; 16–32 measured equally fast at VOC size (1 thread),
-# 48–64 ~30% slower.
-_BLOCK = 24
-
 Scalar = float | torch.Tensor
 
 
@@ -133,10 +120,8 @@ def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# kernels
+# terms of the engine
 # ------------------------------------------------------------------------------------------
-
-_Filter = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _to(value: Scalar, like: torch.Tensor) -> torch.Tensor:
@@ -153,213 +138,22 @@ def _pixel_positions(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return grid.reshape(h * w, 2)
 
 
-def _norm_factors(
-    filt: _Filter, b: int, n: int, like: torch.Tensor, mode: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Pydensecrf's normalisation as per-pixel factors: k̄ q = post ⊙ K(pre ⊙ q), (B, N, 1) each.
+def _label_map(weight: torch.Tensor, mu: torch.Tensor | None, num_labels: int) -> torch.Tensor:
+    """The engine's A in ``z += K̄Q ∘ A`` for kernel weight w_m and compatibility μ.
 
-    With row sums n_i = Σ_j k_ij (the same filter applied to ones): symmetric n^-½ K n^-½,
-    before K n^-1, after n^-1 K, none K itself (pydensecrf computes a mean row sum for
-    NO_NORMALIZATION but never applies it, so its "none" is the plain kernel too). Computed once
-    per forward and reused by every iteration.
+    Potts (μ None): the message −Σ_l′ [l ≠ l′] w (K̄Q)(l′) equals +w (K̄Q)(l) up to a label
+    constant, so A = w (scalar or (L,)), or Wᵀ for CRF-RNN's (L, L) weight matrix. With μ:
+    z −= (K̄Q Wᵀ) μᵀ, A = −Wᵀ μᵀ.
     """
-    if mode == "none":
-        return None, None
-    ones = torch.ones(b, n, 1, device=like.device, dtype=like.dtype)
-    row_sum = filt(ones).clamp_min(_NORM_EPS)
-    if mode == "symmetric":
-        s = row_sum.rsqrt()
-        return s, s
-    inv = row_sum.reciprocal()
-    return (inv, None) if mode == "before" else (None, inv)
-
-
-def _normalize(filt: _Filter, pre: torch.Tensor | None, post: torch.Tensor | None) -> _Filter:
-    """The normalised filter q ↦ post ⊙ K(pre ⊙ q) (None = no factor), differentiable."""
-    if pre is not None and post is not None:
-        return lambda q: post * filt(pre * q)
-    if pre is not None:
-        return lambda q: filt(pre * q)
-    if post is not None:
-        return lambda q: post * filt(q)
-    return filt
-
-
-def _bilateral_filter(
-    image_bnc: torch.Tensor,
-    positions: torch.Tensor,
-    theta_alpha: torch.Tensor,
-    theta_beta: torch.Tensor,
-    method: str,
-    exclude_self: bool,
-) -> _Filter:
-    b = image_bnc.shape[0]
-    features = torch.cat(
-        [(positions / theta_alpha).expand(b, -1, -1), image_bnc / theta_beta], dim=-1
-    )
-    if method == "exact":
-        return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
-    lattice = build_lattice(features)  # once per image, reused by every iteration
-    return lambda q: gaussian_filter(
-        q, features, method="lattice", lattice=lattice, exclude_self=exclude_self
-    )
-
-
-def _spatial_filter(
-    b: int,
-    h: int,
-    w: int,
-    positions: torch.Tensor,
-    theta_gamma: torch.Tensor,
-    method: str,
-    exclude_self: bool,
-) -> _Filter:
-    if method == "exact":
-        features = (positions / theta_gamma).expand(b, -1, -1)
-        return lambda q: gaussian_filter(q, features, method="exact", exclude_self=exclude_self)
-    return _SeparableSpatial(b, h, w, theta_gamma, exclude_self)
-
-
-class _SeparableSpatial:
-    """Exact separable spatial Gaussian: a matrix product along rows, then along columns.
-
-    Works in the (B, H, W, L) layout the iterations keep. Windowed (one block-Toeplitz GEMM per
-    axis, cost linear in pixels) when the kernel is short compared with the image. At VOC size
-    even the dense version measured ~4x faster than 1-D convolutions through oneDNN (slow for
-    1×k kernels on CPU, and their θγ weight gradient is wrong when the kernel spans the image);
-    θγ gradients are plain autograd through the matrices.
-
-    ``__call__`` allocates its result (autograd-safe). For inference without autograd,
-    :meth:`input_view` / :meth:`run` reuse persistent buffers: the caller writes the values into
-    the (zero-padded) row buffer, and the result stays valid until the next ``run``. At
-    1024×768×21 each buffer is 66 MB, and fresh allocations of that size cost page faults that
-    measured as much as the arithmetic.
-    """
-
-    def __init__(
-        self, b: int, h: int, w: int, theta_gamma: torch.Tensor, exclude_self: bool
-    ) -> None:
-        self.b, self.h, self.w = b, h, w
-        self.exclude_self = exclude_self
-        self.along_rows = _AxisGaussian(h, theta_gamma)
-        self.along_cols = _AxisGaussian(w, theta_gamma)
-        self._buffers: tuple[torch.Tensor, ...] | None = None
-
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        b, h, w = self.b, self.h, self.w
-        c = q.shape[-1]
-        x = self.along_rows(q.reshape(b, h, w * c))  # lines along H with W·L values each
-        # Columns: put W first so that each block product is one wide GEMM (B·H·L columns)
-        # instead of B·H thin ones (measured 2x faster at VOC size despite the two copies).
-        x = x.reshape(b, h, w, c).permute(2, 0, 1, 3).reshape(1, w, b * h * c)
-        out = self.along_cols(x).reshape(w, b, h, c).permute(1, 2, 0, 3).reshape(b, h * w, c)
-        return out - q if self.exclude_self else out
-
-    def input_view(self, like: torch.Tensor) -> torch.Tensor:
-        """The (B, N, C) interior of the padded row buffer, for the values to filter."""
-        b, h, w = self.b, self.h, self.w
-        c = like.shape[-1]
-        rows, cols = self.along_rows, self.along_cols
-        bufs = self._buffers
-        if bufs is None or bufs[0].shape[-1] != w * c or bufs[0].dtype != like.dtype:
-            zeros = functools.partial(torch.zeros, device=like.device, dtype=like.dtype)
-            # The row products are consumed (copied into the column input) before the column
-            # products are written: both live in one buffer (66 MB less at 1024×768×21).
-            n_row, n_col = b * rows.out_len * w * c, cols.out_len * b * h * c
-            products = torch.empty(max(n_row, n_col), device=like.device, dtype=like.dtype)
-            bufs = (
-                # the padding stays zero: only the interior is ever written
-                zeros(b, rows.padded_len, w * c),
-                products[:n_row].view(b, rows.out_len, w * c),
-                zeros(1, cols.padded_len, b * h * c),
-                products[:n_col].view(1, cols.out_len, b * h * c),
-            )
-            self._buffers = bufs
-        return bufs[0][:, rows.offset : rows.offset + h].view(b, h * w, c)
-
-    def run(self) -> torch.Tensor:
-        """Filter what :meth:`input_view` holds; returns a (B, H, W, C) view of a reused buffer.
-
-        The view is strided (W outermost in memory): consumers read it in place instead of
-        paying for one more full copy per filtering.
-        """
-        assert self._buffers is not None
-        b, h, w = self.b, self.h, self.w
-        row_in, row_out, col_in, col_out = self._buffers
-        c = col_out.shape[-1] // (b * h)
-        for i in range(b):
-            self.along_rows.product(row_in[i : i + 1], row_out[i : i + 1])
-        off = self.along_cols.offset
-        col_in[0, off : off + w].view(w, b, h, c).copy_(
-            row_out[:, :h].view(b, h, w, c).permute(2, 0, 1, 3)
-        )
-        self.along_cols.product(col_in, col_out)
-        result = col_out[0, :w].view(w, b, h, c).permute(1, 2, 0, 3)
-        if self.exclude_self:
-            off = self.along_rows.offset
-            result.sub_(row_in[:, off : off + h].view(b, h, w, c))
-        return result
-
-
-class _AxisGaussian:
-    """x ↦ G x along dim 1 with G_ij = exp(−(i − j)² / 2θ²), i, j pixel indices on one axis.
-
-    Dense (n × n) when the kernel reaches across most of the axis; otherwise windowed: the axis
-    is cut into blocks of T output pixels, and each block is one (T × (T + 2r)) product with the
-    window of input pixels within the kernel radius r of it. G is Toeplitz, so every block uses
-    the same matrix, and the overlapping windows are a strided view (``unfold``) of the padded
-    input: one batched GEMM per axis, cost O(n·(T + 2r)) per value, no per-offset partial sums.
-    Entries beyond ``_SPATIAL_TRUNCATE`` standard deviations (< 1.5e-8) are the only ones dropped.
-    """
-
-    def __init__(self, n: int, theta: torch.Tensor) -> None:
-        self.n = n
-        self.radius = r = math.ceil(_SPATIAL_TRUNCATE * float(theta.detach()))
-        self.block = t = _BLOCK
-        if t + 2 * r >= n:  # a window would span the axis: the plain product is no dearer
-            idx = torch.arange(n, device=theta.device, dtype=theta.dtype)
-            self.dense: torch.Tensor | None = torch.exp(
-                -0.5 * ((idx[:, None] - idx[None, :]) / theta).square()
-            )
-            # layout of the buffers of product(): no padding, n outputs
-            self.offset, self.padded_len, self.out_len = 0, n, n
-            return
-        self.dense = None
-        out_idx = torch.arange(t, device=theta.device, dtype=theta.dtype)
-        in_idx = torch.arange(-r, t + r, device=theta.device, dtype=theta.dtype)
-        # window[a, k] = g(a − (k − r)): output pixel a of a block, input pixel k of its window
-        self.window = torch.exp(-0.5 * ((out_idx[:, None] - in_idx[None, :]) / theta).square())
-        self.num_blocks = nb = -(-n // t)
-        self.offset, self.padded_len, self.out_len = r, nb * t + 2 * r, nb * t
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            return self.dense @ x
-        if x.shape[0] > 1:
-            # matmul would materialise the overlapping windows of several lines (they cannot be
-            # merged into one batch dimension); one line at a time keeps them a view.
-            return torch.cat([self(x[i : i + 1]) for i in range(x.shape[0])])
-        lines, n, c = x.shape
-        t, r = self.block, self.radius
-        nb = self.num_blocks
-        padded = F.pad(x, (0, 0, r, r + nb * t - n))
-        windows = padded.unfold(1, t + 2 * r, t).transpose(-1, -2)  # (1, nb, T + 2r, C) view
-        return (self.window @ windows).reshape(lines, nb * t, c)[:, :n]
-
-    def product(self, padded: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """G x into ``out`` (1, out_len, C) from zero-padded x (1, padded_len, C), no autograd."""
-        if self.dense is not None:
-            return torch.matmul(self.dense, padded[0], out=out[0])
-        t, r = self.block, self.radius
-        windows = padded.unfold(1, t + 2 * r, t).transpose(-1, -2)  # (1, nb, T + 2r, C) view
-        torch.matmul(self.window, windows, out=out.view(1, self.num_blocks, t, out.shape[-1]))
-        return out
-
-
-def _apply_weight(weight: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
-    if weight.dim() == 2:  # CRF-RNN's L×L kernel-weight matrix: out(l) = Σ_l′ W(l, l′) msg(l′)
-        return msg @ weight.transpose(0, 1)
-    return msg * weight  # scalar, or a per-label vector broadcast over the label axis
+    if mu is None:
+        return weight.transpose(0, 1) if weight.dim() == 2 else weight
+    if weight.dim() == 2:
+        w_t = weight.transpose(0, 1)
+    elif weight.dim() == 1:
+        w_t = torch.diag(weight)
+    else:
+        return -weight * mu.transpose(0, 1)
+    return -(w_t @ mu.transpose(0, 1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -463,16 +257,8 @@ def dense_crf(
     compute = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     with torch.autocast(device_type=logits.device.type, enabled=False):
         out = _mean_field(
-            compute,
-            image,
-            iters,
-            thetas,
-            weights,
-            compat,
-            normalization,
-            exclude_self,
-            filter,
-            checkpoint,
+            compute, image, iters, thetas, weights, compat, normalization, exclude_self,
+            filter, checkpoint,
         )
     return out.to(out_dtype)
 
@@ -489,6 +275,7 @@ def _mean_field(
     method: str,
     use_checkpoint: bool,
 ) -> torch.Tensor:
+    """The two kernels of eq. 3 as engine terms, run by :func:`deepcrf.ops.meanfield.mean_field`."""
     b, num_labels, h, w = logits.shape
     n = h * w
     if iters == 0:
@@ -499,103 +286,22 @@ def _mean_field(
 
     positions = _pixel_positions(h, w, logits)
     colour = image.to(logits.dtype).reshape(b, 3, n).transpose(1, 2)
-    bilateral = _bilateral_filter(colour, positions, theta_alpha, theta_beta, method, exclude_self)
-    spatial = _spatial_filter(b, h, w, positions, theta_gamma, method, exclude_self)
-    factors = [_norm_factors(f, b, n, logits, normalization) for f in (bilateral, spatial)]
-    unary = logits.reshape(b, num_labels, n).transpose(1, 2)  # labels as the fast axis
-
-    tracked = [logits, mu, w_bil, w_sp, theta_alpha, theta_beta, theta_gamma]
-    if isinstance(spatial, _SeparableSpatial) and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
-    ):
-        z = _mean_field_inference(unary, iters, bilateral, spatial, factors, [w_bil, w_sp], mu)
-    else:
-        kernels = [
-            (_normalize(f, pre, post), wt)
-            for f, (pre, post), wt in zip(
-                (bilateral, spatial), factors, (w_bil, w_sp), strict=True
-            )
-        ]
-
-        def step(z: torch.Tensor) -> torch.Tensor:
-            q = z.softmax(dim=-1)
-            msg = sum(_apply_weight(wt, filt(q)) for filt, wt in kernels)
-            assert isinstance(msg, torch.Tensor)
-            # Potts: Σ_l′ [l≠l′] m(l′) = Σ_l′ m(l′) − m(l); the first term is the same for every
-            # label and cancels in the softmax, so −m(l) is the same update, one matmul cheaper.
-            pairwise = -msg if mu is None else msg @ mu.transpose(0, 1)
-            return unary - pairwise
-
-        z = unary
-        for _ in range(iters):
-            if use_checkpoint and torch.is_grad_enabled():
-                z = _checkpoint(step, z, use_reentrant=False)
-            else:
-                z = step(z)
+    bilateral = torch.cat(
+        [(positions / theta_alpha).expand(b, -1, -1), colour / theta_beta], dim=-1
+    )
+    spatial = (positions / theta_gamma).expand(b, -1, -1)
+    terms = [
+        build_term(
+            feats.contiguous(), _label_map(wt, mu, num_labels), normalization=normalization,
+            exclude_self=exclude_self, method=method,
+        )
+        for feats, wt in ((bilateral, w_bil), (spatial, w_sp))
+    ]
+    base = logits.reshape(b, num_labels, n).transpose(1, 2).reshape(b * n, num_labels)
+    log_q = engine_mean_field(base, terms, iters, checkpoint=use_checkpoint)
     # contiguous: a (B, L, H, W) view of the (B, N, L) buffer would have odd strides, which
     # some consumers reject (CPU nll_loss2d's backward).
-    return z.log_softmax(dim=-1).transpose(1, 2).reshape(b, num_labels, h, w).contiguous()
-
-
-def _mean_field_inference(
-    unary: torch.Tensor,
-    iters: int,
-    bilateral: _Filter,
-    spatial: _SeparableSpatial,
-    factors: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-    weights: list[torch.Tensor],
-    mu: torch.Tensor | None,
-) -> torch.Tensor:
-    """The same mean-field iterations as the autograd path, without autograd: reused buffers.
-
-    Only float round-off differs (the weights are folded into the normalisation and the
-    compatibility, the additions happen in another order). Nothing the size of the image is
-    allocated per iteration except the lattice's own temporaries: at 1024×768×21 the page faults
-    of fresh 66 MB tensors measured as costly as the arithmetic.
-    """
-    num_labels = unary.shape[-1]
-    b, h, w = spatial.b, spatial.h, spatial.w
-    unary = unary.contiguous()
-    eye = torch.eye(num_labels, device=unary.device, dtype=unary.dtype)
-    # z = unary − Σ_m (post_m ⊙ K_m(pre_m ⊙ q)) R_m with R_m = W_mᵀ μᵀ (Potts: R_m = −W_mᵀ).
-    # Scalar/vector weights with Potts make R_m diagonal: then a per-pixel, per-label coefficient
-    # replaces the matmul.
-    diagonal = mu is None and all(wt.dim() < 2 for wt in weights)
-    coefs: list[torch.Tensor] = []
-    for (_, post), wt in zip(factors, weights, strict=True):
-        if diagonal:
-            coefs.append(wt if post is None else post * wt)  # z += coef ⊙ K(pre ⊙ q)
-        else:
-            w_mat = wt if wt.dim() == 2 else eye * wt  # diag(w) for a scalar or (L,) vector
-            w_t = w_mat.transpose(0, 1)
-            coefs.append(-w_t if mu is None else w_t @ mu.transpose(0, 1))
-    (pre_b, _), (pre_s, _) = factors
-    z = torch.empty_like(unary)
-    q = torch.empty_like(unary)
-    for it in range(iters):
-        torch.ops.aten._softmax.out(unary if it == 0 else z, -1, False, out=q)
-        x_s = spatial.input_view(q)
-        if pre_s is None:
-            x_s.copy_(q)
-        else:
-            torch.mul(q, pre_s, out=x_s)
-        if pre_b is not None:
-            q.mul_(pre_b)  # q is no longer needed as such: scale it in place (one buffer less)
-        y_b = bilateral(q)
-        y_s = spatial.run()
-        if diagonal:
-            torch.addcmul(unary, y_b, coefs[0], out=z)
-            # in (B, H, W, ·) views: the spatial result is read where the GEMM left it
-            spatial_coef = coefs[1] if coefs[1].dim() < 3 else coefs[1].view(b, h, w, -1)
-            z.view(b, h, w, num_labels).addcmul_(y_s, spatial_coef)
-        else:
-            z.copy_(unary)
-            flat = z.view(-1, num_labels)
-            for y, (_, post), r in zip((y_b, y_s.reshape(y_b.shape)), factors, coefs, strict=True):
-                if post is not None:
-                    y.mul_(post)
-                flat.addmm_(y.reshape(-1, num_labels), r, alpha=-1)
-    return unary if iters == 0 else z
+    return log_q.reshape(b, n, num_labels).transpose(1, 2).reshape(b, num_labels, h, w).contiguous()
 
 
 # ------------------------------------------------------------------------------------------

@@ -906,7 +906,9 @@ typedef struct {
     const float *const *post;
     const double *coef;
     const float *base;
-    float *q;
+    float *q;           /* Q_iters, or log Q_iters when log_out */
+    float *const *hist; /* NULL, or iters pointers: Q_0 ... Q_{iters-1} are stored there */
+    int log_out;
     float *const *bufs; /* per term: nthreads + 1 buffers of (m + 1) * CS floats, row m zero */
     int64_t cs;
     barrier_t barrier;
@@ -1032,7 +1034,7 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
     }                                                                                             \
                                                                                                   \
     static void mf_points_##CS(mf_ctx *x, int id, float *const *src, float *const *part,          \
-                               int slice, int splat) {                                            \
+                               int slice, int splat, float *dst, int log_out) {                   \
         const int64_t c = x->c;                                                                   \
         if (splat)                                                                                \
             for (int t = 0; t < x->nterms; t++)                                                   \
@@ -1073,6 +1075,10 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                         }                                                                         \
                     }                                                                             \
                 float mx[MF_BLOCK], inv[MF_BLOCK];                                                \
+                v8f logit[MF_BLOCK][NV_##CS]; /* the rows before the softmax (log_out) */         \
+                if (log_out)                                                                      \
+                    for (int r = 0; r < nb; r++)                                                  \
+                        for (int u = 0; u < NV_##CS; u++) logit[r][u] = row[r][u];                \
                 for (int r = 0; r < nb; r++) {                                                    \
                     v8f mv = row[r][0] + pad_low[0];                                              \
                     for (int u = 1; u < NV_##CS; u++) {                                           \
@@ -1092,7 +1098,15 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 }                                                                                 \
                 for (int r = 0; r < nb; r++) {                                                    \
                     for (int u = 0; u < NV_##CS; u++) row[r][u] *= inv[r];                        \
-                    mf_store_row(row[r], NV_##CS, x->q, pb + r, p1, c);                           \
+                    if (log_out) {                                                                \
+                        /* log softmax = logit - max - log(sum exp(logit - max)) */               \
+                        const v8f lse = v8_splat(mx[r] - logf(inv[r]));                           \
+                        v8f out[NV_##CS];                                                         \
+                        for (int u = 0; u < NV_##CS; u++) out[u] = logit[r][u] - lse;             \
+                        mf_store_row(out, NV_##CS, dst, pb + r, p1, c);                           \
+                    } else if (dst) {                                                             \
+                        mf_store_row(row[r], NV_##CS, dst, pb + r, p1, c);                        \
+                    }                                                                             \
                 }                                                                                 \
                 if (splat)                                                                        \
                     for (int r = 0; r < nb; r++) {                                                \
@@ -1132,7 +1146,9 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
         }                                                                                         \
         for (int it = 0; it <= x->iters; it++) {                                                  \
             double t0 = now_seconds();                                                            \
-            mf_points_##CS(x, id, src, part, it > 0, it < x->iters);                              \
+            float *dst = it == x->iters ? x->q : x->hist ? x->hist[it] : NULL;                  \
+            mf_points_##CS(x, id, src, part, it > 0, it < x->iters, dst,                          \
+                           it == x->iters && x->log_out);                                         \
             double t1 = now_seconds();                                                            \
             barrier_wait(&x->barrier, &sense);                                                    \
             if (id == 0) lattice_profile[0] += t1 - t0;                                           \
@@ -1174,13 +1190,14 @@ DEFINE_MEANFIELD(32)
 #pragma GCC pop_options
 
 /* The driver of the fused mean field above (float32).  base (n, c) = the logits' constant
- * part (-U); q (n, c) receives Q_iters.  Returns 0, -1 on allocation failure, -2 when c > 32
+ * part (-U); q (n, c) receives Q_iters (log Q_iters when log_out); hist, when not NULL, holds
+ * iters pointers to (n, c) arrays that receive Q_0 ... Q_{iters-1} (what a backward needs).  Returns 0, -1 on allocation failure, -2 when c > 32
  * (the caller then iterates lattice_filter_sum). */
 int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
                           const int32_t *const *vert, const float *const *w,
                           const int32_t *const *blur_col, const float *const *pre,
                           const float *const *post, const double *coef, const float *base,
-                          float *q, int iters, int nthreads) {
+                          float *q, float *const *hist, int log_out, int iters, int nthreads) {
     if (nterms < 1 || nterms > 16 || c < 1 || iters < 0) return -3;
     int64_t cs = c <= 8 ? 8 : c <= 16 ? 16 : c <= 24 ? 24 : c <= 32 ? 32 : 0;
     if (cs == 0) return -2;
@@ -1205,7 +1222,7 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
     }
     if (!err) {
         mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
-                    base, q, bufs, cs};
+                    base, q, hist, log_out, bufs, cs};
         atomic_init(&x.barrier.count, 0);
         atomic_init(&x.barrier.sense, 0);
         x.barrier.nthreads = nthreads;
@@ -1246,4 +1263,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 6; }
+int deepcrf_kernel_abi(void) { return 7; }

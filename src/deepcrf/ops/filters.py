@@ -1,26 +1,19 @@
-"""Exact Gaussian filters: the brute-force reference and the separable spatial filter.
+"""The exact Gaussian filter: the brute-force reference of every fast path.
 
 ``exact_gaussian_filter`` evaluates Σ_j exp(−½‖f_i − f_j‖²) v_j literally, in chunks of rows so
 memory stays O(chunk·N) instead of O(N²).  It is written with plain differentiable torch ops, so
 autograd reaches both the values and the features (hence the bandwidths the features were
-divided by); every fast path (the permutohedral lattice, the separable filter) is tested
+divided by); every fast path (the permutohedral lattice, the mean-field engine) is tested
 against it.
-
-``spatial_gaussian_filter`` is the smoothness kernel of the dense CRF, exp(−‖p_i − p_j‖²/2σ²)
-over pixel positions, which factorises into a horizontal and a vertical 1-D Gaussian: two
-small convolutions instead of a lattice.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from deepcrf._checks import check_tensor
 
-__all__ = ["exact_gaussian_filter", "spatial_gaussian_filter"]
+__all__ = ["exact_gaussian_filter"]
 
 # Entries of one (B, chunk, N, d) difference block kept in memory at a time.
 _CHUNK_BUDGET = 1 << 22
@@ -87,60 +80,3 @@ def exact_gaussian_filter(
     if exclude_self:
         out = out - values
     return out
-
-
-def spatial_gaussian_filter(
-    values: torch.Tensor, sigma: float | torch.Tensor, *, truncate: float = 4.0
-) -> torch.Tensor:
-    """Exact smoothness-kernel filter ``out_p = Σ_q exp(−‖p − q‖²/2σ²) v_q`` over pixels.
-
-    The spatial (appearance-free) kernel of the fully connected CRF (Krähenbühl & Koltun
-    2011, eq. 3, second kernel with θγ = σ) factorises over the two axes, so it is computed as
-    two 1-D convolutions with the unnormalised taps exp(−t²/2σ²), |t| ≤ ⌈truncate·σ⌉.  The
-    sum runs over pixels inside the image only (zero padding) and includes q = p.  Truncation
-    drops kernel weight below exp(−truncate²/2) (3.4e-4 for the default 4σ) per axis.
-
-    Args:
-        values: per-pixel values, float.
-        sigma: standard deviation in pixels (θγ), a positive float or a 0-d tensor (then the
-            result is differentiable w.r.t. it).
-        truncate: radius of the taps in standard deviations.
-
-    Shape:
-        values: (B, C, H, W)
-        return: (B, C, H, W)
-
-    Example:
-        >>> spatial_gaussian_filter(torch.ones(1, 1, 5, 5), 1.0).shape
-        torch.Size([1, 1, 5, 5])
-    """
-    check_tensor(values, "values", ndim=4, layout="(B, C, H, W)", floating=True)
-    if isinstance(sigma, torch.Tensor):
-        if sigma.numel() != 1:
-            raise ValueError(f"sigma must be a scalar; got shape {tuple(sigma.shape)}")
-        sigma_value = float(sigma.detach())
-        sigma_t = sigma.reshape(()).to(values.dtype)
-    else:
-        sigma_value = float(sigma)
-        sigma_t = None
-    if not (sigma_value > 0.0) or math.isinf(sigma_value):
-        raise ValueError(f"sigma must be a finite positive number; got {sigma_value!r}")
-    if not (truncate > 0.0):
-        raise ValueError(f"truncate must be positive; got {truncate!r}")
-    _, channels, height, width = values.shape
-    radius = math.ceil(truncate * sigma_value)
-    offsets = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
-    scale = sigma_t if sigma_t is not None else sigma_value
-    taps = torch.exp(-0.5 * (offsets / scale).square())
-    # Depthwise (one filter per channel) convolutions on a channels-last tensor: the layout
-    # oneDNN vectorises over channels (measured 25x faster than 1-channel convolutions of the
-    # (B·C, 1, H, W) view for 21 channels at 500×375).  Taps longer than the image only add
-    # zeros: crop them to keep the convolutions small.
-    rx = min(radius, width - 1)
-    ry = min(radius, height - 1)
-    kx = taps[radius - rx : radius + rx + 1].reshape(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    ky = taps[radius - ry : radius + ry + 1].reshape(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    x = values.contiguous(memory_format=torch.channels_last)
-    x = F.conv2d(x, kx.contiguous(), padding=(0, rx), groups=channels)
-    x = F.conv2d(x, ky.contiguous(), padding=(ry, 0), groups=channels)
-    return x.contiguous()

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 6
+_ABI = 7
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -126,7 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lattice_finish.argtypes = [p, i64, i64, i64, p, i32]
     mf = lib.lattice_meanfield_f32
     mf.restype = i32
-    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, i32, i32]
+    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32, i32]
     lib.lattice_release_workspace.restype = i64
     lib.lattice_release_workspace.argtypes = []
     lib.lattice_free.restype = None

@@ -45,10 +45,7 @@ __all__ = [
     "NATIVE_FEATURE_SCALE",
     "NATIVE_OUTPUT_SCALE",
     "PermutohedralLattice",
-    "ScaledFilter",
-    "filter_sum",
     "lattice_filter",
-    "mean_field",
     "pydensecrf_output_scale",
 ]
 
@@ -563,16 +560,6 @@ class PermutohedralLattice:
             x = b @ x
         return slice_ @ x
 
-    def _scaled_operator(
-        self, pre: torch.Tensor | None, post: torch.Tensor | None, dtype: torch.dtype
-    ) -> ScaledFilter:
-        """diag(post) · filter · diag(pre) as a callable, scales folded into the passes.
-
-        Per-point normalisations and kernel weights then cost nothing per filtering (used by
-        the pydensecrf compat layer, whose terms are N K N' with fixed N, N').
-        """
-        return ScaledFilter(self, pre, post, dtype)
-
     # ------------------------------------------------------------------ public
     def filter(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Gaussian-filter ``values`` through the lattice (differentiable w.r.t. ``values``).
@@ -594,173 +581,6 @@ class PermutohedralLattice:
             f"dim={self.dim}, vertices={self.num_vertices}, "
             f"pydensecrf_compatible={self.pydensecrf_compatible})"
         )
-
-
-class ScaledFilter:
-    """The filter ``v ↦ post ⊙ K(pre ⊙ v)`` on a built lattice, without autograd.
-
-    Optionally fused as ``subtract_from − post ⊙ K(pre ⊙ v)``.
-
-    With the PyTorch backend the factors are folded into the CSR matrices' values; with the
-    compiled kernel they are applied inside its splat and slice passes.
-
-    Shape:
-        values, subtract_from, out: (B·N, C); pre, post: (B·N,) or (B·N, 1)
-    """
-
-    def __init__(
-        self,
-        lattice: PermutohedralLattice,
-        pre: torch.Tensor | None,
-        post: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> None:
-        self.lattice = lattice
-        self.dtype = dtype
-        if lattice.backend == "native":
-            self.pre = None if pre is None else pre.to(dtype).reshape(-1).contiguous()
-            self.post = None if post is None else post.to(dtype).reshape(-1).contiguous()
-            self.matrices = None
-            return
-        splat, blur, slice_ = lattice._matrices(dtype)
-        crow, col, val = lattice._splat_idx
-        if pre is not None:
-            splat = _csr(crow, col, val.to(dtype) * pre.to(dtype).reshape(-1)[col], splat.shape)
-        if post is not None:
-            vcol, vval = lattice._slice_idx
-            dp1 = lattice.dim + 1
-            vals = (vval.to(dtype) * lattice.output_scale).reshape(-1, dp1)
-            vals = vals * post.to(dtype).reshape(-1)[:, None]
-            slice_ = _csr(slice_.crow_indices(), vcol, vals.reshape(-1), slice_.shape)
-        self.matrices = (splat, blur, slice_)
-
-    def __call__(
-        self,
-        values: torch.Tensor,
-        subtract_from: torch.Tensor | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The filtered values, or ``subtract_from`` minus them (written to ``out`` if given)."""
-        if self.matrices is None:
-            return self.lattice._native_filter(
-                values, False, self.pre, self.post, subtract_from,
-                -1.0 if subtract_from is not None else 1.0, out,
-            )
-        splat, blur, slice_ = self.matrices
-        x = splat @ values
-        for b in blur:
-            x = b @ x
-        if subtract_from is None:
-            return out.copy_(slice_ @ x) if out is not None else slice_ @ x
-        if out is None:
-            return torch.addmm(subtract_from, slice_, x, alpha=-1.0)
-        return torch.addmm(subtract_from, slice_, x, alpha=-1.0, out=out)
-
-
-def filter_sum(
-    terms: list[tuple[ScaledFilter, float]],
-    values: torch.Tensor,
-    base: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    softmax: bool = False,
-) -> torch.Tensor:
-    """``base + Σ_t coef_t · F_t(values)`` for scaled lattice filters on the same points.
-
-    The mean-field update of a dense CRF with Potts terms (Krähenbühl & Koltun 2011, eq. 4 with
-    the compatibilities folded into the ``post`` factors): with ``softmax=True`` the rows of the
-    result are then normalised with a softmax.  With the compiled kernel everything is one pass
-    per stage (the values are read once for all splats, each output row written once);
-    otherwise the same arithmetic in PyTorch.  No autograd.
-
-    Shape:
-        values, base, out: (B·N, C); returns ``out`` (allocated when None; may be ``base``).
-    """
-    if not terms:
-        raise ValueError("filter_sum needs at least one (filter, coefficient) term")
-    dtype = values.dtype
-    native_ok = (
-        len(terms) <= 16
-        and all(f.matrices is None and f.dtype == dtype for f, _ in terms)
-        and values.is_contiguous()
-        and (base is None or (base.is_contiguous() and base.dtype == dtype))
-    )
-    if not native_ok:
-        acc = base.clone() if base is not None else torch.zeros_like(values)
-        for f, coef in terms:
-            acc.add_(f(values), alpha=coef)
-        if softmax:
-            acc = torch.softmax(acc, dim=-1)
-        return acc if out is None else out.copy_(acc)
-    return _native_sum(
-        [f.lattice for f, _ in terms], [f.pre for f, _ in terms], [f.post for f, _ in terms],
-        [coef for _, coef in terms], values, base, out, softmax=softmax, transpose=False,
-    )
-
-
-def mean_field(
-    terms: list[tuple[ScaledFilter, float]],
-    base: torch.Tensor,
-    iters: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean-field iterations with Potts-type terms: ``Q ← softmax(base + Σ_t coef_t F_t(Q))``.
-
-    Starts from ``Q₀ = softmax(base)`` and returns ``Q_iters``: Krähenbühl & Koltun (2011),
-    eq. 4, with the unary as ``base = −U`` and each term's label compatibility a scalar folded
-    into its coefficient and ``post`` factor (the pydensecrf compat layer's Potts terms).
-
-    With the compiled kernel (float32, at most 32 labels, every term on it) the whole loop is
-    one call: per iteration a single pass over the points slices every lattice, normalises the
-    row and splats it into the next iteration's vertex buffers while the point's indices are
-    in cache, then each lattice is blurred.  Otherwise it iterates :func:`filter_sum`.
-    Both give the same numbers up to float32 summation order.  No autograd.
-
-    Shape:
-        base, out: (B·N, L); returns ``out`` (allocated when None), which must not be ``base``.
-    """
-    if not terms:
-        raise ValueError("mean_field needs at least one (filter, coefficient) term")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative integer; got {iters!r}")
-    if base.dim() != 2:
-        raise ValueError(f"base must be (B·N, L); got shape {tuple(base.shape)}")
-    if out is None:
-        out = torch.empty_like(base)
-    elif out.data_ptr() == base.data_ptr():
-        raise ValueError("mean_field: out must not be base (base is read every iteration)")
-    n, c = base.shape
-    lattices = [f.lattice for f, _ in terms]
-    native_ok = (
-        base.dtype == torch.float32
-        and c <= 32
-        and len(terms) <= 16
-        and all(f.matrices is None and f.dtype == base.dtype for f, _ in terms)
-        and base.is_contiguous()
-        and out.is_contiguous()
-        and out.dtype == base.dtype
-    )
-    if native_ok:
-        lib = lattices[0]._kernel
-        assert lib is not None
-        err = lib.lattice_meanfield_f32(
-            n, c, len(terms),
-            *_kernel_terms(
-                lattices, [f.pre for f, _ in terms], [f.post for f, _ in terms],
-                [coef for _, coef in terms], base.dtype,
-            ),
-            base.data_ptr(), out.data_ptr(), iters, native.threads(),
-        )
-        if err == -1:
-            raise MemoryError("the lattice kernel could not allocate its vertex buffers")
-        if err:
-            raise RuntimeError(f"lattice_meanfield failed with code {err}")
-        return out
-    q = native.softmax_rows(base.contiguous())
-    buf = torch.empty_like(q)
-    for _ in range(iters):
-        filter_sum(terms, q, base=base, out=buf, softmax=True)
-        q, buf = buf, q
-    return out.copy_(q)
 
 
 def _kernel_terms(

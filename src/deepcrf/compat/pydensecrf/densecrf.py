@@ -4,7 +4,8 @@ Swap ``import pydensecrf.densecrf as dcrf`` for
 ``import deepcrf.compat.pydensecrf.densecrf as dcrf``: the classes, methods, argument names,
 defaults, constants and return shapes are pydensecrf's, and the numbers are too — the lattice
 is built in :class:`~deepcrf.ops.permutohedral.PermutohedralLattice`'s
-``pydensecrf_compatible`` mode, which reproduces densecrf's feature scaling, blur and final
+``pydensecrf_compatible`` mode and inference is the mean-field engine's
+(:mod:`deepcrf.ops.meanfield`), which reproduces densecrf's feature scaling, blur and final
 scale bit for bit up to float summation order.
 
 Mean field as pydensecrf computes it (Krähenbühl & Koltun 2011, eq. 4/5, pydensecrf signs):
@@ -34,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepcrf.ops.native import softmax_rows
-from deepcrf.ops.permutohedral import PermutohedralLattice, mean_field
+from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, mean_field
 
 __all__ = [
     "CONST_KERNEL",
@@ -164,7 +164,11 @@ class LogisticUnary(Unary):
 
 
 class _Pairwise:
-    """One pairwise term: a lattice, its normalisation and a label compatibility."""
+    """One pairwise term: pydensecrf's lattice, normalisation and compatibility as an engine term.
+
+    pydensecrf subtracts ``C(N K N' q)`` from −U; the engine adds ``K̄q ∘ A`` to its base, so a
+    Potts weight w is A = w, a vector d is A = −d, a matrix M is A = −½(M + Mᵀ).
+    """
 
     def __init__(
         self,
@@ -178,14 +182,13 @@ class _Pairwise:
         self.kernel = kernel
         self.normalization = normalization
         feats = torch.from_numpy(np.ascontiguousarray(features))[None]
-        self.lattice = PermutohedralLattice(feats, pydensecrf_compatible=True)
+        op = KernelOp(feats, pydensecrf_compatible=True)
         del feats
         n = features.shape[0]
         # densecrf normalises with the filtered constant image, computed once per term.  The
         # per-pixel arithmetic is numpy's (single-threaded: an OpenMP region here would leave
         # torch's workers spinning on the cores the lattice kernel uses next).
-        ones = torch.from_numpy(np.ones((n, 1), dtype=np.float32))
-        norm = self.lattice._apply(ones, False)[:, 0].numpy()
+        norm = op.row_sums(torch.float32)[:, 0].numpy()
         if normalization == NORMALIZE_SYMMETRIC:
             norm = np.float32(1.0) / np.sqrt(norm + np.float32(1e-20))
         elif normalization == NO_NORMALIZATION:
@@ -193,43 +196,26 @@ class _Pairwise:
             norm = np.full_like(norm, n / float(norm.sum()))
         else:
             norm = np.float32(1.0) / (norm + np.float32(1e-20))
-        norm = torch.from_numpy(np.ascontiguousarray(norm, dtype=np.float32))
-        self.norm = norm[:, None]
-        self.pre = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE)
-        self.post = normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
-        self._set_compat(compat, nlabels)
-        # Fold the normalisations (and a Potts weight −w) into the lattice's sparse matrices:
-        # one filtering per iteration, no extra passes over the (N, L) arrays.
-        post = self.norm if self.post else None
-        if self.mode == "potts":
-            scaled = norm.numpy() if self.post else np.ones(n, np.float32)
-            post = torch.from_numpy(np.float32(-self.weight) * scaled)[:, None]
-        self.operator = self.lattice._scaled_operator(
-            self.norm if self.pre else None, post, torch.float32
-        )
-        # The scaled operator shares the lattice's index arrays; drop the lattice's own
-        # (unscaled) weights, which inference never uses.
-        del self.lattice
+        factor = torch.from_numpy(np.ascontiguousarray(norm, dtype=np.float32))[:, None]
+        pre = factor if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None
+        post = factor if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None
+        self.mode, coef = self._label_map(compat, nlabels)
+        self.term = PairwiseTerm(op, pre, post, coef)
 
-    def _set_compat(self, compat: Any, nlabels: int) -> None:
+    @staticmethod
+    def _label_map(compat: Any, nlabels: int) -> tuple[str, torch.Tensor]:
         if isinstance(compat, Number) and not isinstance(compat, bool):
-            self.mode = "potts"
-            self.weight = float(np.float32(compat))
-            return
+            return "potts", torch.tensor(float(np.float32(compat)))
         arr = np.asarray(compat)
         if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
-            self.mode = "potts"
-            self.weight = float(np.float32(arr))
-            return
+            return "potts", torch.tensor(float(np.float32(arr)))
         if arr.ndim == 1:
             if arr.shape[0] != nlabels:
                 raise ValueError(
                     f"compat as a vector (diagonal compatibility) must have one entry per label "
                     f"({nlabels}); got shape {arr.shape}"
                 )
-            self.mode = "diag"
-            self.diag = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())[None, :]
-            return
+            return "diag", -torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
         if arr.ndim == 2:
             if arr.shape != (nlabels, nlabels):
                 raise ValueError(
@@ -238,38 +224,21 @@ class _Pairwise:
                 )
             m = np.asarray(arr, dtype=np.float32)
             # densecrf stores ½(M + Mᵀ) and applies it as out = M_sym · x (labels × labels).
-            self.mode = "matrix"
-            self.matrix = torch.from_numpy((np.float32(0.5) * (m + m.T)).astype(np.float32))
-            return
+            sym = (np.float32(0.5) * (m + m.T)).astype(np.float32)
+            return "matrix", -torch.from_numpy(sym)
         raise ValueError(
             "compat must be a number (Potts), a vector (diagonal) or a matrix; "
             f"got an array of shape {arr.shape} (LabelCompatibility of dimension >2 not "
             "meaningful)"
         )
 
-    def message(
-        self,
-        q: torch.Tensor,
-        subtract_from: torch.Tensor | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The term pydensecrf subtracts from −U: C(N K N' q), q (N, L) float32.
-
-        With ``subtract_from`` given, returns ``subtract_from − message`` instead (fused into
-        the last sparse product for Potts terms), written into ``out`` when given (``out`` may
-        be ``subtract_from`` itself).
-        """
-        if self.mode == "potts":
-            return self.operator(q, subtract_from, out)
-        x = self.operator(q)
-        if self.mode == "diag":
-            x = x.mul_(self.diag)
-        else:
-            # out_i = M_sym x_i for each variable i; M_sym is symmetric, so x @ M_sym.
-            x = x @ self.matrix
-        if subtract_from is None:
-            return x
-        return torch.sub(subtract_from, x, out=out) if out is not None else subtract_from - x
+    def message(self, q: torch.Tensor) -> torch.Tensor:
+        """The term pydensecrf subtracts from −U: C(N K N' q) = −(K̄q ∘ A), q (N, L) float32."""
+        t = self.term
+        x = t.op.apply(q, False, t.pre, t.post)
+        if t.coef.dim() == 2:
+            return -(x @ t.coef)
+        return -(x * t.coef)
 
 
 class DenseCRF:
@@ -382,13 +351,10 @@ class DenseCRF:
         """One mean-field update; returns (new Q, its logits −U − Σ messages, last message)."""
         logits = self._negative_unary()
         last = None
-        for k, term in enumerate(self._pairwise):
-            if k == len(self._pairwise) - 1 and keep_last:
-                last = term.message(q)
-                logits = logits - last
-            else:
-                logits = term.message(q, subtract_from=logits)
-        return torch.softmax(logits, dim=1), logits, last
+        for term in self._pairwise:
+            last = term.message(q)
+            logits = logits - last
+        return torch.softmax(logits, dim=1), logits, last if keep_last else None
 
     @staticmethod
     def _to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -409,23 +375,11 @@ class DenseCRF:
         if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
             raise ValueError(f"niter must be a non-negative integer; got {niter!r}")
         with torch.no_grad():
-            neg_unary = self._negative_unary()
-            if self._pairwise and all(t.mode == "potts" for t in self._pairwise):
-                # Potts terms only: the whole loop fused in the lattice kernel (one pass over
-                # the pixels per iteration), or filter_sum iterated.
-                terms = [(t.operator, -1.0) for t in self._pairwise]
-                return self._to_numpy(mean_field(terms, neg_unary.contiguous(), int(niter)))
-            q = softmax_rows(neg_unary.contiguous())
-            # Two (N, L) buffers for the whole loop (pydensecrf holds about as many): the
-            # logits are written into one and turned into Q in place, then the roles swap.
-            buf = torch.empty_like(q)
-            for _ in range(int(niter)):
-                if not self._pairwise:
-                    buf.copy_(neg_unary)
-                for k, term in enumerate(self._pairwise):
-                    term.message(q, subtract_from=neg_unary if k == 0 else buf, out=buf)
-                softmax_rows(buf, out=buf)
-                q, buf = buf, q
+            neg_unary = self._negative_unary().contiguous()
+            terms = [t.term for t in self._pairwise]
+            # The engine: with Potts terms on the compiled kernel the whole loop is one fused
+            # pass over the pixels per iteration.
+            q = mean_field(neg_unary, terms, int(niter), probabilities=True)
         return self._to_numpy(q)
 
     def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,557 @@
+"""The mean-field engine of the fully connected CRF: every dense-CRF entry point runs this.
+
+One iteration of Krähenbühl & Koltun (2011, eq. 4), written in "gain" form over pairwise
+terms m, each a Gaussian kernel K_m (eq. 3) with per-point normalisation factors and a label
+map A_m:
+
+    Q_0 = softmax(base),     z_{t+1} = base + Σ_m (post_m ⊙ K_m(pre_m ⊙ Q_t)) ∘ A_m,
+    Q_{t+1} = softmax(z_{t+1}),   result: log Q_T                                       (1)
+
+``base`` is −U (logits), ``x ∘ A`` is ``x · A`` for a scalar or (L,) vector A and ``x @ A`` for
+an (L, L) matrix.  A Potts term with weight w is A = w (pydensecrf's −w·K̄Q message); a label
+compatibility μ (a penalty) with kernel weight matrix W is A = −Wᵀ μᵀ.
+
+Two modes, same semantics:
+
+* **inference** (no autograd needed): no graph, buffers reused.  When every term is on the
+  compiled lattice kernel with a scalar A (after the exact reduction of Potts-like matrices,
+  see :func:`_reduce_coef`), float32 and L ≤ 32, the whole loop is one fused kernel call (one
+  pass over the points per iteration); otherwise the iterations run term by term.
+* **training**: :class:`_MeanField`, a ``torch.autograd.Function`` over all iterations.  Its
+  forward is the same loop (the fused kernel too, keeping Q_0 … Q_{T−1}); its backward is the
+  adjoint recursion of (1): per iteration one forward and one transposed filtering per term,
+  plus, for learnable bandwidths, the feature moments K(f_d v) and Kᵀ(f_d g) of the Gaussian
+  model's derivative ∂k_ij/∂f_i = k_ij (f_j − f_i) (Schwing & Urtasun 2015) — all through the
+  same kernel.  Gradients reach ``base``, every A_m, the normalisation factors and the
+  features (hence bandwidths).
+
+Filters are :class:`KernelOp` s: the permutohedral lattice (compiled CPU kernel or pure
+PyTorch; CUDA runs the PyTorch lattice) or the exact O(N²) sum, the reference every fast path
+is tested against.  Points of a batch are stacked: arrays are (P, L) with P = B·N, and the
+lattice keeps the images apart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from . import native
+from .filters import exact_gaussian_filter
+from .permutohedral import PermutohedralLattice, _kernel_terms, _native_sum
+
+__all__ = [
+    "KernelOp",
+    "PairwiseTerm",
+    "build_term",
+    "mean_field",
+    "row_sum_error",
+]
+
+Method = Literal["lattice", "exact"]
+Normalization = Literal["symmetric", "none", "before", "after"]
+NORMALIZATIONS = ("symmetric", "none", "before", "after")
+# Kernel row sums below this are treated as this value: keeps 1/n finite for a point that has
+# no neighbour at all (possible only with exclude_self=True).
+_NORM_EPS = 1e-10
+# The fused kernel's label rows are padded to multiples of 8, up to 32.
+_FUSED_MAX_LABELS = 32
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+
+
+class KernelOp:
+    """One Gaussian kernel K on P = B·N points as a fixed linear map, without autograd.
+
+    ``apply(v, transpose, pre, post)`` is ``post ⊙ K(pre ⊙ v)`` (or with Kᵀ) for (P, C) values
+    and (P, 1) factors.  ``exclude_self`` makes K the sum over j ≠ i (K − I).
+
+    Args:
+        features: (B, N, d) point features divided by their bandwidths (detached here).
+        method: ``"lattice"`` (permutohedral, O(N)) or ``"exact"`` (brute force, O(N²)).
+        exclude_self: drop the j = i term.
+        pydensecrf_compatible: pydensecrf's lattice geometry and scale (compat layer).
+        backend: the lattice's implementation, ``"auto"``, ``"torch"`` or ``"native"`` (see
+            :class:`~deepcrf.ops.permutohedral.PermutohedralLattice`).
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        *,
+        method: Method = "lattice",
+        exclude_self: bool = False,
+        pydensecrf_compatible: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        if method not in ("lattice", "exact"):
+            raise ValueError(f"method must be 'lattice' or 'exact'; got {method!r}")
+        self.method = method
+        self.exclude_self = bool(exclude_self)
+        self.features = features.detach()
+        self.batch, self.points, self.dim = features.shape
+        self.lattice: PermutohedralLattice | None = None
+        if method == "lattice":
+            self.lattice = PermutohedralLattice(
+                self.features, pydensecrf_compatible=pydensecrf_compatible, backend=backend
+            )
+
+    @property
+    def native(self) -> bool:
+        """Whether the compiled CPU kernel filters this kernel."""
+        return self.lattice is not None and self.lattice.backend == "native"
+
+    def apply(
+        self,
+        values: torch.Tensor,
+        transpose: bool = False,
+        pre: torch.Tensor | None = None,
+        post: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``post ⊙ K(pre ⊙ values)`` (Kᵀ with ``transpose``); (P, C) in, new (P, C) out."""
+        if self.native and values.dtype in (torch.float32, torch.float64):
+            assert self.lattice is not None
+            out = self.lattice._native_filter(values, transpose, pre, post)
+            if self.exclude_self:  # post ⊙ (K − I)(pre ⊙ v)
+                x = values if pre is None else pre * values
+                out.sub_(x if post is None else post * x)
+            return out
+        x = values if pre is None else pre * values
+        if self.lattice is not None:
+            y = self.lattice._apply(x.contiguous(), transpose)
+        else:
+            # the exact kernel is symmetric: K = Kᵀ
+            c = x.shape[-1]
+            y = exact_gaussian_filter(
+                x.reshape(self.batch, self.points, c), self.features.to(x.dtype)
+            ).reshape(-1, c)
+        if self.exclude_self:
+            y = y - x
+        return y if post is None else post * y
+
+    def row_sums(self, dtype: torch.dtype) -> torch.Tensor:
+        """K·1 per point, (P, 1), no autograd."""
+        ones = torch.ones(self.batch * self.points, 1, dtype=dtype, device=self.features.device)
+        return self.apply(ones)
+
+
+def _row_sums_differentiable(op: KernelOp, features: torch.Tensor) -> torch.Tensor:
+    """K·1 per point, (P, 1), differentiable w.r.t. ``features`` (the Gaussian model)."""
+    from .gaussian import gaussian_filter
+
+    ones = features.new_ones(op.batch, op.points, 1)
+    method = "exact" if op.lattice is None else "lattice"
+    out = gaussian_filter(
+        ones, features, method=method, lattice=op.lattice, exclude_self=op.exclude_self
+    )
+    return out.reshape(-1, 1)
+
+
+def row_sum_error(op: KernelOp, *, samples: int = 256, seed: int = 0) -> float:
+    """Relative error of the lattice's row sums K·1 against the exact ones, sampled.
+
+    Draws ``samples`` points per image (a fixed generator: the same points every call),
+    computes their exact row sums Σ_j exp(−½‖f_i − f_j‖²) over all N points (O(samples·N·d))
+    and returns the mean of |lattice − exact| / exact.  The permutohedral lattice under-weights
+    narrow Gaussians (features sparse on the lattice's unit cell): this says by how much.
+    Returns 0.0 for the exact filter.
+
+    Shape:
+        op.features: (B, N, d)
+    """
+    if op.lattice is None:
+        return 0.0
+    feats = op.features
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = min(samples, op.points)
+    idx = torch.randperm(op.points, generator=gen)[:k].to(feats.device)
+    approx = op.row_sums(feats.dtype).reshape(op.batch, op.points)[:, idx]
+    errs = []
+    for b in range(op.batch):
+        f = feats[b].double()
+        exact = torch.zeros(k, dtype=torch.float64, device=feats.device)
+        for start in range(0, op.points, 8192):
+            diff = f[idx][:, None, :] - f[None, start : start + 8192, :]
+            exact += torch.exp(-0.5 * diff.square().sum(-1)).sum(-1)
+        if op.exclude_self:
+            exact -= 1.0
+        exact = exact.clamp_min(_NORM_EPS)
+        errs.append(((approx[b].double() - exact).abs() / exact).mean())
+    return float(torch.stack(errs).mean())
+
+
+# ------------------------------------------------------------------------------------------
+# terms
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairwiseTerm:
+    """One term of (1): the kernel, its per-point factors and its label map A.
+
+    ``pre``/``post`` are (P, 1) or None (no factor); ``coef`` is a 0-d, (L,) or (L, L) tensor.
+    ``features`` is the (B, N, d) tensor the kernel was built from when its gradient is wanted
+    (learnable bandwidths), else None.
+    """
+
+    op: KernelOp
+    pre: torch.Tensor | None
+    post: torch.Tensor | None
+    coef: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+def normalization_factors(
+    row_sums: torch.Tensor, mode: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pydensecrf's normalisations as (pre, post) factors of k̄ q = post ⊙ K(pre ⊙ q).
+
+    With row sums n: ``symmetric`` n^−½ K n^−½, ``before`` K n⁻¹, ``after`` n⁻¹ K, ``none`` K
+    (pydensecrf computes a mean row sum for NO_NORMALIZATION but never applies it).
+    """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {mode!r}")
+    if mode == "none":
+        return None, None
+    n = row_sums.clamp_min(_NORM_EPS)
+    if mode == "symmetric":
+        s = n.rsqrt()
+        return s, s
+    inv = n.reciprocal()
+    return (inv, None) if mode == "before" else (None, inv)
+
+
+def build_term(
+    features: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    method: Method = "lattice",
+) -> PairwiseTerm:
+    """A pairwise term of (1) from features (B, N, d), already divided by the bandwidths.
+
+    The kernel (lattice) is built once from the detached features; when ``features`` requires
+    grad, the normalisation is differentiable w.r.t. them and the term carries them so that
+    :func:`mean_field` returns their gradient.
+
+    Args:
+        features: point features / bandwidths, (B, N, d), float32 or float64.
+        coef: the label map A: 0-d, (L,) or (L, L), in ``z += K̄Q ∘ A`` (see module docs).
+        normalization: ``"symmetric"``, ``"before"``, ``"after"`` or ``"none"``.
+        exclude_self: drop the j = i term.
+        method: ``"lattice"`` or ``"exact"``.
+    """
+    op = KernelOp(features, method=method, exclude_self=exclude_self)
+    learn = features.requires_grad and torch.is_grad_enabled()
+    if normalization == "none":
+        pre = post = None
+    else:
+        sums = _row_sums_differentiable(op, features) if learn else op.row_sums(features.dtype)
+        pre, post = normalization_factors(sums, normalization)
+    return PairwiseTerm(op, pre, post, coef, features if learn else None)
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------
+
+
+def _reduce_coef(coef: torch.Tensor) -> torch.Tensor:
+    """An equivalent scalar or vector A for inference when the matrix form has no effect.
+
+    ``x @ A`` with A = diag(a) + c 𝟙ᵀ (every off-diagonal entry of row l′ equal to c_l′) is
+    ``x ⊙ a`` plus Σ_l′ x_l′ c_l′, the same for every label: it cancels in the softmax, so
+    ``a = diag(A) − c`` gives the same Q exactly.  A constant vector becomes a scalar.
+    """
+    if coef.dim() == 2:
+        n = coef.shape[0]
+        if n < 2:
+            return coef.reshape(())
+        off = coef.masked_fill(torch.eye(n, dtype=torch.bool, device=coef.device), float("nan"))
+        row = off.nanmean(dim=1)
+        if not bool(torch.all((off - row[:, None]).abs().nan_to_num(0.0) == 0)):
+            return coef
+        coef = torch.diagonal(coef) - row
+    if coef.dim() == 1 and bool(torch.all(coef == coef[0])):
+        return coef[0]
+    return coef
+
+
+def _add_message(z: torch.Tensor, msg: torch.Tensor, coef: torch.Tensor) -> None:
+    """Z += msg ∘ A in place."""
+    if coef.dim() == 2:
+        z.addmm_(msg, coef)
+    elif coef.dim() == 1:
+        z.addcmul_(msg, coef)
+    else:
+        z.add_(msg * coef)
+
+
+def _fusable(base: torch.Tensor, terms: Sequence[PairwiseTerm], coefs: list[torch.Tensor]) -> bool:
+    return (
+        base.dtype == torch.float32
+        and base.device.type == "cpu"
+        and base.shape[1] <= _FUSED_MAX_LABELS
+        and len(terms) <= 16
+        and all(t.op.native and not t.op.exclude_self for t in terms)
+        and all(c.dim() == 0 for c in coefs)
+    )
+
+
+def _fused(
+    base: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    coefs: list[float],
+    iters: int,
+    keep: Sequence[int],
+    log: bool = True,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The fused kernel: log Q_iters (P, L) (Q_iters if not ``log``) and the Q_t in ``keep``."""
+    lattices = [t.op.lattice for t in terms]
+    assert all(lat is not None for lat in lattices)
+    lib = lattices[0]._kernel  # type: ignore[union-attr]
+    p, c = base.shape
+    pres = [_flat(t.pre, base.dtype) for t in terms]
+    posts = [_flat(t.post, base.dtype) for t in terms]
+    out = torch.empty_like(base)
+    kept = {t: torch.empty_like(base) for t in keep}
+    hist_ptrs = None
+    if kept:
+        # iterations not kept are written to one scratch array that nothing reads
+        scratch = torch.empty_like(base) if len(kept) < iters else None
+        ptrs = [(kept[t] if t in kept else scratch).data_ptr() for t in range(iters)]  # type: ignore[union-attr]
+        hist_ptrs = (ctypes.c_void_p * iters)(*ptrs)
+    err = lib.lattice_meanfield_f32(
+        p, c, len(terms),
+        *_kernel_terms(lattices, pres, posts, coefs, base.dtype),  # type: ignore[arg-type]
+        base.data_ptr(), out.data_ptr(), hist_ptrs, int(log), iters, native.threads(),
+    )
+    if err == -1:
+        raise MemoryError("the lattice kernel could not allocate its vertex buffers")
+    if err:
+        raise RuntimeError(f"lattice_meanfield failed with code {err}")
+    return out, kept
+
+
+def _step(
+    base: torch.Tensor, q: torch.Tensor, terms: Sequence[PairwiseTerm], coefs: list[torch.Tensor]
+) -> torch.Tensor:
+    """Z = base + Σ_m K̄_m(q) ∘ A_m, without autograd (scalar native terms summed in one pass)."""
+    fused = [
+        i for i, (t, c) in enumerate(zip(terms, coefs, strict=True))
+        if c.dim() == 0 and t.op.native and not t.op.exclude_self
+        and q.dtype in (torch.float32, torch.float64)
+    ]
+    if fused:
+        z = _native_sum(
+            [terms[i].op.lattice for i in fused],  # type: ignore[misc]
+            [_flat(terms[i].pre, q.dtype) for i in fused],
+            [_flat(terms[i].post, q.dtype) for i in fused],
+            [float(coefs[i]) for i in fused],
+            q, base, None, softmax=False, transpose=False,
+        )
+    else:
+        z = base.clone()
+    for i, (t, c) in enumerate(zip(terms, coefs, strict=True)):
+        if i not in fused:
+            _add_message(z, t.op.apply(q, False, _det(t.pre), _det(t.post)), c.to(q.dtype))
+    return z
+
+
+def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.detach().to(dtype).reshape(-1).contiguous()
+
+
+def _det(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
+
+
+def _forward_loop(
+    base: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    coefs: list[torch.Tensor],
+    iters: int,
+    keep: Sequence[int] = (),
+    *,
+    log: bool = True,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Log Q_iters (Q_iters if not ``log``) of (1) without autograd, and the Q_t in ``keep``."""
+    if iters == 0:
+        return (base.log_softmax(dim=-1) if log else base.softmax(dim=-1)), {}
+    if _fusable(base, terms, coefs):
+        return _fused(base, terms, [float(c) for c in coefs], iters, keep, log)
+    wanted = set(keep)
+    kept: dict[int, torch.Tensor] = {}
+    q = base.softmax(dim=-1)
+    z = base
+    for t in range(iters):
+        if t in wanted:
+            kept[t] = q
+        z = _step(base, q, terms, coefs)
+        q = z.softmax(dim=-1)
+    return (z.log_softmax(dim=-1) if log else q), kept
+
+
+def mean_field(
+    base: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    iters: int,
+    *,
+    checkpoint: bool = False,
+    probabilities: bool = False,
+) -> torch.Tensor:
+    """Run (1) for ``iters`` iterations; returns log Q_iters (Q_iters with ``probabilities``).
+
+    Differentiable (the training mode) when grad is enabled and ``base``, a term's ``coef``,
+    ``pre``/``post`` or ``features`` requires grad; otherwise the inference mode.
+
+    Args:
+        base: −U, the unary logits, on the points of the terms.
+        terms: the pairwise terms, from :func:`build_term` (or made by hand).
+        iters: number of iterations (0 returns log_softmax(base)).
+        checkpoint: keep only every ⌈√iters⌉-th Q for the backward and recompute the others
+            (memory ≈ 2√iters instead of iters (P, L) arrays, about one more forward).
+        probabilities: return Q instead of log Q (the fused kernel writes it directly).
+
+    Shape:
+        base:   (P, L)  with P = B·N points, labels the fast axis
+        return: (P, L)
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    tensors: list[torch.Tensor | None] = [base]
+    for t in terms:
+        tensors += [t.coef, t.pre, t.post, t.features]
+    track = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in tensors
+    )
+    if not track:
+        with torch.no_grad():
+            coefs = [_reduce_coef(t.coef.detach().to(base.dtype)) for t in terms]
+            base = base.detach().contiguous()
+            return _forward_loop(base, terms, coefs, iters, log=not probabilities)[0]
+    out = _MeanField.apply(base, tuple(terms), iters, bool(checkpoint), *tensors[1:])
+    return out.exp() if probabilities else out
+
+
+class _MeanField(torch.autograd.Function):
+    """(1) over all iterations with its adjoint recursion as the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        base: torch.Tensor,
+        terms: tuple[PairwiseTerm, ...],
+        iters: int,
+        checkpoint: bool,
+        *flat: torch.Tensor | None,
+    ) -> torch.Tensor:
+        base = base.detach().contiguous()
+        # the reduced label maps give the same Q_t (the backward uses the full ones)
+        coefs = [_reduce_coef(t.coef.detach().to(base.dtype)) for t in terms]
+        every = math.ceil(math.sqrt(iters)) if checkpoint and iters > 1 else 1
+        out, kept = _forward_loop(base, terms, coefs, iters, range(0, iters, every))
+        ctx.terms, ctx.iters, ctx.every, ctx.kept = terms, iters, every, kept
+        ctx.save_for_backward(base, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        base, out = ctx.saved_tensors
+        terms: tuple[PairwiseTerm, ...] = ctx.terms
+        iters, every, kept = ctx.iters, ctx.every, ctx.kept
+        needs = ctx.needs_input_grad
+        coefs = [t.coef.detach().to(base.dtype) for t in terms]
+        fwd_coefs = [_reduce_coef(c) for c in coefs]
+        need = [needs[4 + 4 * m : 8 + 4 * m] for m in range(len(terms))]
+        g_coef = [torch.zeros_like(c) if n[0] else None for c, n in zip(coefs, need, strict=True)]
+        g_pre = [
+            torch.zeros_like(t.pre) if n[1] else None for t, n in zip(terms, need, strict=True)
+        ]
+        g_post = [
+            torch.zeros_like(t.post) if n[2] else None for t, n in zip(terms, need, strict=True)
+        ]
+        g_feat = [
+            torch.zeros(t.op.batch * t.op.points, t.op.dim, dtype=base.dtype, device=base.device)
+            if n[3] else None
+            for t, n in zip(terms, need, strict=True)
+        ]
+        centred = [
+            (t.op.features - t.op.features.mean(dim=1, keepdim=True)).reshape(-1, t.op.dim)
+            .to(base.dtype) if n[3] else None
+            for t, n in zip(terms, need, strict=True)
+        ]
+        grad_out = grad_out.contiguous()
+        # log_softmax backward: dL/dz_T
+        g = grad_out - out.exp() * grad_out.sum(dim=-1, keepdim=True)
+        g_base = g.clone()
+        segment: dict[int, torch.Tensor] = {}
+        for t in range(iters - 1, -1, -1):
+            q = kept.get(t)
+            if q is None:
+                q = segment.get(t)
+            if q is None:  # recompute the segment that holds t from its kept start
+                start = t - t % every
+                segment = {start: kept[start]}
+                qs = kept[start]
+                for s in range(start + 1, t + 1):
+                    qs = _step(base, qs, terms, fwd_coefs).softmax(dim=-1)
+                    segment[s] = qs
+                q = segment[t]
+            dq = torch.zeros_like(q)
+            for m, term in enumerate(terms):
+                op, coef = term.op, coefs[m]
+                pre, post = _det(term.pre), _det(term.post)
+                if coef.dim() == 2:
+                    dmsg = g @ coef.transpose(0, 1)
+                else:
+                    dmsg = g * coef
+                need_y = g_coef[m] is not None or g_post[m] is not None or g_feat[m] is not None
+                y = op.apply(q, False, pre, None) if need_y else None  # K(pre ⊙ q)
+                if g_post[m] is not None:
+                    g_post[m] += (dmsg * y).sum(dim=-1, keepdim=True)
+                if g_coef[m] is not None:
+                    msg = y if post is None else post * y
+                    if coef.dim() == 2:
+                        g_coef[m] += msg.transpose(0, 1) @ g
+                    elif coef.dim() == 1:
+                        g_coef[m] += (msg * g).sum(dim=0)
+                    else:
+                        g_coef[m] += (msg * g).sum()
+                u = dmsg if post is None else post * dmsg
+                ktu = op.apply(u, True)  # Kᵀ(post ⊙ dmsg)
+                if g_pre[m] is not None:
+                    g_pre[m] += (ktu * q).sum(dim=-1, keepdim=True)
+                dq += ktu if pre is None else pre * ktu
+                if g_feat[m] is not None:
+                    v = q if pre is None else pre * q
+                    f = centred[m]
+                    assert f is not None and y is not None
+                    gf = g_feat[m]
+                    gf -= f * ((u * y).sum(-1, keepdim=True) + (v * ktu).sum(-1, keepdim=True))
+                    for d in range(f.shape[1]):
+                        fd = f[:, d : d + 1]
+                        gf[:, d] += (u * op.apply(fd * v)).sum(-1)
+                        gf[:, d] += (v * op.apply(fd * u, True)).sum(-1)
+            g = q * (dq - (q * dq).sum(dim=-1, keepdim=True))  # softmax backward: dL/dz_t
+            g_base += g
+        grads: list[torch.Tensor | None] = [g_base if needs[0] else None, None, None, None]
+        for m, term in enumerate(terms):
+            gf = g_feat[m]
+            if gf is not None:
+                gf = gf.reshape(term.op.features.shape).to(term.features.dtype)  # type: ignore[union-attr]
+            gc = g_coef[m]
+            if gc is not None:
+                gc = gc.to(term.coef.dtype)
+            grads += [gc, g_pre[m], g_post[m], gf]
+        return tuple(grads)
