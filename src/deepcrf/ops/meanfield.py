@@ -510,39 +510,10 @@ class _MeanField(torch.autograd.Function):
                 q = segment[t]
             dq = torch.zeros_like(q)
             for m, term in enumerate(terms):
-                op, coef = term.op, coefs[m]
-                pre, post = _det(term.pre), _det(term.post)
-                if coef.dim() == 2:
-                    dmsg = g @ coef.transpose(0, 1)
-                else:
-                    dmsg = g * coef
-                need_y = g_coef[m] is not None or g_post[m] is not None or g_feat[m] is not None
-                y = op.apply(q, False, pre, None) if need_y else None  # K(pre ⊙ q)
-                if g_post[m] is not None:
-                    g_post[m] += (dmsg * y).sum(dim=-1, keepdim=True)
-                if g_coef[m] is not None:
-                    msg = y if post is None else post * y
-                    if coef.dim() == 2:
-                        g_coef[m] += msg.transpose(0, 1) @ g
-                    elif coef.dim() == 1:
-                        g_coef[m] += (msg * g).sum(dim=0)
-                    else:
-                        g_coef[m] += (msg * g).sum()
-                u = dmsg if post is None else post * dmsg
-                ktu = op.apply(u, True)  # Kᵀ(post ⊙ dmsg)
-                if g_pre[m] is not None:
-                    g_pre[m] += (ktu * q).sum(dim=-1, keepdim=True)
-                dq += ktu if pre is None else pre * ktu
-                if g_feat[m] is not None:
-                    v = q if pre is None else pre * q
-                    f = centred[m]
-                    assert f is not None and y is not None
-                    gf = g_feat[m]
-                    gf -= f * ((u * y).sum(-1, keepdim=True) + (v * ktu).sum(-1, keepdim=True))
-                    for d in range(f.shape[1]):
-                        fd = f[:, d : d + 1]
-                        gf[:, d] += (u * op.apply(fd * v)).sum(-1)
-                        gf[:, d] += (v * op.apply(fd * u, True)).sum(-1)
+                _term_backward(
+                    term, coefs[m], q, g, dq, g_coef[m], g_pre[m], g_post[m], g_feat[m],
+                    centred[m],
+                )
             g = q * (dq - (q * dq).sum(dim=-1, keepdim=True))  # softmax backward: dL/dz_t
             g_base += g
         grads: list[torch.Tensor | None] = [g_base if needs[0] else None, None, None, None]
@@ -555,3 +526,104 @@ class _MeanField(torch.autograd.Function):
                 gc = gc.to(term.coef.dtype)
             grads += [gc, g_pre[m], g_post[m], gf]
         return tuple(grads)
+
+
+# Channels per call of the moment filterings: the compiled kernel filters up to ~48 channels
+# per point pass for about the cost of 21 (measured at 500×375: 21 → 10 ms, 42 → 11 ms,
+# 63 → 30 ms), so blocks of L channels are stacked in pairs.
+_STACK_CHANNELS = 48
+
+
+def _filter_blocks(
+    op: KernelOp, blocks: list[torch.Tensor], transpose: bool
+) -> list[torch.Tensor]:
+    """K (or Kᵀ) of each (P, L) block, stacked along channels into few calls."""
+    width = blocks[0].shape[1]
+    per_call = max(1, _STACK_CHANNELS // width)
+    out: list[torch.Tensor] = []
+    for i in range(0, len(blocks), per_call):
+        group = blocks[i : i + per_call]
+        y = op.apply(torch.cat(group, dim=1) if len(group) > 1 else group[0], transpose)
+        out.extend(y.split(width, dim=1) if len(group) > 1 else [y])
+    return out
+
+
+def _term_backward(
+    term: PairwiseTerm,
+    coef: torch.Tensor,
+    q: torch.Tensor,
+    g: torch.Tensor,
+    dq: torch.Tensor,
+    g_coef: torch.Tensor | None,
+    g_pre: torch.Tensor | None,
+    g_post: torch.Tensor | None,
+    g_feat: torch.Tensor | None,
+    centred: torch.Tensor | None,
+) -> None:
+    """Accumulate one term's share of the backward of one iteration of (1), in place.
+
+    The iteration is z′ = base + (post ⊙ K(v)) ∘ A with v = pre ⊙ q, and g = ∂L/∂z′.
+    With W₀ = Kᵀ(post ⊙ g) (filtering commutes with the label map A):
+
+        ∂L/∂q += pre ⊙ (W₀ ∘ Aᵀ),   ∂L/∂A += vᵀ W₀ (matrix; channel sums for vector/scalar),
+        ∂L/∂pre += Σ_l W₀ ⊙ (q ∘ A),   ∂L/∂post += Σ_l (g ∘ Aᵀ) ⊙ K(v),
+
+    and for the features (Gaussian model, ∂k_ij/∂f_i = k_ij (f_j − f_i)), with u = post ⊙ (g ∘ Aᵀ),
+    Y_d = K(f_d v), W_d = Kᵀ(f_d · post ⊙ g):
+
+        ∂L/∂f_id += Σ_l [u ⊙ Y_d + (v ∘ A) ⊙ W_d] − f_id Σ_l [u ⊙ K(v) + (v ∘ A) ⊙ W₀].
+
+    Without feature or factor gradients that is one transposed filtering per term (the factors
+    folded into the kernel's passes).
+    """
+    op, pre, post = term.op, _det(term.pre), _det(term.post)
+
+    def amap(x: torch.Tensor, transposed: bool) -> torch.Tensor:  # x ∘ A or x ∘ Aᵀ
+        if coef.dim() == 2:
+            return x @ (coef.transpose(0, 1) if transposed else coef)
+        return x * coef
+
+    if g_pre is None and g_post is None and g_feat is None:
+        pw = op.apply(g, True, post, pre)  # pre ⊙ Kᵀ(post ⊙ g)
+        if g_coef is not None:
+            if coef.dim() == 2:
+                g_coef.addmm_(q.transpose(0, 1), pw)
+            elif coef.dim() == 1:
+                g_coef += (q * pw).sum(dim=0)
+            else:
+                g_coef += (q * pw).sum()
+        if coef.dim() == 2:
+            dq.addmm_(pw, coef.transpose(0, 1))
+        else:
+            dq.add_(pw * coef)
+        return
+    v = q if pre is None else pre * q
+    pg = g if post is None else post * g
+    dims = 0 if g_feat is None else op.dim
+    assert g_feat is None or centred is not None
+    fds = [] if centred is None else [centred[:, d : d + 1] for d in range(dims)]
+    w = _filter_blocks(op, [pg, *[fd * pg for fd in fds]], True)
+    need_y = g_post is not None or g_feat is not None
+    y = _filter_blocks(op, [v, *[fd * v for fd in fds]], False) if need_y else []
+    w0 = w[0]
+    if g_coef is not None:
+        if coef.dim() == 2:
+            g_coef.addmm_(v.transpose(0, 1), w0)
+        elif coef.dim() == 1:
+            g_coef += (v * w0).sum(dim=0)
+        else:
+            g_coef += (v * w0).sum()
+    ktu = amap(w0, True)
+    dq.add_(ktu if pre is None else pre * ktu)
+    if g_pre is not None:
+        g_pre += (ktu * q).sum(dim=-1, keepdim=True)
+    if g_post is not None:
+        g_post += (amap(g, True) * y[0]).sum(dim=-1, keepdim=True)
+    if g_feat is not None:
+        assert centred is not None
+        u = amap(pg, True)
+        va = amap(v, False)
+        s0 = (u * y[0]).sum(-1) + (va * w0).sum(-1)
+        for d in range(dims):
+            g_feat[:, d] += (u * y[d + 1]).sum(-1) + (va * w[d + 1]).sum(-1) - centred[:, d] * s0
+
