@@ -29,6 +29,7 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive, check_tensor
-from ..ops.meanfield import build_term
+from ..ops.meanfield import PairwiseTerm, build_term
 from ..ops.meanfield import mean_field as engine_mean_field
 
 Normalization = Literal["symmetric", "none", "before", "after"]
@@ -263,6 +264,44 @@ def dense_crf(
     return out.to(out_dtype)
 
 
+def crf_terms(
+    image: torch.Tensor,
+    theta_alpha: Scalar,
+    theta_beta: Scalar,
+    theta_gamma: Scalar,
+    *,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    filter: FilterMethod = "lattice",
+) -> tuple[PairwiseTerm, PairwiseTerm]:
+    """The bilateral and spatial kernels of eq. 3 as mean-field engine terms, weights 1.
+
+    Builds each kernel (lattice) and its normalisation once, so that several weight settings
+    can reuse them (``dataclasses.replace(term, coef=w)``, see :mod:`deepcrf.ops.meanfield`):
+    the grid search of :func:`deepcrf.engine.tune.tune_dense_crf` does.  Features are
+    (y/θα, x/θα, RGB/θβ) and (y/θγ, x/θγ); bandwidths may be tensors that require grad.
+
+    Shape:
+        image: (B, 3, H, W) colour in 0-255, floating (the computation dtype)
+    """
+    b, _, h, w = image.shape
+    n = h * w
+    ta, tb, tg = (_to(t, image) for t in (theta_alpha, theta_beta, theta_gamma))
+    positions = _pixel_positions(h, w, image)
+    colour = image.reshape(b, 3, n).transpose(1, 2)
+    bilateral = torch.cat([(positions / ta).expand(b, -1, -1), colour / tb], dim=-1)
+    spatial = (positions / tg).expand(b, -1, -1)
+    one = torch.ones((), dtype=image.dtype, device=image.device)
+    built = [
+        build_term(
+            feats.contiguous(), one, normalization=normalization, exclude_self=exclude_self,
+            method=filter,
+        )
+        for feats in (bilateral, spatial)
+    ]
+    return built[0], built[1]
+
+
 def _mean_field(
     logits: torch.Tensor,
     image: torch.Tensor,
@@ -284,18 +323,13 @@ def _mean_field(
     w_bil, w_sp = (_to(x, logits) for x in weights)
     mu = None if compat is None else compat.to(device=logits.device, dtype=logits.dtype)
 
-    positions = _pixel_positions(h, w, logits)
-    colour = image.to(logits.dtype).reshape(b, 3, n).transpose(1, 2)
-    bilateral = torch.cat(
-        [(positions / theta_alpha).expand(b, -1, -1), colour / theta_beta], dim=-1
+    bilateral, spatial = crf_terms(
+        image.to(logits.dtype), theta_alpha, theta_beta, theta_gamma,
+        normalization=normalization, exclude_self=exclude_self, filter=method,
     )
-    spatial = (positions / theta_gamma).expand(b, -1, -1)
     terms = [
-        build_term(
-            feats.contiguous(), _label_map(wt, mu, num_labels), normalization=normalization,
-            exclude_self=exclude_self, method=method,
-        )
-        for feats, wt in ((bilateral, w_bil), (spatial, w_sp))
+        replace(bilateral, coef=_label_map(w_bil, mu, num_labels)),
+        replace(spatial, coef=_label_map(w_sp, mu, num_labels)),
     ]
     base = logits.reshape(b, num_labels, n).transpose(1, 2).reshape(b * n, num_labels)
     log_q = engine_mean_field(base, terms, iters, checkpoint=use_checkpoint)
