@@ -1,0 +1,255 @@
+"""The mean-field engine: both modes, every term shape, against brute-force references."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+
+from deepcrf.ops import native
+from deepcrf.ops.filters import exact_gaussian_filter
+from deepcrf.ops.meanfield import (
+    KernelOp,
+    PairwiseTerm,
+    _reduce_coef,
+    build_term,
+    mean_field,
+    row_sum_error,
+)
+
+DT = torch.float64
+needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
+
+
+def _features(b, n, d, spread, seed, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, n, d, generator=g, dtype=dtype) * spread
+
+
+def _coef(shape, num_labels, seed):
+    g = torch.Generator().manual_seed(seed)
+    size = {"scalar": (), "vector": (num_labels,), "matrix": (num_labels, num_labels)}[shape]
+    return torch.rand(size, generator=g, dtype=DT) * 2 - 0.5
+
+
+def _brute_force(base, feats, coefs, normalization, exclude_self, iters):
+    """Equation (1) with the explicit N×N kernel matrices, batch item by batch item."""
+    b = feats[0].shape[0]
+    n = feats[0].shape[1]
+    out = []
+    for i in range(b):
+        u = base[i * n : (i + 1) * n]
+        mats = []
+        for f in feats:
+            diff = f[i][:, None, :] - f[i][None, :, :]
+            k = torch.exp(-0.5 * diff.square().sum(-1))
+            if exclude_self:
+                k = k - torch.eye(n, dtype=k.dtype)
+            s = k.sum(1).clamp_min(1e-10)
+            if normalization == "symmetric":
+                k = k / s.sqrt()[:, None] / s.sqrt()[None, :]
+            elif normalization == "before":
+                k = k / s[None, :]
+            elif normalization == "after":
+                k = k / s[:, None]
+            mats.append(k)
+        q = u.softmax(-1)
+        z = u
+        for _ in range(iters):
+            z = u.clone()
+            for k, a in zip(mats, coefs, strict=True):
+                msg = k @ q
+                z = z + (msg @ a if a.dim() == 2 else msg * a)
+            q = z.softmax(-1)
+        out.append(z.log_softmax(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    "normalization, exclude_self",
+    [("symmetric", False), ("before", True), ("after", False), ("none", True)],
+)
+@pytest.mark.parametrize("shape", ["scalar", "vector", "matrix"])
+def test_exact_terms_match_brute_force(normalization, exclude_self, shape):
+    b, n, num = 2, 30, 4
+    feats = [_features(b, n, 3, 3.0, seed=1), _features(b, n, 2, 2.0, seed=2)]
+    coefs = [_coef(shape, num, 3), _coef(shape, num, 4)]
+    base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(5))
+    terms = [
+        build_term(f, c, normalization=normalization, exclude_self=exclude_self, method="exact")
+        for f, c in zip(feats, coefs, strict=True)
+    ]
+    got = mean_field(base, terms, 4)
+    ref = _brute_force(base, feats, coefs, normalization, exclude_self, 4)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "normalization, shape",
+    list(itertools.product(["symmetric", "before", "after", "none"], ["scalar", "vector",
+                                                                        "matrix"])),
+)
+def test_training_mode_gradcheck_exact(normalization, shape):
+    # base, every label map and the features (hence bandwidths) at once, float64, exact filter
+    b, n, num = 2, 12, 3
+    f1 = _features(b, n, 3, 2.5, seed=6).requires_grad_()
+    f2 = _features(b, n, 2, 2.0, seed=7).requires_grad_()
+    c1 = _coef(shape, num, 8).requires_grad_()
+    c2 = _coef(shape, num, 9).requires_grad_()
+    base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(10))
+    base.requires_grad_()
+
+    def run(base, f1, f2, c1, c2):
+        terms = [
+            build_term(f, c, normalization=normalization, exclude_self=normalization == "none",
+                       method="exact")
+            for f, c in ((f1, c1), (f2, c2))
+        ]
+        return mean_field(base, terms, 3)
+
+    assert torch.autograd.gradcheck(run, (base, f1, f2, c1, c2), eps=1e-6, atol=1e-7)
+
+
+def test_checkpoint_gives_the_same_gradients():
+    b, n, num = 1, 40, 3
+    f = _features(b, n, 3, 3.0, seed=11).requires_grad_()
+    c = _coef("matrix", num, 12).requires_grad_()
+    base = torch.randn(b * n, num, dtype=DT, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):
+        term = build_term(f, c, method="exact")
+        out = mean_field(base, [term], 7, checkpoint=ckpt)
+        grads.append(torch.autograd.grad((out * out.detach().exp()).sum(), (base, f, c)))
+    for a, b_ in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["scalar", "vector", "matrix"])
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_inference_mode_equals_training_mode(shape, dtype):
+    b, n, num = 2, 500, 5
+    feats = [_features(b, n, 5, 6.0, seed=13, dtype=dtype),
+             _features(b, n, 2, 5.0, seed=14, dtype=dtype)]
+    coefs = [_coef(shape, num, 15).to(dtype), _coef(shape, num, 16).to(dtype)]
+    base = torch.randn(b * n, num, dtype=dtype, generator=torch.Generator().manual_seed(17))
+    terms = [build_term(f, c) for f, c in zip(feats, coefs, strict=True)]
+    with torch.no_grad():
+        fast = mean_field(base, terms, 5)
+    slow = mean_field(base.clone().requires_grad_(), terms, 5)
+    assert slow.requires_grad
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(fast.exp(), slow.detach().exp(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("learn", ["coef", "features"])
+def test_native_gradients_equal_pytorch_lattice_gradients(learn):
+    if not native.available():
+        pytest.skip(native.status())
+    b, n, num = 2, 3000, 6
+    f_bil = _features(b, n, 5, 8.0, seed=18)
+    f_sp = _features(b, n, 2, 12.0, seed=19)
+    base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(20))
+    grads = {}
+    for backend in ("torch", "native"):
+        fb = f_bil.clone().requires_grad_(learn == "features")
+        fs = f_sp.clone().requires_grad_(learn == "features")
+        c1 = _coef("matrix", num, 21).requires_grad_()
+        c2 = torch.tensor(0.7, dtype=DT, requires_grad=True)
+        x = base.clone().requires_grad_()
+        terms = []
+        for f, c in ((fb, c1), (fs, c2)):
+            op = KernelOp(f, backend=backend)
+            sums = op.row_sums(DT) if learn == "coef" else None
+            if learn == "coef":
+                pre = post = sums.rsqrt()
+                terms.append(PairwiseTerm(op, pre, post, c))
+            else:
+                terms.append(replace(build_term(f, c), op=op))
+        assert all(t.op.native == (backend == "native") for t in terms)
+        out = mean_field(x, terms, 4)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=DT).reshape(out.shape)).sum()
+        wrt = (x, c1, c2) + ((fb, fs) if learn == "features" else ())
+        grads[backend] = torch.autograd.grad(loss, wrt)
+    for a, b_ in zip(grads["torch"], grads["native"], strict=True):
+        torch.testing.assert_close(b_, a, rtol=1e-5, atol=1e-9)
+
+
+def test_batch_equals_each_image_alone():
+    b, n, num = 4, 400, 5
+    f = _features(b, n, 5, 7.0, seed=22, dtype=torch.float32)
+    base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(23))
+    c = torch.tensor(2.0)
+    together = mean_field(base, [build_term(f, c)], 5)
+    for i in range(b):
+        alone = mean_field(base[i * n : (i + 1) * n], [build_term(f[i : i + 1], c)], 5)
+        torch.testing.assert_close(together[i * n : (i + 1) * n], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_reduce_coef_is_exact_and_only_when_it_may():
+    torch.manual_seed(0)
+    num = 5
+    a = torch.randn(num)
+    c = torch.randn(num)
+    # diag(a) + c 1ᵀ off the diagonal: reduces to a vector
+    mat = c[:, None].expand(num, num).clone()
+    mat.diagonal().copy_(a + c)
+    red = _reduce_coef(mat)
+    assert red.dim() == 1
+    torch.testing.assert_close(red, a)
+    x = torch.randn(50, num)
+    torch.testing.assert_close((x @ mat).softmax(-1), (x * red).softmax(-1))
+    # Potts with a scalar weight becomes a scalar
+    potts = -2.0 * (1 - torch.eye(num))
+    assert _reduce_coef(potts).dim() == 0 and float(_reduce_coef(potts)) == pytest.approx(2.0)
+    # a general matrix stays a matrix
+    assert _reduce_coef(torch.randn(num, num)).dim() == 2
+
+
+def test_row_sum_error_is_zero_for_exact_and_large_for_narrow_lattice():
+    wide = KernelOp(_features(1, 2000, 2, 10.0, seed=24, dtype=torch.float32))
+    narrow = KernelOp(_features(1, 2000, 5, 60.0, seed=25, dtype=torch.float32))
+    exact = KernelOp(_features(1, 200, 2, 3.0, seed=26), method="exact")
+    assert row_sum_error(exact) == 0.0
+    assert row_sum_error(wide) < 0.1
+    assert row_sum_error(narrow) > row_sum_error(wide)
+    # the sampled estimate against the full exact row sums
+    f = narrow.features
+    full = exact_gaussian_filter(torch.ones(1, 2000, 1), f)[0, :, 0]
+    approx = narrow.row_sums(torch.float32)[:, 0]
+    true_err = float(((approx - full).abs() / full).mean())
+    assert row_sum_error(narrow, samples=2000) == pytest.approx(true_err, rel=1e-3)
+
+
+def test_bad_arguments():
+    f = _features(1, 20, 2, 2.0, seed=27)
+    term = build_term(f, torch.tensor(1.0, dtype=DT), method="exact")
+    base = torch.randn(20, 3, dtype=DT)
+    with pytest.raises(ValueError, match="iters"):
+        mean_field(base, [term], -1)
+    with pytest.raises(ValueError, match="normalization"):
+        build_term(f, torch.tensor(1.0), normalization="row")
+    with pytest.raises(ValueError, match="method"):
+        KernelOp(f, method="fft")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu_in_both_modes():
+    b, n, num = 2, 2000, 6
+    f = _features(b, n, 5, 8.0, seed=28, dtype=torch.float32).requires_grad_()
+    c = _coef("matrix", num, 29).float().requires_grad_()
+    base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(30))
+    results = []
+    for dev in ("cpu", "cuda"):
+        fd = f.detach().to(dev).requires_grad_()
+        cd = c.detach().to(dev).requires_grad_()
+        term = build_term(fd, cd)
+        with torch.no_grad():
+            fast = mean_field(base.to(dev), [term], 5)
+        out = mean_field(base.to(dev), [build_term(fd, cd)], 5)
+        gf, gc = torch.autograd.grad(out.exp().square().sum(), (fd, cd))
+        results.append([fast.cpu(), out.detach().cpu(), gf.cpu(), gc.cpu()])
+    for a, b_ in zip(*results, strict=True):
+        torch.testing.assert_close(b_, a, rtol=1e-3, atol=1e-4)
