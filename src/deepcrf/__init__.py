@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "DenseCRF": "deepcrf.crf.dense",
     "dense_crf": "deepcrf.crf.dense",
+    "lattice_error": "deepcrf.crf.dense",
     "refine": "deepcrf.crf.dense",
     "GaussianCRF": "deepcrf.crf.gaussian",
     "MultiScaleGaussianCRF": "deepcrf.crf.gaussian",

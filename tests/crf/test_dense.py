@@ -597,3 +597,33 @@ def test_matches_pydensecrf_conventions(normalization):
         agree, unary_agree, wrong_agree,
     )  # fmt: skip
     assert np.abs(q - ref).mean() < 5e-3
+
+
+def test_lattice_error_estimate_and_the_layer_warns_once():
+    import warnings
+
+    from deepcrf.crf.dense import LatticeAccuracyWarning, lattice_error
+
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.rand(1, 3, 32, 32, generator=g) * 255
+    narrow = lattice_error(noisy, theta_alpha=6.0, theta_beta=30.0)
+    assert narrow["bilateral"] > 0.3  # the regime the lattice cannot resolve
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    smooth = torch.stack([2 * ys, 2 * xs, ys + xs])[None]  # features dense on the lattice
+    good = lattice_error(smooth, theta_alpha=20.0, theta_beta=13.0)
+    assert good["bilateral"] < 0.1 and good["spatial"] < 0.1
+    crf = DenseCRF(3, theta_alpha=6.0, theta_beta=30.0, learnable=("bandwidths",))
+    logits = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        crf(logits, noisy)
+        crf(logits, noisy)
+    hits = [w for w in caught if issubclass(w.category, LatticeAccuracyWarning)]
+    assert len(hits) == 1 and "bilateral" in str(hits[0].message)
+    quiet = DenseCRF(3, theta_alpha=20.0, theta_beta=13.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatticeAccuracyWarning)
+        quiet(torch.randn(1, 3, 64, 64), smooth)
+    with pytest.raises(ValueError, match="image"):
+        lattice_error(torch.rand(1, 4, 8, 8))
+

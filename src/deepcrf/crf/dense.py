@@ -32,12 +32,14 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
 
 from .._checks import check_positive, check_tensor
-from ..ops.meanfield import PairwiseTerm, build_term
+from ..ops.meanfield import KernelOp, PairwiseTerm, build_term, row_sum_error
 from ..ops.meanfield import mean_field as engine_mean_field
 
 Normalization = Literal["symmetric", "none", "before", "after"]
@@ -302,6 +304,50 @@ def crf_terms(
     return built[0], built[1]
 
 
+def lattice_error(
+    image: torch.Tensor,
+    *,
+    theta_alpha: float = 80.0,
+    theta_beta: float = 13.0,
+    theta_gamma: float = 3.0,
+    samples: int = 256,
+) -> dict[str, float]:
+    """How far the permutohedral lattice's kernels are from the exact Gaussians on ``image``.
+
+    The lattice under-weights narrow Gaussians: when the features are sparse on its unit cell
+    (small θα/θβ on a noisy image) its row sums K·1, and with them Q and the bandwidth
+    gradients, come out too small.  This samples ``samples`` pixels per image, computes their
+    exact row sums (O(samples·N)) and returns the mean relative error of the lattice's, per
+    kernel: ``{"bilateral": e, "spatial": e}`` (0.1 = 10 %).  docs/meanfield.md lists regimes.
+
+    Shape:
+        image: (B, 3, H, W) colour in 0-255
+    """
+    check_tensor(image, "image", ndim=4, layout="(B, 3, H, W)")
+    if image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W); got {tuple(image.shape)}")
+    img = image.detach().float()
+    b, _, h, w = img.shape
+    positions = _pixel_positions(h, w, img)
+    colour = img.reshape(b, 3, h * w).transpose(1, 2)
+    bilateral = torch.cat(
+        [(positions / float(theta_alpha)).expand(b, -1, -1), colour / float(theta_beta)], -1
+    )
+    spatial = (positions / float(theta_gamma)).expand(b, -1, -1)
+    return {
+        name: row_sum_error(KernelOp(feats.contiguous()), samples=samples)
+        for name, feats in (("bilateral", bilateral), ("spatial", spatial))
+    }
+
+
+# Relative row-sum error of the lattice above which DenseCRF warns (once per module).
+LATTICE_ERROR_WARN = 0.10
+
+
+class LatticeAccuracyWarning(UserWarning):
+    """The permutohedral lattice's kernels are far (> 10 %) from the exact Gaussians."""
+
+
 def _mean_field(
     logits: torch.Tensor,
     image: torch.Tensor,
@@ -436,6 +482,7 @@ class DenseCRF(nn.Module):
         self.normalization = normalization
         self.exclude_self = bool(exclude_self)
         self.checkpoint = bool(checkpoint)
+        self._accuracy_checked = False
 
         self._register("compat", self._initial_compat(compat_init), "compat" in learn)
         for name, value in (("w_bilateral", w_bilateral), ("w_gaussian", w_gaussian)):
@@ -504,6 +551,8 @@ class DenseCRF(nn.Module):
                 f"logits must have {self.num_labels} labels (B, {self.num_labels}, H, W); got "
                 f"{tuple(logits.shape)}"
             )
+        if self.filter == "lattice" and self.training and not self._accuracy_checked:
+            self._check_lattice_accuracy(image)
         return dense_crf(
             logits,
             image,
@@ -519,6 +568,28 @@ class DenseCRF(nn.Module):
             filter=self.filter,
             checkpoint=self.checkpoint,
         )
+
+    def _check_lattice_accuracy(self, image: torch.Tensor) -> None:
+        """Warn once when the lattice's kernels are > 10 % off the exact ones on this image."""
+        self._accuracy_checked = True
+        if image.dim() != 4 or image.shape[1] != 3:
+            return  # dense_crf raises the error that names the problem
+        errors = lattice_error(
+            image[:1], theta_alpha=self.theta_alpha, theta_beta=self.theta_beta,
+            theta_gamma=self.theta_gamma, samples=64,
+        )
+        bad = {k: v for k, v in errors.items() if v > LATTICE_ERROR_WARN}
+        if bad:
+            said = ", ".join(f"{k} {100 * v:.0f} %" for k, v in bad.items())
+            warnings.warn(
+                f"DenseCRF: the permutohedral lattice's kernels are off the exact Gaussians "
+                f"on this image (row sums by {said} on average; narrow kernels come out too "
+                f"small): Q and the bandwidth gradients are off with them. Wider bandwidths (θα={self.theta_alpha:.3g}, "
+                f"θβ={self.theta_beta:.3g}, θγ={self.theta_gamma:.3g} now) or filter='exact' "
+                "on small images avoid it; see deepcrf.lattice_error and docs/meanfield.md.",
+                LatticeAccuracyWarning,
+                stacklevel=3,
+            )
 
     def extra_repr(self) -> str:
         """Size, schedule and current bandwidths, shown by ``print(module)``."""

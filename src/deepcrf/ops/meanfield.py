@@ -178,8 +178,8 @@ def row_sum_error(op: KernelOp, *, samples: int = 256, seed: int = 0) -> float:
     for b in range(op.batch):
         f = feats[b].double()
         exact = torch.zeros(k, dtype=torch.float64, device=feats.device)
-        for start in range(0, op.points, 8192):
-            diff = f[idx][:, None, :] - f[None, start : start + 8192, :]
+        for start in range(0, op.points, 2048):
+            diff = f[idx][:, None, :] - f[None, start : start + 2048, :]
             exact += torch.exp(-0.5 * diff.square().sum(-1)).sum(-1)
         if op.exclude_self:
             exact -= 1.0
