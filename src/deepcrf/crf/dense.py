@@ -28,11 +28,10 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
-
-import warnings
 
 import numpy as np
 import torch
@@ -584,7 +583,8 @@ class DenseCRF(nn.Module):
             warnings.warn(
                 f"DenseCRF: the permutohedral lattice's kernels are off the exact Gaussians "
                 f"on this image (row sums by {said} on average; narrow kernels come out too "
-                f"small): Q and the bandwidth gradients are off with them. Wider bandwidths (θα={self.theta_alpha:.3g}, "
+                "small): Q and the bandwidth gradients are off with them. Wider bandwidths "
+                f"(θα={self.theta_alpha:.3g}, "
                 f"θβ={self.theta_beta:.3g}, θγ={self.theta_gamma:.3g} now) or filter='exact' "
                 "on small images avoid it; see deepcrf.lattice_error and docs/meanfield.md.",
                 LatticeAccuracyWarning,
