@@ -30,6 +30,9 @@ def _features(b, n, d, spread, seed, dtype=DT):
 
 def _coef(shape, num_labels, seed):
     g = torch.Generator().manual_seed(seed)
+    if shape == "potts":  # αI + β𝟙𝟙ᵀ: the forward reduces it, the backward's shortcut applies
+        alpha, beta = torch.rand(2, generator=g, dtype=DT) * 2 - 0.5
+        return alpha * torch.eye(num_labels, dtype=DT) + beta
     size = {"scalar": (), "vector": (num_labels,), "matrix": (num_labels, num_labels)}[shape]
     return torch.rand(size, generator=g, dtype=DT) * 2 - 0.5
 
@@ -71,7 +74,7 @@ def _brute_force(base, feats, coefs, normalization, exclude_self, iters):
     "normalization, exclude_self",
     [("symmetric", False), ("before", True), ("after", False), ("none", True)],
 )
-@pytest.mark.parametrize("shape", ["scalar", "vector", "matrix"])
+@pytest.mark.parametrize("shape", ["scalar", "vector", "matrix", "potts"])
 def test_exact_terms_match_brute_force(normalization, exclude_self, shape):
     b, n, num = 2, 30, 4
     feats = [_features(b, n, 3, 3.0, seed=1), _features(b, n, 2, 2.0, seed=2)]
@@ -88,8 +91,8 @@ def test_exact_terms_match_brute_force(normalization, exclude_self, shape):
 
 @pytest.mark.parametrize(
     "normalization, shape",
-    list(itertools.product(["symmetric", "before", "after", "none"], ["scalar", "vector",
-                                                                        "matrix"])),
+    list(itertools.product(["symmetric", "before", "after", "none"],
+                           ["scalar", "vector", "matrix", "potts"])),
 )
 def test_training_mode_gradcheck_exact(normalization, shape):
     # base, every label map and the features (hence bandwidths) at once, float64, exact filter
@@ -110,6 +113,23 @@ def test_training_mode_gradcheck_exact(normalization, shape):
         return mean_field(base, terms, 3)
 
     assert torch.autograd.gradcheck(run, (base, f1, f2, c1, c2), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", ["potts", "matrix", "vector"])
+def test_gradcheck_logits_and_label_maps_only(shape):
+    # the backward's one-filtering path (no factor or feature gradients)
+    b, n, num = 2, 12, 3
+    f1, f2 = _features(b, n, 3, 2.5, seed=31), _features(b, n, 2, 2.0, seed=32)
+    c1 = _coef(shape, num, 33).requires_grad_()
+    c2 = _coef(shape, num, 34).requires_grad_()
+    base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(35))
+    base.requires_grad_()
+    t1, t2 = build_term(f1, c1, method="exact"), build_term(f2, c2, method="exact")
+
+    def run(base, c1, c2):
+        return mean_field(base, [replace(t1, coef=c1), replace(t2, coef=c2)], 3)
+
+    assert torch.autograd.gradcheck(run, (base, c1, c2), eps=1e-6, atol=1e-7)
 
 
 def test_checkpoint_gives_the_same_gradients():

@@ -588,7 +588,7 @@ class DenseCRF(nn.Module):
                 f"θβ={self.theta_beta:.3g}, θγ={self.theta_gamma:.3g} now) or filter='exact' "
                 "on small images avoid it; see deepcrf.lattice_error and docs/meanfield.md.",
                 LatticeAccuracyWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of the module (through nn.Module.__call__)
             )
 
     def extra_repr(self) -> str:

@@ -909,6 +909,10 @@ typedef struct {
     float *q;           /* Q_iters, or log Q_iters when log_out */
     float *const *hist; /* NULL, or iters pointers: Q_0 ... Q_{iters-1} are stored there */
     int log_out;
+    /* linear: a plain filter, out = base + sum_t coef_t post_t . K_t(pre_t . values) (no
+     * softmax; iters = 1, base may be NULL); transpose: each term's blurs in reverse order */
+    int linear, transpose;
+    const float *values;
     float *const *bufs; /* per term: nthreads + 1 buffers of (m + 1) * CS floats, row m zero */
     int64_t cs;
     barrier_t barrier;
@@ -1056,8 +1060,13 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
             for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                      \
                 const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                    \
                 v8f row[MF_BLOCK][NV_##CS];                                                       \
-                for (int r = 0; r < nb; r++)                                                      \
-                    mf_load_row(row[r], NV_##CS, x->base, pb + r, x->n, c, keep);                 \
+                const float *in = x->linear && !slice ? x->values : x->base;                      \
+                for (int r = 0; r < nb; r++) {                                                    \
+                    if (in)                                                                       \
+                        mf_load_row(row[r], NV_##CS, in, pb + r, x->n, c, keep);                  \
+                    else                                                                          \
+                        for (int u = 0; u < NV_##CS; u++) row[r][u] = v8_splat(0.0f);             \
+                }                                                                                 \
                 if (slice)                                                                        \
                     for (int r = 0; r < nb; r++) {                                                \
                         const int64_t p = pb + r;                                                 \
@@ -1079,6 +1088,7 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 if (log_out)                                                                      \
                     for (int r = 0; r < nb; r++)                                                  \
                         for (int u = 0; u < NV_##CS; u++) logit[r][u] = row[r][u];                \
+                if (!x->linear) {                                                                 \
                 for (int r = 0; r < nb; r++) {                                                    \
                     v8f mv = row[r][0] + pad_low[0];                                              \
                     for (int u = 1; u < NV_##CS; u++) {                                           \
@@ -1095,6 +1105,9 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                         sum += row[r][u];                                                         \
                     }                                                                             \
                     inv[r] = 1.0f / v8_hsum(sum);                                                 \
+                }                                                                                 \
+                } else {                                                                          \
+                    for (int r = 0; r < nb; r++) inv[r] = 1.0f;                                   \
                 }                                                                                 \
                 for (int r = 0; r < nb; r++) {                                                    \
                     for (int u = 0; u < NV_##CS; u++) row[r][u] *= inv[r];                        \
@@ -1159,9 +1172,10 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 float *parts[MAX_THREADS];                                                        \
                 for (int i = 0; i < nt; i++) parts[i] = x->bufs[t] + roles[t][i] * stride;        \
                 int cur = roles[t][nt], other = roles[t][0];                                      \
-                for (int j = 0; j < x->dp1[t]; j++) {                                             \
+                for (int jj = 0; jj < x->dp1[t]; jj++) {                                          \
+                    const int j = x->transpose ? x->dp1[t] - 1 - jj : jj;                         \
                     const int32_t *nbr = x->blur_col[t] + (int64_t)j * 3 * mt;                    \
-                    if (j == 0) {                                                                 \
+                    if (jj == 0) {                                                                \
                         mf_blur_##CS(nbr, parts, nt, x->bufs[t] + cur * stride, v0, v1);          \
                     } else {                                                                      \
                         float *in = x->bufs[t] + cur * stride;                                    \
@@ -1187,19 +1201,29 @@ DEFINE_MEANFIELD(8)
 DEFINE_MEANFIELD(16)
 DEFINE_MEANFIELD(24)
 DEFINE_MEANFIELD(32)
+DEFINE_MEANFIELD(40)
+DEFINE_MEANFIELD(48)
 #pragma GCC pop_options
 
-/* The driver of the fused mean field above (float32).  base (n, c) = the logits' constant
+/* The driver of the fused mean field above (float32, c <= 48).  base (n, c) = the logits' constant
  * part (-U); q (n, c) receives Q_iters (log Q_iters when log_out); hist, when not NULL, holds
- * iters pointers to (n, c) arrays that receive Q_0 ... Q_{iters-1} (what a backward needs).  Returns 0, -1 on allocation failure, -2 when c > 32
+ * iters pointers to (n, c) arrays that receive Q_0 ... Q_{iters-1} (what a backward needs).
+ * Returns 0, -1 on allocation failure, -2 when c > 48
  * (the caller then iterates lattice_filter_sum). */
-int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
-                          const int32_t *const *vert, const float *const *w,
-                          const int32_t *const *blur_col, const float *const *pre,
-                          const float *const *post, const double *coef, const float *base,
-                          float *q, float *const *hist, int log_out, int iters, int nthreads) {
+static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
+                  const int32_t *const *vert, const float *const *w,
+                  const int32_t *const *blur_col, const float *const *pre,
+                  const float *const *post, const double *coef, const float *base, float *q,
+                  float *const *hist, int log_out, int linear, int transpose,
+                  const float *values, int iters, int nthreads) {
     if (nterms < 1 || nterms > 16 || c < 1 || iters < 0) return -3;
-    int64_t cs = c <= 8 ? 8 : c <= 16 ? 16 : c <= 24 ? 24 : c <= 32 ? 32 : 0;
+    int64_t cs = c <= 8    ? 8
+                 : c <= 16 ? 16
+                 : c <= 24 ? 24
+                 : c <= 32 ? 32
+                 : c <= 40 ? 40
+                 : c <= 48 ? 48
+                           : 0;
     if (cs == 0) return -2;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > n / 1024) nthreads = (int)(n / 1024);
@@ -1222,14 +1246,16 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
     }
     if (!err) {
         mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
-                    base, q, hist, log_out, bufs, cs};
+                    base, q, hist, log_out, linear, transpose, values, bufs, cs};
         atomic_init(&x.barrier.count, 0);
         atomic_init(&x.barrier.sense, 0);
         x.barrier.nthreads = nthreads;
         void *(*fn)(void *) = cs == 8    ? mf_thread_8
                               : cs == 16 ? mf_thread_16
                               : cs == 24 ? mf_thread_24
-                                         : mf_thread_32;
+                              : cs == 32 ? mf_thread_32
+                              : cs == 40 ? mf_thread_40
+                                         : mf_thread_48;
         mf_arg args[MAX_THREADS];
         pthread_t threads[MAX_THREADS];
         int started = 1;
@@ -1253,6 +1279,28 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
     return err;
 }
 
+int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
+                          const int32_t *const *vert, const float *const *w,
+                          const int32_t *const *blur_col, const float *const *pre,
+                          const float *const *post, const double *coef, const float *base,
+                          float *q, float *const *hist, int log_out, int iters, int nthreads) {
+    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, q, hist,
+                  log_out, 0, 0, NULL, iters, nthreads);
+}
+
+/* The same passes as a plain filter (float32, c <= 48): out = base + sum_t coef_t * post_t .
+ * K_t(pre_t . values), K_t^T with transpose; base may be NULL (zero), out must not alias
+ * values.  One splat pass, the blurs, one slice pass: the mean field's vector rows and
+ * per-thread splat buffers, for the backward's filterings. */
+int lattice_filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
+                       const int32_t *const *vert, const float *const *w,
+                       const int32_t *const *blur_col, const float *const *pre,
+                       const float *const *post, const double *coef, const float *values,
+                       const float *base, float *out, int transpose, int nthreads) {
+    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, out, NULL, 0,
+                  1, transpose, values, 1, nthreads);
+}
+
 DEFINE_BUILD(float, f32, nearbyintf)
 DEFINE_BUILD(double, f64, nearbyint)
 DEFINE_FILTER(float, f32)
@@ -1263,4 +1311,4 @@ DEFINE_FILTER_SUM(float, f32)
 DEFINE_FILTER_SUM(double, f64)
 
 /* Version of the calling convention above; the loader refuses a library with another. */
-int deepcrf_kernel_abi(void) { return 7; }
+int deepcrf_kernel_abi(void) { return 8; }

@@ -33,6 +33,7 @@ lattice keeps the images apart.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 from collections.abc import Sequence
@@ -286,6 +287,20 @@ def _reduce_coef(coef: torch.Tensor) -> torch.Tensor:
     return coef
 
 
+def _diagonal_part(coef: torch.Tensor) -> float | None:
+    """α when the (L, L) matrix is αI + β𝟙𝟙ᵀ (Potts-like), else None.
+
+    In the backward, x ∘ Aᵀ then differs from α·x by β Σ_l x_l, the same for every label,
+    which the softmax's backward removes: ∂L/∂z is the same with α·x.
+    """
+    n = coef.shape[0]
+    diag = torch.diagonal(coef)
+    off = coef[~torch.eye(n, dtype=torch.bool, device=coef.device)]
+    if n < 2 or not (bool((diag == diag[0]).all()) and bool((off == off[0]).all())):
+        return None
+    return float(diag[0] - off[0])
+
+
 def _add_message(z: torch.Tensor, msg: torch.Tensor, coef: torch.Tensor) -> None:
     """Z += msg ∘ A in place."""
     if coef.dim() == 2:
@@ -467,6 +482,12 @@ class _MeanField(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        serial = any(t.op.native for t in ctx.terms) and grad_out.device.type == "cpu"
+        with native.torch_serial() if serial else contextlib.nullcontext():
+            return _MeanField._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         base, out = ctx.saved_tensors
         terms: tuple[PairwiseTerm, ...] = ctx.terms
         iters, every, kept = ctx.iters, ctx.every, ctx.kept
@@ -593,7 +614,11 @@ def _term_backward(
             else:
                 g_coef += (q * pw).sum()
         if coef.dim() == 2:
-            dq.addmm_(pw, coef.transpose(0, 1))
+            alpha = _diagonal_part(coef)
+            if alpha is not None:
+                dq.add_(pw, alpha=alpha)
+            else:
+                dq.addmm_(pw, coef.transpose(0, 1))
         else:
             dq.add_(pw * coef)
         return

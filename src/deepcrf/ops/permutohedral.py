@@ -66,6 +66,8 @@ NATIVE_OUTPUT_SCALE: dict[int, float] = {1: 0.7639, 2: 0.9926, 3: 1.3323, 4: 1.4
 # The compiled kernel splats pixel-major into one vertex buffer per thread, at most this many
 # (each is a (vertices × channels) array).
 _SPLAT_PARTS = 4
+# float32 rows up to this many channels go through the vectorised mean-field passes.
+_VECTOR_ROWS = 48
 
 
 def pydensecrf_output_scale(d: int) -> float:
@@ -635,6 +637,19 @@ def _native_sum(
     assert lib is not None
     suf = "f32" if dtype == torch.float32 else "f64"
     n, c = values.shape
+    if dtype == torch.float32 and c <= _VECTOR_ROWS and not softmax:
+        # The mean-field kernel's passes as a plain filter: rows as whole vectors, per-thread
+        # splat buffers summed inside the first blur (2-2.5x faster than the passes below).
+        err = lib.lattice_filter_f32(
+            n, c, len(lattices), *_kernel_terms(lattices, pres, posts, coefs, dtype),
+            values.data_ptr(), None if base is None else base.data_ptr(), out.data_ptr(),
+            int(transpose), native.threads(),
+        )
+        if err == -1:
+            raise MemoryError("the lattice kernel could not allocate its vertex buffers")
+        if err:
+            raise RuntimeError(f"lattice_filter failed with code {err}")
+        return out
     nthreads = native.threads()
     nparts = min(nthreads, _SPLAT_PARTS) if n >= 4096 * nthreads else 1
     k = len(lattices)
