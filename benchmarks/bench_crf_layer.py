@@ -1,26 +1,31 @@
-"""Benchmark the trainable dense CRF layer (DenseCRF) at VOC size: time and peak memory.
+"""Benchmark every dense-CRF entry point against pydensecrf's inference, same run.
 
-Rows (each measured in a fresh subprocess so that peak memory is per row):
+Rows (each in a fresh subprocess, so that peak memory is per row), at one image size, 21
+labels, pydensecrf's README parameters (bilateral sxy=80, srgb=13, compat=10; Gaussian sxy=3,
+compat=3) on a blocky photo-like image:
 
-* ``deepcrf fwd``       — DenseCRF forward under no_grad (inference).
-* ``deepcrf fwd+bwd``   — forward + backward with compat, weights and bandwidths learnable,
-                          with and without ``checkpoint=True``; and with compat + weights
-                          only (what the naive peer learns).
-* ``naive fwd+bwd``     — peer: a CRF-as-RNN-style layer written the plain way: the same
-                          lattice (same splat/blur/slice entries) applied with ``index_add_`` /
-                          gather in ordinary autograd, so autograd stores every intermediate of
-                          every filtering; it learns compat and weights only (autograd cannot
-                          differentiate the lattice build, so no bandwidth gradients).
-* ``pydensecrf fwd``    — peer: pydensecrf2 (C++, single thread) inference, when installed.
-* ``exact fwd+bwd``     — the O(N²) brute-force path at a small size, vs the lattice path there.
+* ``pydensecrf2 inference``   — the peer (C++, one thread), when installed;
+* ``compat inference``        — ``deepcrf.compat.pydensecrf`` (the same calls);
+* ``dense_crf no grad``       — the functional form (the mean-field engine's inference mode);
+* ``DenseCRF eval``           — the layer in eval mode with compat + weights learnable;
+* ``DenseCRF fwd+bwd c+w``    — forward + backward, compat and weights learnable;
+* ``DenseCRF fwd+bwd c+w+bw`` — also the bandwidths, with and without ``checkpoint=True``;
+* ``dense_crf no grad x4``    — a batch of 4 images in one call (ratio: per 4 single calls);
+* ``exact fwd+bwd (small)``   — the O(N²) reference at a small size, against the lattice there.
 
-Peak memory (first run): CPU = the process's peak RSS (ru_maxrss) minus its RSS after the
-inputs were made, with glibc's MALLOC_MMAP_THRESHOLD_ lowered so freed buffers leave the RSS;
-CUDA = torch.cuda.max_memory_allocated minus the allocation before the run. Times: min over
-the later runs. Ratios are against the deepcrf row with the same iterations, same run.
+"time / pydensecrf" divides by the peer's time in this run. Peak memory (first run): CPU =
+the process's peak RSS (ru_maxrss) minus its RSS after the inputs were made, with glibc's
+MALLOC_MMAP_THRESHOLD_ lowered so freed buffers leave the RSS; CUDA =
+torch.cuda.max_memory_allocated minus the allocation before the run. Times: median of the
+runs after the first (the first pays one-time set-up and page faults).
 
-    python benchmarks/bench_crf_layer.py                 # 375x500, 21 labels, 5 and 10 iters
-    python benchmarks/bench_crf_layer.py --quick         # 96x128 smoke run
+    python benchmarks/bench_crf_layer.py                  # 375x500, 10 iterations
+    python benchmarks/bench_crf_layer.py --size 768 1024  # the larger target size
+    python benchmarks/bench_crf_layer.py --quick          # 96x128 smoke run
+    python benchmarks/bench_crf_layer.py --device cuda --batch 1 8   # on a GPU
+
+``--src DIR`` imports deepcrf from DIR/src instead (to time an older checkout in the same run:
+the "before" column of benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -60,87 +66,33 @@ def _inputs(h, w, labels, device, seed=0):
 
 
 # ------------------------------------------------------------------------------------------
-# the naive peer: same lattice entries, plain autograd through index_add_
-# ------------------------------------------------------------------------------------------
-
-
-def _coo(csr):
-    crow, col, val = csr.crow_indices(), csr.col_indices(), csr.values()
-    row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff())
-    return row, col, val
-
-
-class _NaiveLattice:
-    """Splat / blur / slice as index_add_ and gather; autograd keeps every intermediate."""
-
-    def __init__(self, features):
-        from deepcrf.ops.permutohedral import PermutohedralLattice
-
-        lat = PermutohedralLattice(features)
-        # Reads the lattice's sparse matrices (a private method): the peer must use the very
-        # same lattice entries so that only the autograd strategy differs.
-        splat, blur, slice_ = lat._matrices(features.dtype)
-        self.m = splat.shape[0]  # vertices (plus any padding row the lattice keeps)
-        self.splat = _coo(splat)
-        self.blur = [_coo(b) for b in blur]
-        self.slice = _coo(slice_)
-        self.shape = features.shape[:2]
-
-    @staticmethod
-    def _spmm(coo, x, rows):
-        row, col, val = coo
-        out = x.new_zeros(rows, x.shape[1])
-        return out.index_add(0, row, x[col] * val[:, None])
-
-    def filter(self, values):
-        b, n, c = values.shape
-        x = self._spmm(self.splat, values.reshape(b * n, c), self.m)
-        for blur in self.blur:
-            x = self._spmm(blur, x, self.m)
-        return self._spmm(self.slice, x, b * n).reshape(b, n, c)
-
-
-def _naive_crf(logits, image, iters, compat, w_bil, w_sp, ta=80.0, tb=13.0, tg=3.0):
-    from deepcrf.ops.filters import spatial_gaussian_filter
-
-    b, num, h, w = logits.shape
-    n = h * w
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    pos = torch.stack([ys, xs], -1).reshape(1, n, 2).to(logits)
-    rgb = image.reshape(b, 3, n).transpose(1, 2)
-    lat = _NaiveLattice(torch.cat([(pos / ta).expand(b, -1, -1), rgb / tb], -1))
-
-    def spatial(q):
-        c = q.shape[-1]
-        grid = q.transpose(1, 2).reshape(b, c, h, w)
-        return spatial_gaussian_filter(grid, tg).reshape(b, c, n).transpose(1, 2)
-
-    ones = torch.ones(b, n, 1, dtype=logits.dtype, device=logits.device)
-    s_b, s_s = lat.filter(ones).rsqrt(), spatial(ones).rsqrt()
-    u = logits.reshape(b, num, n).transpose(1, 2)
-    z = u
-    for _ in range(iters):
-        q = z.softmax(-1)
-        msg = w_bil * (s_b * lat.filter(s_b * q)) + w_sp * (s_s * spatial(s_s * q))
-        z = u - msg @ compat.T
-    return z.log_softmax(-1).transpose(1, 2).reshape(b, num, h, w).contiguous()
-
-
-# ------------------------------------------------------------------------------------------
 # one measurement (runs in a subprocess)
 # ------------------------------------------------------------------------------------------
 
+PYDENSECRF_PARAMS = dict(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, w_bilateral=10.0,
+                         w_gaussian=3.0)  # fmt: skip
+
+
+def _batch(x, b):
+    return x.expand(b, *x.shape[1:]).contiguous()
+
 
 def _measure(cfg):
-    from deepcrf.crf.dense import DenseCRF
+    if cfg.get("src"):
+        sys.path.insert(0, os.path.join(cfg["src"], "src"))
+    from deepcrf.crf.dense import DenseCRF, dense_crf
 
     torch.set_num_threads(cfg["threads"])
     dev = torch.device(cfg["device"])
-    h, w, num, iters = cfg["h"], cfg["w"], cfg["labels"], cfg["iters"]
+    h, w, num, iters, b = cfg["h"], cfg["w"], cfg["labels"], cfg["iters"], cfg.get("batch", 1)
     logits, image, labels = _inputs(h, w, num, dev)
+    logits, image, labels = _batch(logits, b), _batch(image, b), _batch(labels, b)
     kind = cfg["kind"]
-    if kind == "pydensecrf":
-        import pydensecrf.densecrf as dcrf
+    if kind in ("pydensecrf", "compat"):
+        if kind == "pydensecrf":
+            import pydensecrf.densecrf as dcrf
+        else:
+            import deepcrf.compat.pydensecrf.densecrf as dcrf
 
         img = np.ascontiguousarray(image[0].permute(1, 2, 0).round().byte().cpu().numpy())
         unary = np.ascontiguousarray(-logits[0].log_softmax(0).reshape(num, -1).cpu().numpy())
@@ -152,21 +104,20 @@ def _measure(cfg):
             d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
             return np.array(d.inference(iters))
 
-    elif kind == "naive":
-        compat = (1 - torch.eye(num, device=dev)).requires_grad_()
-        w_bil = torch.tensor(10.0, device=dev, requires_grad=True)
-        w_sp = torch.tensor(3.0, device=dev, requires_grad=True)
-
+    elif kind == "functional":
         def run():
-            out = _naive_crf(logits, image, iters, compat, w_bil, w_sp)
-            torch.nn.functional.nll_loss(out, labels).backward()
+            with torch.no_grad():
+                return dense_crf(logits, image, iters=iters, filter=cfg["filter"],
+                                 **PYDENSECRF_PARAMS)  # fmt: skip
 
     else:
-        learn = tuple(cfg.get("learn", ("compat", "weights", "bandwidths")))
-        learn = () if cfg["backward"] is False else learn
+        learn = tuple(cfg.get("learn", ()))
         crf = DenseCRF(
-            num, iters=iters, learnable=learn, filter=cfg["filter"], checkpoint=cfg["checkpoint"]
-        ).to(dev)
+            num, iters=iters, learnable=learn, filter=cfg["filter"],
+            checkpoint=cfg.get("checkpoint", False), **PYDENSECRF_PARAMS,
+        ).to(dev)  # fmt: skip
+        if not cfg["backward"]:
+            crf.eval()
 
         def run():
             if not cfg["backward"]:
@@ -176,9 +127,9 @@ def _measure(cfg):
             torch.nn.functional.nll_loss(out, labels).backward()
 
     # Memory from the first run (CPU: peak RSS over the RSS before it; later runs reuse memory
-    # the allocator kept, so they would under-count); time from the later runs (the first pays
-    # lazy imports and one-time initialisation).
+    # the allocator kept, so they would under-count); time from the later runs.
     if dev.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     base_rss = _rss_mb()
@@ -195,7 +146,7 @@ def _measure(cfg):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times) if times else None, "all_seconds": times, "peak_mb": peak}
+    return {"seconds": statistics.median(times), "all_seconds": times, "peak_mb": peak}
 
 
 def _run_child(cfg):
@@ -210,20 +161,42 @@ def _run_child(cfg):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _plan(args, batch):
+    rows = []
+    if args.device == "cpu" and batch == 1:
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+
+            rows.append(("pydensecrf2 inference (C++)", dict(kind="pydensecrf")))
+        except ImportError:
+            print("# pydensecrf2 not installed: no peer row (pip install -e '.[bench]')")
+        rows.append(("compat inference", dict(kind="compat")))
+    rows += [
+        ("dense_crf no grad", dict(kind="functional")),
+        ("DenseCRF eval (c+w learnable)", dict(kind="layer", backward=False,
+                                                learn=("compat", "weights"))),
+        ("DenseCRF fwd+bwd c+w", dict(kind="layer", backward=True,
+                                      learn=("compat", "weights"))),
+        ("DenseCRF fwd+bwd c+w+bw", dict(kind="layer", backward=True,
+                                         learn=("compat", "weights", "bandwidths"))),
+        ("DenseCRF fwd+bwd c+w+bw ckpt", dict(kind="layer", backward=True, checkpoint=True,
+                                              learn=("compat", "weights", "bandwidths"))),
+    ]  # fmt: skip
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
     p.add_argument("--labels", type=int, default=21)
-    p.add_argument("--iters", type=int, nargs="+", default=(5, 10))
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per row (min is reported)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--batch", type=int, nargs="+", default=(1, 4),
+                   help="batch sizes (the rows after the first size are the batched ones)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--exact-size", type=int, nargs=2, default=(48, 64), metavar=("H", "W"))
-    p.add_argument(
-        "--naive-max-iters", type=int, default=5,
-        help="run the naive peer only up to this many iterations (it stores every index_add "
-             "intermediate: ~GBs at VOC size on a shared machine)",
-    )  # fmt: skip
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--exact-size", type=int, nargs=2, default=(32, 40), metavar=("H", "W"))
+    p.add_argument("--src", help="import deepcrf from DIR/src (an older checkout)")
     p.add_argument("--quick", action="store_true", help="96x128, 1 repeat: a smoke run")
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -232,63 +205,54 @@ def main(argv=None):
         print(json.dumps(_measure(json.loads(args.child))))
         return 0
     if args.quick:
-        args.size, args.repeats, args.exact_size = (96, 128), 1, (24, 32)
+        args.size, args.repeats, args.exact_size = (96, 128), 1, (16, 20)
     h, w = args.size
     base = dict(h=h, w=w, labels=args.labels, threads=args.threads, device=args.device,
-                repeats=args.repeats, filter="lattice", checkpoint=False)  # fmt: skip
+                repeats=args.repeats, filter="lattice", iters=args.iters, src=args.src)  # fmt: skip
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
-          f"device {args.device}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"# image {h}x{w}, {args.labels} labels, times = min of {args.repeats}")
+          f"device {args.device}, load average {os.getloadavg()[0]:.1f}, "
+          f"deepcrf from {args.src or 'this checkout'}")  # fmt: skip
+    print(f"# image {h}x{w}, {args.labels} labels, {args.iters} iterations, "
+          f"times = median of {args.repeats} after a first run")
+    print(f"{'row':<34} {'batch':>5} {'seconds':>9} {'peak MB':>9} {'time / pydensecrf':>18}")
     rows = []
-    header = f"{'row':<34} {'iters':>5} {'seconds':>9} {'peak MB':>9} {'time / ours':>12}"
-    print(header)
-    for iters in args.iters:
-        ours = {}
-        plan = [
-            ("deepcrf fwd (no grad)", dict(kind="deepcrf", backward=False)),
-            ("deepcrf fwd+bwd", dict(kind="deepcrf", backward=True)),
-            ("deepcrf fwd+bwd checkpoint", dict(kind="deepcrf", backward=True, checkpoint=True)),
-            (
-                "deepcrf fwd+bwd compat+weights",
-                dict(kind="deepcrf", backward=True, learn=("compat", "weights")),
-            ),
-        ]
-        if iters <= args.naive_max_iters:
-            plan.append(("naive autograd fwd+bwd", dict(kind="naive", backward=True)))
-        if args.device == "cpu":
-            try:
-                import pydensecrf.densecrf  # noqa: F401
-
-                plan.append(("pydensecrf2 fwd (C++)", dict(kind="pydensecrf", backward=False)))
-            except ImportError:
-                print("# pydensecrf2 not installed: skipping that peer")
-        for name, extra in plan:
-            cfg = {**base, "iters": iters, **extra}
+    peer = None
+    single: dict[str, float] = {}
+    for batch in args.batch:
+        for name, extra in _plan(args, batch):
+            cfg = {**base, "batch": batch, **extra}
             res = _run_child(cfg)
-            res.update(name=name, iters=iters, size=[h, w])
+            res.update(name=name, batch=batch, size=[h, w], iters=args.iters)
             rows.append(res)
             if "error" in res:
-                print(f"{name:<34} {iters:>5} error: {res['error']}")
+                print(f"{name:<34} {batch:>5} error: {res['error']}")
                 continue
-            ref_name = "deepcrf fwd (no grad)" if not extra["backward"] else "deepcrf fwd+bwd"
-            ours.setdefault(name, res["seconds"])
-            ratio = res["seconds"] / ours[ref_name] if ref_name in ours else float("nan")
-            print(f"{name:<34} {iters:>5} {res['seconds']:>9.3f} {res['peak_mb']:>9.1f} "
-                  f"{ratio:>12.2f}")  # fmt: skip
+            if extra["kind"] == "pydensecrf":
+                peer = res["seconds"]
+            if batch == 1:
+                single[name] = res["seconds"]
+            ratio = res["seconds"] / peer if peer else float("nan")
+            note = ""
+            if batch > 1 and name in single:
+                note = f"  ({res['seconds'] / single[name]:.2f}x one image)"
+            res["time_over_pydensecrf"] = ratio
+            print(f"{name:<34} {batch:>5} {res['seconds']:>9.3f} {res['peak_mb']:>9.1f} "
+                  f"{ratio:>18.2f}{note}")  # fmt: skip
     eh, ew = args.exact_size
-    small = {**base, "h": eh, "w": ew, "iters": 5, "backward": True, "kind": "deepcrf"}
+    small = {**base, "h": eh, "w": ew, "iters": 5, "backward": True, "kind": "layer",
+             "learn": ("compat", "weights", "bandwidths")}  # fmt: skip
     lat = _run_child(small)
     ex = _run_child({**small, "filter": "exact"})
     for name, res in (("lattice fwd+bwd (small)", lat), ("exact O(N^2) fwd+bwd (small)", ex)):
         res.update(name=name, iters=5, size=[eh, ew])
         rows.append(res)
         if "error" in res:
-            print(f"{name:<34} {5:>5} error: {res['error']}")
+            print(f"{name:<34} error: {res['error']}")
             continue
         ratio = res["seconds"] / lat["seconds"] if "seconds" in lat else float("nan")
-        print(f"{name + f' {eh}x{ew}':<34} {5:>5} {res['seconds']:>9.3f} "
-              f"{res['peak_mb']:>9.1f} {ratio:>12.2f}")  # fmt: skip
+        print(f"{name + f' {eh}x{ew}':<34} {1:>5} {res['seconds']:>9.3f} "
+              f"{res['peak_mb']:>9.1f} {ratio:>11.2f} x lattice")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
