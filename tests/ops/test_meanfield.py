@@ -273,3 +273,49 @@ def test_cuda_equals_cpu_in_both_modes():
         results.append([fast.cpu(), out.detach().cpu(), gf.cpu(), gc.cpu()])
     for a, b_ in zip(*results, strict=True):
         torch.testing.assert_close(b_, a, rtol=1e-3, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_native_moments_match_the_stacked_filterings(transpose, exclude_self):
+    # the compiled moment pass (blocks never stored) against filtering [v, f_1 v, ...] blocks
+    n, c, d = 5000, 7, 5
+    f = _features(1, n, d, 8.0, seed=40, dtype=torch.float32)
+    g = torch.Generator().manual_seed(41)
+    v = torch.rand(n, c, generator=g)
+    r = torch.randn(n, c, generator=g)
+    fc = torch.randn(n, d, generator=g)
+    ref = KernelOp(f, backend="torch", exclude_self=exclude_self)
+    nat = KernelOp(f, backend="native", exclude_self=exclude_self)
+    plain_ref, s_ref = ref.moments(v, fc, r, transpose, plain=True)
+    plain_nat, s_nat = nat.moments(v, fc, r, transpose, plain=True)
+    torch.testing.assert_close(plain_nat, plain_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s_nat, s_ref, rtol=1e-4, atol=1e-4)
+    manual = torch.stack(
+        [(r * ref.apply(fc[:, k : k + 1] * v, transpose)).sum(-1) for k in range(d)], 1
+    )
+    torch.testing.assert_close(s_ref[:, 1:], manual, rtol=1e-5, atol=1e-5)
+    _, no_plain = nat.moments(v, fc[:, :0], r, transpose)
+    torch.testing.assert_close(no_plain[:, 0], s_nat[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_native_feature_gradients_float32_equal_pytorch_lattice():
+    b, n, num = 2, 3000, 6
+    feats = [_features(b, n, 5, 8.0, seed=42, dtype=torch.float32),
+             _features(b, n, 2, 12.0, seed=43, dtype=torch.float32)]
+    base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(44))
+    grads = {}
+    for backend in ("torch", "native"):
+        fs = [f.clone().requires_grad_() for f in feats]
+        c1 = _coef("matrix", num, 45).float().requires_grad_()
+        terms = []
+        for f, c in zip(fs, (c1, torch.tensor(0.7)), strict=True):
+            op = KernelOp(f, backend=backend)
+            terms.append(replace(build_term(f, c), op=op))
+        out = mean_field(base, terms, 4)
+        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        grads[backend] = torch.autograd.grad(loss, (*fs, c1))
+    for a, b_ in zip(grads["torch"], grads["native"], strict=True):
+        torch.testing.assert_close(b_, a, rtol=1e-3, atol=1e-5)

@@ -138,6 +138,47 @@ class KernelOp:
             y = y - x
         return y if post is None else post * y
 
+    def moments(
+        self,
+        values: torch.Tensor,
+        feats: torch.Tensor,
+        contract: torch.Tensor,
+        transpose: bool = False,
+        plain: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Contracted feature moments of the filter, for the Gaussian model's backward.
+
+        Returns ``(K v if plain else None, s)`` with s (P, D+1): s[:, 0] = Σ_l r ⊙ K(v) and
+        s[:, d] = Σ_l r ⊙ K(f_d ⊙ v) (Kᵀ with ``transpose``), r = ``contract``.  The compiled
+        kernel never stores the D + 1 stacked blocks; elsewhere they are filtered in groups.
+
+        Shape:
+            values, contract: (P, C); feats: (P, D); return: (P, C) or None, (P, D + 1)
+        """
+        if self.native and values.dtype == torch.float32:
+            lat = self.lattice
+            assert lat is not None
+            p, c = values.shape
+            nd = feats.shape[1]
+            s = torch.empty(p, nd + 1, dtype=values.dtype)
+            out = torch.empty_like(values) if plain else None
+            lib = lat._kernel
+            vals, fts, con = (x.contiguous() for x in (values, feats.to(values.dtype), contract))
+            err = lib.lattice_moments_f32(
+                p, c, nd, lat.num_vertices, lat.dim + 1, lat._slice_idx[0].data_ptr(),
+                lat._native_weights_for(values.dtype).data_ptr(), lat._blur_cols.data_ptr(),
+                lat.output_scale, vals.data_ptr(), fts.data_ptr(), con.data_ptr(),
+                int(transpose), int(self.exclude_self), None if out is None else out.data_ptr(),
+                s.data_ptr(), native.threads(),
+            )
+            if err:
+                raise MemoryError("the lattice kernel could not allocate its moment buffers")
+            return out, s
+        blocks = [values, *[feats[:, d : d + 1] * values for d in range(feats.shape[1])]]
+        ys = _filter_blocks(self, blocks, transpose)
+        s = torch.stack([(contract * y).sum(dim=-1) for y in ys], dim=1)
+        return (ys[0] if plain else None), s
+
     def row_sums(self, dtype: torch.dtype) -> torch.Tensor:
         """K·1 per point, (P, 1), no autograd."""
         ones = torch.ones(self.batch * self.points, 1, dtype=dtype, device=self.features.device)
@@ -624,13 +665,12 @@ def _term_backward(
         return
     v = q if pre is None else pre * q
     pg = g if post is None else post * g
-    dims = 0 if g_feat is None else op.dim
-    assert g_feat is None or centred is not None
-    fds = [] if centred is None else [centred[:, d : d + 1] for d in range(dims)]
-    w = _filter_blocks(op, [pg, *[fd * pg for fd in fds]], True)
-    need_y = g_post is not None or g_feat is not None
-    y = _filter_blocks(op, [v, *[fd * v for fd in fds]], False) if need_y else []
-    w0 = w[0]
+    if centred is None:  # factor gradients only: no feature moments
+        centred = q.new_zeros(q.shape[0], 0)
+    # s_f[:, d] = Σ_l (g ∘ Aᵀ) ⊙ K(f_d v),  s_t[:, d] = Σ_l (q ∘ A) ⊙ Kᵀ(f_d · post ⊙ g)
+    _, s_f = op.moments(v, centred, amap(g, True), transpose=False)
+    w0, s_t = op.moments(pg, centred, amap(q, False), transpose=True, plain=True)
+    assert w0 is not None
     if g_coef is not None:
         if coef.dim() == 2:
             g_coef.addmm_(v.transpose(0, 1), w0)
@@ -641,14 +681,11 @@ def _term_backward(
     ktu = amap(w0, True)
     dq.add_(ktu if pre is None else pre * ktu)
     if g_pre is not None:
-        g_pre += (ktu * q).sum(dim=-1, keepdim=True)
+        g_pre += s_t[:, :1]  # Σ_l (W₀ ∘ Aᵀ) ⊙ q
     if g_post is not None:
-        g_post += (amap(g, True) * y[0]).sum(dim=-1, keepdim=True)
+        g_post += s_f[:, :1]  # Σ_l (g ∘ Aᵀ) ⊙ K(v)
     if g_feat is not None:
-        assert centred is not None
-        u = amap(pg, True)
-        va = amap(v, False)
-        s0 = (u * y[0]).sum(-1) + (va * w0).sum(-1)
-        for d in range(dims):
-            g_feat[:, d] += (u * y[d + 1]).sum(-1) + (va * w[d + 1]).sum(-1) - centred[:, d] * s0
-
+        sf = s_f if post is None else post * s_f  # u = post ⊙ (g ∘ Aᵀ)
+        st = s_t if pre is None else pre * s_t  # v ∘ A = pre ⊙ (q ∘ A)
+        both = sf + st
+        g_feat += both[:, 1:] - centred * both[:, :1]

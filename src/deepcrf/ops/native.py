@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 8
+_ABI = 9
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -132,6 +132,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     filt = lib.lattice_filter_f32
     filt.restype = i32
     filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32]
+    mom = lib.lattice_moments_f32
+    mom.restype = i32
+    mom.argtypes = [i64, i64, i32, i64, i32, p, p, p, f64, p, p, p, i32, i32, p, p, i32]
     lib.lattice_release_workspace.restype = i64
     lib.lattice_release_workspace.argtypes = []
     lib.lattice_free.restype = None
