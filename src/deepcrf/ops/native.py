@@ -209,8 +209,7 @@ _serial = threading.local()
 
 
 def threads() -> int:
-    """Threads the kernel uses: torch's intra-op thread count (as it was outside
-    :func:`torch_serial`)."""
+    """Threads the kernel uses: torch's intra-op thread count (outside :func:`torch_serial`)."""
     kept = getattr(_serial, "threads", None)
     return max(1, kept if kept is not None else torch.get_num_threads())
 
