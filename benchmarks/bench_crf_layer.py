@@ -16,8 +16,9 @@ compat=3) on a blocky photo-like image:
 "time / pydensecrf" divides by the peer's time in this run. Peak memory (first run): CPU =
 the process's peak RSS (ru_maxrss) minus its RSS after the inputs were made, with glibc's
 MALLOC_MMAP_THRESHOLD_ lowered so freed buffers leave the RSS; CUDA =
-torch.cuda.max_memory_allocated minus the allocation before the run. Times: median of the
-runs after the first (the first pays one-time set-up and page faults).
+torch.cuda.max_memory_allocated minus the allocation before the run. Times: from a second
+process with glibc's default allocator, the median of the runs after the first (the first pays
+one-time set-up and page faults).
 
     python benchmarks/bench_crf_layer.py                  # 375x500, 10 iterations
     python benchmarks/bench_crf_layer.py --size 768 1024  # the larger target size
@@ -146,19 +147,33 @@ def _measure(cfg):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "all_seconds": times, "peak_mb": peak}
+    seconds = statistics.median(times) if times else None
+    return {"seconds": seconds, "all_seconds": times, "peak_mb": peak}
 
 
-def _run_child(cfg):
+def _child(cfg, env):
     cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
-    # Large buffers straight from mmap, so a freed buffer leaves the RSS at once: otherwise
-    # glibc keeps freed heap memory and the peak RSS counts dead tensors (at VOC size, 10
-    # iterations with checkpointing read 1.3 GB that way instead of 0.56 GB).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_child(cfg):
+    """Peak memory and times from two processes.
+
+    Memory: large buffers straight from mmap, so a freed buffer leaves the RSS at once
+    (otherwise glibc keeps freed heap memory and the peak RSS counts dead tensors). Times: glibc's
+    default allocator, as a user runs it (the low mmap threshold makes every large tensor fresh
+    memory, whose page faults measured up to 2x the backward's time at VOC size).
+    """
+    mem = _child({**cfg, "repeats": 0}, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    if "error" in mem:
+        return mem
+    timed = _child(cfg, dict(os.environ))
+    if "error" in timed:
+        return timed
+    return {**timed, "peak_mb": mem["peak_mb"]}
 
 
 def _plan(args, batch):

@@ -208,10 +208,10 @@ def _mf(terms, base, iters):
 
 
 @needs_kernel
-@pytest.mark.parametrize("c", [1, 5, 8, 21, 32, 33])
+@pytest.mark.parametrize("c", [1, 5, 8, 21, 32, 33, 48, 49])
 @pytest.mark.parametrize("with_pre,with_post", [(False, False), (True, True), (True, False)])
 def test_fused_mean_field_matches_the_definition(c, with_pre, with_post):
-    # 33 labels exceed the fused kernel's widths: that case runs the step-by-step loop.
+    # 49 labels exceed the fused kernel's widths: that case runs the step-by-step loop.
     base, terms_ref, terms_nat = _mean_field_case(3000, c, with_pre, with_post)
     for iters in (0, 1, 4):
         expected = _mean_field_loop(terms_ref, base, iters)

@@ -15,7 +15,7 @@ Two modes, same semantics:
 
 * **inference** (no autograd needed): no graph, buffers reused.  When every term is on the
   compiled lattice kernel with a scalar A (after the exact reduction of Potts-like matrices,
-  see :func:`_reduce_coef`), float32 and L ≤ 32, the whole loop is one fused kernel call (one
+  see :func:`_reduce_coef`), float32 and L ≤ 48, the whole loop is one fused kernel call (one
   pass over the points per iteration); otherwise the iterations run term by term.
 * **training**: :class:`_MeanField`, a ``torch.autograd.Function`` over all iterations.  Its
   forward is the same loop (the fused kernel too, keeping Q_0 … Q_{T−1}); its backward is the
@@ -60,8 +60,8 @@ NORMALIZATIONS = ("symmetric", "none", "before", "after")
 # Kernel row sums below this are treated as this value: keeps 1/n finite for a point that has
 # no neighbour at all (possible only with exclude_self=True).
 _NORM_EPS = 1e-10
-# The fused kernel's label rows are padded to multiples of 8, up to 32.
-_FUSED_MAX_LABELS = 32
+# The fused kernel's label rows are padded to multiples of 8, up to 48.
+_FUSED_MAX_LABELS = 48
 
 
 # ------------------------------------------------------------------------------------------
