@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepcrf.ops import native
-from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, _step, mean_field
+from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, mean_field, step
 from deepcrf.ops.permutohedral import PermutohedralLattice
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
@@ -166,8 +166,8 @@ def test_kernel_ops_and_fused_step_match_pytorch(with_pre, with_post, exclude_se
         terms_ref.append(PairwiseTerm(ref, pre, post, coef))
         terms_nat.append(PairwiseTerm(nat, pre, post, coef))
     # one step of the update: the native terms are summed in one kernel pass
-    expected = _step(base, values, terms_ref, coefs)
-    torch.testing.assert_close(_step(base, values, terms_nat, coefs), expected,
+    expected = step(base, values, terms_ref, coefs)
+    torch.testing.assert_close(step(base, values, terms_nat, coefs), expected,
                                rtol=1e-12, atol=1e-12)
     manual = base.clone()
     for t, coef in zip(terms_ref, coefs, strict=True):

@@ -1437,27 +1437,29 @@ static void mom_slice_range(void *vctx, int64_t begin, int64_t end) {
 
 /* s (n, D+1): s_i0 = sum_l r_il [K v]_il, s_id = sum_l r_il [K(f_d v)]_il (K^T with transpose,
  * K - I with exclude_self, K including the lattice's output `scale`); plain (n, c) receives
- * K v when not NULL.  values, contract (n, c) and feats (n, D) float32.  Returns 0, -1 when
- * out of memory. */
+ * K v when not NULL.  values, contract (n, c) and feats (n, D) float32; `work` is the caller's
+ * (kept between calls: fresh buffers cost a page fault per 4 KB), nparts <= nthreads splat
+ * buffers in it.  Returns 0, -2 on bad arguments. */
 int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const int32_t *vert,
                         const float *w, const int32_t *blur_col, double scale,
                         const float *values, const float *feats, const float *contract,
-                        int transpose, int exclude_self, float *plain, float *s, int nthreads) {
+                        int transpose, int exclude_self, float *plain, float *s, float *work,
+                        int nparts, int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads < 1) nthreads = 1;
+    if (nparts < 1 || nparts > nthreads) return -2;
     const int nv = (int)((c + 7) / 8);
     const int64_t nvec = (int64_t)(nd + 1) * nv;
-    const int nparts = n >= 4096 * (int64_t)nthreads ? nthreads : 1;
     const size_t stride = (size_t)((m + 1) * nvec);
-    v8f *block = aligned_alloc(64, sizeof(v8f) * stride * (size_t)(nparts + 2));
-    if (!block) return -1;
+    /* work: at least (nparts + 1) * stride vectors plus 16 floats (aligned here to 64 bytes) */
+    v8f *block = (v8f *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
     v8f *parts[MAX_THREADS];
     for (int i = 0; i < nparts; i++) parts[i] = block + (size_t)i * stride;
-    v8f *a = block + (size_t)nparts * stride, *b = a + stride;
+    /* the first blur sums the parts into a; then parts[0] is free and serves as b */
+    v8f *a = block + (size_t)nparts * stride, *b = parts[0];
     mom_splat_ctx sp = {n, c, m, nparts, dp1, nd, nv, vert, w, values, feats, parts};
     parallel_for(nparts, nparts, 1, mom_splat_part, &sp);
     memset(a + m * nvec, 0, sizeof(v8f) * (size_t)nvec); /* zero rows of missing neighbours */
-    memset(b + m * nvec, 0, sizeof(v8f) * (size_t)nvec);
     for (int i = 0; i < dp1; i++) {
         const int j = transpose ? dp1 - 1 - i : i;
         mom_blur_ctx bl = {nvec, i == 0 ? nparts : 1, blur_col + (int64_t)j * 3 * m,
@@ -1472,9 +1474,8 @@ int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const 
     mom_slice_ctx sl = {c, dp1, nd, nv, exclude_self, (float)scale, vert, w, a, values, feats,
                         contract, plain, s};
     parallel_for(n, nthreads, 2048, mom_slice_range, &sl);
-    free(block);
     return 0;
 }
 #pragma GCC pop_options
 
-int deepcrf_kernel_abi(void) { return 9; }
+int deepcrf_kernel_abi(void) { return 10; }

@@ -52,6 +52,7 @@ __all__ = [
     "build_term",
     "mean_field",
     "row_sum_error",
+    "step",
 ]
 
 Method = Literal["lattice", "exact"]
@@ -100,6 +101,7 @@ class KernelOp:
         self.features = features.detach()
         self.batch, self.points, self.dim = features.shape
         self.lattice: PermutohedralLattice | None = None
+        self._work: torch.Tensor | None = None  # the last moment pass's vertex buffers
         if method == "lattice":
             self.lattice = PermutohedralLattice(
                 self.features, pydensecrf_compatible=pydensecrf_compatible, backend=backend
@@ -116,15 +118,30 @@ class KernelOp:
         transpose: bool = False,
         pre: torch.Tensor | None = None,
         post: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``post ⊙ K(pre ⊙ values)`` (Kᵀ with ``transpose``); (P, C) in, new (P, C) out."""
+        """``post ⊙ K(pre ⊙ values)`` (Kᵀ with ``transpose``); (P, C) in, (P, C) out.
+
+        ``out`` (not ``values``) receives the result when given (the backward reuses arrays:
+        fresh ones above glibc's mmap threshold cost a page fault per 4 KB).
+        """
         if self.native and values.dtype in (torch.float32, torch.float64):
             assert self.lattice is not None
-            out = self.lattice._native_filter(values, transpose, pre, post)
+            res = self.lattice._native_filter(values, transpose, pre, post, out=out)
             if self.exclude_self:  # post ⊙ (K − I)(pre ⊙ v)
                 x = values if pre is None else pre * values
-                out.sub_(x if post is None else post * x)
-            return out
+                res.sub_(x if post is None else post * x)
+            return res
+        res = self._apply_torch(values, transpose, pre, post)
+        return res if out is None else out.copy_(res)
+
+    def _apply_torch(
+        self,
+        values: torch.Tensor,
+        transpose: bool,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+    ) -> torch.Tensor:
         x = values if pre is None else pre * values
         if self.lattice is not None:
             y = self.lattice._apply(x.contiguous(), transpose)
@@ -144,11 +161,14 @@ class KernelOp:
         feats: torch.Tensor,
         contract: torch.Tensor,
         transpose: bool = False,
-        plain: bool = False,
+        plain: bool | torch.Tensor = False,
+        work: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Contracted feature moments of the filter, for the Gaussian model's backward.
 
-        Returns ``(K v if plain else None, s)`` with s (P, D+1): s[:, 0] = Σ_l r ⊙ K(v) and
+        Returns ``(K v if plain else None, s)`` (``plain`` may be the (P, C) array to write K v
+        into; ``work`` a float32 buffer for the kernel's vertex rows, grown as needed) with
+        s (P, D+1): s[:, 0] = Σ_l r ⊙ K(v) and
         s[:, d] = Σ_l r ⊙ K(f_d ⊙ v) (Kᵀ with ``transpose``), r = ``contract``.  The compiled
         kernel never stores the D + 1 stacked blocks; elsewhere they are filtered in groups.
 
@@ -161,22 +181,35 @@ class KernelOp:
             p, c = values.shape
             nd = feats.shape[1]
             s = torch.empty(p, nd + 1, dtype=values.dtype)
-            out = torch.empty_like(values) if plain else None
+            out = plain if isinstance(plain, torch.Tensor) else None
+            if plain is True:
+                out = torch.empty_like(values)
             lib = lat._kernel
             vals, fts, con = (x.contiguous() for x in (values, feats.to(values.dtype), contract))
+            nthreads = min(native.threads(), 64)
+            nparts = nthreads if p >= 4096 * nthreads else 1
+            # splat parts + one more blur buffer of (M + 1) rows of (D + 1)·⌈C/8⌉ 8-float
+            # vectors, reused by the next call (every iteration of a backward makes two)
+            floats = (nparts + 1) * (lat.num_vertices + 1) * (nd + 1) * 8 * -(-c // 8) + 16
+            work = self._work if work is None else work
+            if work is None or work.numel() < floats:
+                work = torch.empty(floats, dtype=torch.float32)
+            self._work = work
             err = lib.lattice_moments_f32(
                 p, c, nd, lat.num_vertices, lat.dim + 1, lat._slice_idx[0].data_ptr(),
                 lat._native_weights_for(values.dtype).data_ptr(), lat._blur_cols.data_ptr(),
                 lat.output_scale, vals.data_ptr(), fts.data_ptr(), con.data_ptr(),
                 int(transpose), int(self.exclude_self), None if out is None else out.data_ptr(),
-                s.data_ptr(), native.threads(),
+                s.data_ptr(), work.data_ptr(), nparts, nthreads,
             )
             if err:
-                raise MemoryError("the lattice kernel could not allocate its moment buffers")
+                raise RuntimeError(f"lattice_moments failed with code {err}")
             return out, s
         blocks = [values, *[feats[:, d : d + 1] * values for d in range(feats.shape[1])]]
         ys = _filter_blocks(self, blocks, transpose)
         s = torch.stack([(contract * y).sum(dim=-1) for y in ys], dim=1)
+        if isinstance(plain, torch.Tensor):
+            return plain.copy_(ys[0]), s
         return (ys[0] if plain else None), s
 
     def row_sums(self, dtype: torch.dtype) -> torch.Tensor:
@@ -382,9 +415,8 @@ def _fused(
     kept = {t: torch.empty_like(base) for t in keep}
     hist_ptrs = None
     if kept:
-        # iterations not kept are written to one scratch array that nothing reads
-        scratch = torch.empty_like(base) if len(kept) < iters else None
-        ptrs = [(kept[t] if t in kept else scratch).data_ptr() for t in range(iters)]  # type: ignore[union-attr]
+        # iterations not kept are written to `out`, which only the last pass writes for real
+        ptrs = [(kept[t] if t in kept else out).data_ptr() for t in range(iters)]
         hist_ptrs = (ctypes.c_void_p * iters)(*ptrs)
     err = lib.lattice_meanfield_f32(
         p, c, len(terms),
@@ -398,10 +430,22 @@ def _fused(
     return out, kept
 
 
-def _step(
-    base: torch.Tensor, q: torch.Tensor, terms: Sequence[PairwiseTerm], coefs: list[torch.Tensor]
+def step(
+    base: torch.Tensor,
+    q: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    coefs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Z = base + Σ_m K̄_m(q) ∘ A_m, without autograd (scalar native terms summed in one pass)."""
+    """One update of (1) before its softmax: z = base + Σ_m K̄_m(q) ∘ A_m, without autograd.
+
+    Scalar terms on the compiled kernel are summed in one pass; ``coefs`` overrides the terms'
+    label maps (the loop passes reduced ones).
+
+    Shape:
+        base, q, return: (P, L)
+    """
+    if coefs is None:
+        coefs = [t.coef.detach().to(q.dtype) for t in terms]
     fused = [
         i for i, (t, c) in enumerate(zip(terms, coefs, strict=True))
         if c.dim() == 0 and t.op.native and not t.op.exclude_self
@@ -452,7 +496,7 @@ def _forward_loop(
     for t in range(iters):
         if t in wanted:
             kept[t] = q
-        z = _step(base, q, terms, coefs)
+        z = step(base, q, terms, coefs)
         q = z.softmax(dim=-1)
     return (z.log_softmax(dim=-1) if log else q), kept
 
@@ -557,6 +601,10 @@ class _MeanField(torch.autograd.Function):
         # log_softmax backward: dL/dz_T
         g = grad_out - out.exp() * grad_out.sum(dim=-1, keepdim=True)
         g_base = g.clone()
+        # (P, L) arrays reused by every iteration: at a batch of 4 VOC images each is 63 MB,
+        # above glibc's mmap threshold, and a fresh one costs ~15 k page faults.
+        work = _Work(g)
+        dq = work.get("dq")
         segment: dict[int, torch.Tensor] = {}
         for t in range(iters - 1, -1, -1):
             q = kept.get(t)
@@ -567,16 +615,19 @@ class _MeanField(torch.autograd.Function):
                 segment = {start: kept[start]}
                 qs = kept[start]
                 for s in range(start + 1, t + 1):
-                    qs = _step(base, qs, terms, fwd_coefs).softmax(dim=-1)
+                    qs = step(base, qs, terms, fwd_coefs).softmax(dim=-1)
                     segment[s] = qs
                 q = segment[t]
-            dq = torch.zeros_like(q)
+            dq.zero_()
             for m, term in enumerate(terms):
                 _term_backward(
                     term, coefs[m], q, g, dq, g_coef[m], g_pre[m], g_post[m], g_feat[m],
-                    centred[m],
+                    centred[m], work,
                 )
-            g = q * (dq - (q * dq).sum(dim=-1, keepdim=True))  # softmax backward: dL/dz_t
+            # softmax backward: dL/dz_t = q ⊙ (dq − Σ_l q ⊙ dq), written over g
+            tmp = torch.mul(q, dq, out=work.get("scratch"))
+            dq.sub_(tmp.sum(dim=-1, keepdim=True))
+            torch.mul(q, dq, out=g)
             g_base += g
         grads: list[torch.Tensor | None] = [g_base if needs[0] else None, None, None, None]
         for m, term in enumerate(terms):
@@ -610,6 +661,41 @@ def _filter_blocks(
     return out
 
 
+class _Work:
+    """Named (P, L) arrays like ``like``, allocated once per backward and reused."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like = like
+        self.arrays: dict[str, torch.Tensor] = {}
+        self.moments: torch.Tensor | None = None  # the moment passes' buffer, shared by terms
+
+    def get(self, name: str) -> torch.Tensor:
+        x = self.arrays.get(name)
+        if x is None:
+            x = self.arrays[name] = torch.empty_like(self.like)
+        return x
+
+
+def _label_product(
+    x: torch.Tensor, coef: torch.Tensor, transposed: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """X ∘ A (or x ∘ Aᵀ) into ``out``."""
+    if coef.dim() == 2:
+        return torch.mm(x, coef.transpose(0, 1) if transposed else coef, out=out)
+    return torch.mul(x, coef, out=out)
+
+
+def _add_coef_grad(g_coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """∂L/∂A += leftᵀ right (matrix), its diagonal (vector) or trace (scalar): no (P, L) temp."""
+    prod = torch.mm(left.transpose(0, 1), right)
+    if g_coef.dim() == 2:
+        g_coef += prod
+    elif g_coef.dim() == 1:
+        g_coef += prod.diagonal()
+    else:
+        g_coef += prod.diagonal().sum()
+
+
 def _term_backward(
     term: PairwiseTerm,
     coef: torch.Tensor,
@@ -621,6 +707,7 @@ def _term_backward(
     g_post: torch.Tensor | None,
     g_feat: torch.Tensor | None,
     centred: torch.Tensor | None,
+    work: _Work,
 ) -> None:
     """Accumulate one term's share of the backward of one iteration of (1), in place.
 
@@ -639,47 +726,42 @@ def _term_backward(
     folded into the kernel's passes).
     """
     op, pre, post = term.op, _det(term.pre), _det(term.post)
-
-    def amap(x: torch.Tensor, transposed: bool) -> torch.Tensor:  # x ∘ A or x ∘ Aᵀ
-        if coef.dim() == 2:
-            return x @ (coef.transpose(0, 1) if transposed else coef)
-        return x * coef
-
     if g_pre is None and g_post is None and g_feat is None:
-        pw = op.apply(g, True, post, pre)  # pre ⊙ Kᵀ(post ⊙ g)
+        pw = op.apply(g, True, post, pre, out=work.get("scratch"))  # pre ⊙ Kᵀ(post ⊙ g)
         if g_coef is not None:
-            if coef.dim() == 2:
-                g_coef.addmm_(q.transpose(0, 1), pw)
-            elif coef.dim() == 1:
-                g_coef += (q * pw).sum(dim=0)
-            else:
-                g_coef += (q * pw).sum()
+            _add_coef_grad(g_coef, q, pw)
         if coef.dim() == 2:
             alpha = _diagonal_part(coef)
             if alpha is not None:
                 dq.add_(pw, alpha=alpha)
             else:
                 dq.addmm_(pw, coef.transpose(0, 1))
+        elif coef.dim() == 1:
+            dq.addcmul_(pw, coef)
         else:
-            dq.add_(pw * coef)
+            dq.add_(pw, alpha=float(coef))
         return
-    v = q if pre is None else pre * q
-    pg = g if post is None else post * g
+    v = q if pre is None else torch.mul(pre, q, out=work.get("v"))
+    pg = g if post is None else torch.mul(post, g, out=work.get("pg"))
     if centred is None:  # factor gradients only: no feature moments
         centred = q.new_zeros(q.shape[0], 0)
     # s_f[:, d] = Σ_l (g ∘ Aᵀ) ⊙ K(f_d v),  s_t[:, d] = Σ_l (q ∘ A) ⊙ Kᵀ(f_d · post ⊙ g)
-    _, s_f = op.moments(v, centred, amap(g, True), transpose=False)
-    w0, s_t = op.moments(pg, centred, amap(q, False), transpose=True, plain=True)
+    scratch = work.get("scratch")
+    contract = _label_product(g, coef, True, scratch)
+    _, s_f = op.moments(v, centred, contract, transpose=False, work=work.moments)
+    contract = _label_product(q, coef, False, scratch)
+    w0, s_t = op.moments(
+        pg, centred, contract, transpose=True, plain=work.get("w0"), work=op._work
+    )
+    work.moments, op._work = op._work, None
     assert w0 is not None
     if g_coef is not None:
-        if coef.dim() == 2:
-            g_coef.addmm_(v.transpose(0, 1), w0)
-        elif coef.dim() == 1:
-            g_coef += (v * w0).sum(dim=0)
-        else:
-            g_coef += (v * w0).sum()
-    ktu = amap(w0, True)
-    dq.add_(ktu if pre is None else pre * ktu)
+        _add_coef_grad(g_coef, v, w0)
+    ktu = _label_product(w0, coef, True, scratch)
+    if pre is None:
+        dq.add_(ktu)
+    else:
+        dq.addcmul_(pre, ktu)
     if g_pre is not None:
         g_pre += s_t[:, :1]  # Σ_l (W₀ ∘ Aᵀ) ⊙ q
     if g_post is not None:

@@ -1,11 +1,12 @@
 """Optional compiled CPU kernel for the permutohedral lattice, with the PyTorch path as fallback.
 
-The benchmark (benchmarks/bench_densecrf.py, docs/densecrf.md "Performance") showed that pure
-PyTorch leaves the lattice build, and to a lesser degree the filtering, behind pydensecrf's C++
-on the 2-core CPU.  ``_lattice_kernel.c`` (≈ 400 lines of C99, no dependencies besides
-pthreads) does the same work: it builds exactly the index arrays the PyTorch lattice uses
-(splat CSR, slice entries, blur neighbours) with a hash table instead of a sort, and filters
-with them, fusing the per-point scales and the accumulation into the passes.
+The benchmarks (benchmarks/bench_densecrf.py, bench_crf_layer.py; docs/densecrf.md
+"Performance") showed that pure PyTorch leaves the lattice build and filtering behind
+pydensecrf's C++ on the 2-core CPU.  ``_lattice_kernel.c`` (portable GNU C11 with vector
+extensions, no dependencies besides pthreads) builds exactly the index arrays the PyTorch
+lattice uses (slice entries, blur neighbours) with a hash table instead of a sort, and runs the
+mean-field engine's passes on them (docs/meanfield.md): the fused mean-field loop, plain and
+transposed filters, sums of filters, and the feature moments of the bandwidth gradient.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
 cache (``$DEEPCRF_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepcrf``, else ``~/.cache/deepcrf``),
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 9
+_ABI = 10
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -134,7 +135,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32]
     mom = lib.lattice_moments_f32
     mom.restype = i32
-    mom.argtypes = [i64, i64, i32, i64, i32, p, p, p, f64, p, p, p, i32, i32, p, p, i32]
+    mom.argtypes = [i64, i64, i32, i64, i32, p, p, p, f64, p, p, p, i32, i32, p, p, p, i32, i32]
     lib.lattice_release_workspace.restype = i64
     lib.lattice_release_workspace.argtypes = []
     lib.lattice_free.restype = None
@@ -194,7 +195,7 @@ def status() -> str:
 def release_workspace() -> int:
     """Free the vertex buffers the fused mean field keeps between calls; returns their bytes.
 
-    The compiled mean-field loop (compat ``inference`` with Potts terms) keeps its working
+    The compiled mean-field loop and filters (the engine's, docs/meanfield.md) keep their working
     memory, about ``4 · CS · (threads + 1) · Σ_t (M_t + 1)`` bytes (M_t the lattice vertex
     counts, CS the label count rounded up to a multiple of 8; 21 MB for a 500×375 image with
     21 labels on 2 threads, at most 256 MB), for the next call: it spares the page faults of

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, mean_field
+from deepcrf.ops.meanfield import KernelOp, PairwiseTerm, mean_field, step
 
 __all__ = [
     "CONST_KERNEL",
@@ -345,16 +345,11 @@ class DenseCRF:
             return torch.zeros(self._nvar, self._nlabel, dtype=torch.float32)
         return self._neg_unary
 
-    def _step(
-        self, q: torch.Tensor, keep_last: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _step(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One mean-field update; returns (new Q, its logits −U − Σ messages, last message)."""
-        logits = self._negative_unary()
-        last = None
-        for term in self._pairwise:
-            last = term.message(q)
-            logits = logits - last
-        return torch.softmax(logits, dim=1), logits, last if keep_last else None
+        logits = step(self._negative_unary(), q, [t.term for t in self._pairwise])
+        last = self._pairwise[-1].message(q) if self._pairwise else None
+        return torch.softmax(logits, dim=1), logits, last
 
     @staticmethod
     def _to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -400,7 +395,7 @@ class DenseCRF:
         t2 = self._read_q(tmp2, "tmp2")
         with torch.no_grad():
             q = torch.from_numpy(np.ascontiguousarray(q_arr.T))
-            new_q, logits, last = self._step(q, keep_last=True)
+            new_q, logits, last = self._step(q)
         q_arr[...] = new_q.numpy().T
         t1[...] = logits.numpy().T
         if last is not None:
