@@ -1,15 +1,10 @@
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_densecrf.py"
+from . import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_densecrf", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_densecrf")
 
 
 def test_benchmark_quick_run_writes_results(tmp_path):

@@ -1,19 +1,15 @@
 """The lattice's gradients against the exact Gaussian model's, on the issue's structured case."""
 
-import importlib.util
-from pathlib import Path
+import argparse
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "grad_accuracy.py"
+from . import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("grad_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("grad_accuracy")
 
 
 def _check(size, settings):
@@ -46,12 +42,7 @@ def test_lattice_gradients_learnable_64x64_three_bandwidths():
 @pytest.mark.slow
 def test_learning_reaches_the_grid_search_on_held_out_images():
     # benchmarks/learn_vs_grid.py at its defaults: 24 + 24 scenes 64×64, 60 Adam steps
-    import argparse
-
-    path = SCRIPT.with_name("learn_vs_grid.py")
-    spec = importlib.util.spec_from_file_location("learn_vs_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("learn_vs_grid")
     args = argparse.Namespace(images=24, size=64, steps=60, iters=5)
     out = module.experiment(args)
     assert out["grid"] >= out["defaults"] + 5.0  # the defaults are clearly not the best
