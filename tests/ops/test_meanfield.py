@@ -319,3 +319,56 @@ def test_native_feature_gradients_float32_equal_pytorch_lattice():
         grads[backend] = torch.autograd.grad(loss, (*fs, c1))
     for a, b_ in zip(grads["torch"], grads["native"], strict=True):
         torch.testing.assert_close(b_, a, rtol=1e-3, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("c", [3, 21, 48])
+def test_fused_gram_and_softmax_backward_match_torch(c):
+    # lattice_filter_f32 accumulates leftᵀ·out in its slice pass; softmax_backward in one pass
+    n = 6000
+    f = _features(1, n, 5, 8.0, seed=50, dtype=torch.float32)
+    g = torch.Generator().manual_seed(51)
+    v, left = torch.rand(n, c, generator=g), torch.rand(n, c, generator=g)
+    pre, post = torch.rand(n, 1, generator=g) + 0.5, torch.rand(n, 1, generator=g) + 0.5
+    op = KernelOp(f, backend="native")
+    for transpose in (False, True):
+        acc = torch.zeros(c, c, dtype=torch.float64)
+        out = op.apply(v, transpose, pre, post, gram=(left, acc))
+        torch.testing.assert_close(out, op.apply(v, transpose, pre, post), rtol=0, atol=0)
+        torch.testing.assert_close(acc, left.double().T @ out.double(), rtol=1e-5, atol=1e-4)
+    q = torch.rand(n, c, generator=g).softmax(-1)
+    dq = torch.randn(n, c, generator=g)
+    total = torch.randn(n, c, generator=g)
+    expected_total = total + q * (dq - (q * dq).sum(-1, keepdim=True))
+    gq = torch.empty_like(q)
+    assert native.softmax_backward(q, dq, gq, total)
+    torch.testing.assert_close(gq, q * (dq - (q * dq).sum(-1, keepdim=True)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-6)
+    assert not native.softmax_backward(q.double(), dq.double(), gq.double(), total.double())
+
+
+@needs_kernel
+def test_native_coef_gradients_float32_equal_pytorch_lattice():
+    # the backward's one-filtering path with the fused Gram and softmax backward (float32)
+    b, n, num = 2, 3000, 6
+    f_bil = _features(b, n, 5, 8.0, seed=52, dtype=torch.float32)
+    f_sp = _features(b, n, 2, 12.0, seed=53, dtype=torch.float32)
+    base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(54))
+    grads = {}
+    for backend in ("torch", "native"):
+        coefs = [_coef("matrix", num, 55).float().requires_grad_(),
+                 _coef("potts", num, 56).float().requires_grad_()]
+        x = base.clone().requires_grad_()
+        terms = []
+        for f, c in zip((f_bil, f_sp), coefs, strict=True):
+            op = KernelOp(f, backend=backend)
+            s = op.row_sums(torch.float32).rsqrt()
+            terms.append(PairwiseTerm(op, s, s, c))
+        out = mean_field(x, terms, 4)
+        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        grads[backend] = torch.autograd.grad(loss, (x, *coefs))
+    # The label-map gradients sum over 6000 points and 4 iterations: both float32 paths are
+    # 2-3e-4 from a float64 run here, so that is the tolerance.
+    torch.testing.assert_close(grads["native"][0], grads["torch"][0], rtol=1e-3, atol=1e-5)
+    for a, b_ in zip(grads["torch"][1:], grads["native"][1:], strict=True):
+        torch.testing.assert_close(b_, a, rtol=1e-3, atol=5e-4)

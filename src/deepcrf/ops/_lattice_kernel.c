@@ -913,6 +913,10 @@ typedef struct {
      * softmax; iters = 1, base may be NULL); transpose: each term's blurs in reverse order */
     int linear, transpose;
     const float *values;
+    /* linear mode: when gram_left (n, c) is set, gram (nthreads, c, CS) receives per thread
+     * sum_p left_p (outer) out_p, summed per chunk of points in float, over chunks in double */
+    const float *gram_left;
+    double *gram;
     float *const *bufs; /* per term: nthreads + 1 buffers of (m + 1) * CS floats, row m zero */
     int64_t cs;
     barrier_t barrier;
@@ -1051,12 +1055,17 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 pad_low[u][k] = 8 * u + k < c ? 0.0f : -INFINITY;                                 \
                 keep[u][k] = 8 * u + k < c ? -1 : 0;                                              \
             }                                                                                     \
+        const int gram = x->gram_left != NULL && slice;                                           \
+        v8f gacc[gram ? c : 1][NV_##CS];                                                          \
         /* Points go in blocks of MF_BLOCK: each stage (slice, maximum, exp, normalise, splat)    \
          * runs over the whole block, so the block's rows are independent chains of work that     \
          * the CPU overlaps (one row at a time is one long chain of dependent operations). */     \
         for (int64_t ch = id; ch * MF_CHUNK < x->n; ch += x->nthreads) {                          \
             const int64_t p0 = ch * MF_CHUNK,                                                     \
                           p1 = p0 + MF_CHUNK < x->n ? p0 + MF_CHUNK : x->n;                       \
+            if (gram)                                                                             \
+                for (int64_t a = 0; a < c; a++)                                                   \
+                    for (int u = 0; u < NV_##CS; u++) gacc[a][u] = v8_splat(0.0f);                \
             for (int64_t pb = p0; pb < p1; pb += MF_BLOCK) {                                      \
                 const int nb = p1 - pb < MF_BLOCK ? (int)(p1 - pb) : MF_BLOCK;                    \
                 v8f row[MF_BLOCK][NV_##CS];                                                       \
@@ -1120,6 +1129,13 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                     } else if (dst) {                                                             \
                         mf_store_row(row[r], NV_##CS, dst, pb + r, p1, c);                        \
                     }                                                                             \
+                    if (gram) {                                                                   \
+                        const float *lr = x->gram_left + (pb + r) * c;                            \
+                        for (int64_t a = 0; a < c; a++) {                                         \
+                            const float la = lr[a];                                               \
+                            for (int u = 0; u < NV_##CS; u++) gacc[a][u] += la * row[r][u];       \
+                        }                                                                         \
+                    }                                                                             \
                 }                                                                                 \
                 if (splat)                                                                        \
                     for (int r = 0; r < nb; r++) {                                                \
@@ -1136,6 +1152,12 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                             }                                                                     \
                         }                                                                         \
                     }                                                                             \
+            }                                                                                     \
+            if (gram) {                                                                           \
+                double *gd = x->gram + (int64_t)id * c * CS;                                      \
+                for (int64_t a = 0; a < c; a++)                                                   \
+                    for (int u = 0; u < NV_##CS; u++)                                             \
+                        for (int k = 0; k < 8; k++) gd[a * CS + 8 * u + k] += gacc[a][u][k];      \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -1215,7 +1237,8 @@ static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int 
                   const int32_t *const *blur_col, const float *const *pre,
                   const float *const *post, const double *coef, const float *base, float *q,
                   float *const *hist, int log_out, int linear, int transpose,
-                  const float *values, int iters, int nthreads) {
+                  const float *values, const float *gram_left, double *gram, int iters,
+                  int nthreads) {
     if (nterms < 1 || nterms > 16 || c < 1 || iters < 0) return -3;
     int64_t cs = c <= 8    ? 8
                  : c <= 16 ? 16
@@ -1246,7 +1269,8 @@ static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int 
     }
     if (!err) {
         mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
-                    base, q, hist, log_out, linear, transpose, values, bufs, cs};
+                    base, q, hist, log_out, linear, transpose, values, gram_left, gram,
+                    bufs, cs};
         atomic_init(&x.barrier.count, 0);
         atomic_init(&x.barrier.sense, 0);
         x.barrier.nthreads = nthreads;
@@ -1285,7 +1309,7 @@ int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, co
                           const float *const *post, const double *coef, const float *base,
                           float *q, float *const *hist, int log_out, int iters, int nthreads) {
     return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, q, hist,
-                  log_out, 0, 0, NULL, iters, nthreads);
+                  log_out, 0, 0, NULL, NULL, NULL, iters, nthreads);
 }
 
 /* The same passes as a plain filter (float32, c <= 48): out = base + sum_t coef_t * post_t .
@@ -1296,9 +1320,52 @@ int lattice_filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const
                        const int32_t *const *vert, const float *const *w,
                        const int32_t *const *blur_col, const float *const *pre,
                        const float *const *post, const double *coef, const float *values,
-                       const float *base, float *out, int transpose, int nthreads) {
-    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, out, NULL, 0,
-                  1, transpose, values, 1, nthreads);
+                       const float *base, float *out, int transpose, const float *gram_left,
+                       double *gram, int nthreads) {
+    /* gram (c, c) float64, when gram_left is set: += sum_p gram_left_p (outer) out_p (out = the
+     * result of this call), accumulated per thread */
+    const int64_t cs = c <= 8 ? 8 : c <= 16 ? 16 : c <= 24 ? 24 : c <= 32 ? 32 : c <= 40 ? 40 : 48;
+    double *acc = NULL;
+    if (gram_left) {
+        acc = calloc((size_t)(MAX_THREADS * c * cs), sizeof(double));
+        if (!acc) return -1;
+    }
+    int err = mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, out, NULL,
+                     0, 1, transpose, values, gram_left, acc, 1, nthreads);
+    if (!err && gram_left)
+        for (int t = 0; t < MAX_THREADS; t++)
+            for (int64_t a = 0; a < c; a++)
+                for (int64_t b = 0; b < c; b++) gram[a * c + b] += acc[(t * c + a) * cs + b];
+    free(acc);
+    return err;
+}
+
+/* The softmax's backward with the sum over iterations: g = q . (dq - sum_l q . dq) row by row,
+ * total += g (total may be NULL); (n, c) float32 arrays, g may alias dq. */
+typedef struct {
+    int64_t c;
+    const float *q, *dq;
+    float *g, *total;
+} smb_ctx;
+
+static void smb_range(void *vctx, int64_t begin, int64_t end) {
+    smb_ctx *x = (smb_ctx *)vctx;
+    const int64_t c = x->c;
+    for (int64_t p = begin; p < end; p++) {
+        const float *q = x->q + p * c, *d = x->dq + p * c;
+        float s = 0.0f;
+        for (int64_t k = 0; k < c; k++) s += q[k] * d[k];
+        float *g = x->g + p * c;
+        for (int64_t k = 0; k < c; k++) g[k] = q[k] * (d[k] - s);
+        if (x->total)
+            for (int64_t k = 0; k < c; k++) x->total[p * c + k] += g[k];
+    }
+}
+
+void softmax_backward_f32(int64_t n, int64_t c, const float *q, const float *dq, float *g,
+                          float *total, int nthreads) {
+    smb_ctx x = {c, q, dq, g, total};
+    parallel_for(n, nthreads, 8192, smb_range, &x);
 }
 
 DEFINE_BUILD(float, f32, nearbyintf)
@@ -1478,4 +1545,4 @@ int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const 
 }
 #pragma GCC pop_options
 
-int deepcrf_kernel_abi(void) { return 10; }
+int deepcrf_kernel_abi(void) { return 11; }

@@ -119,21 +119,29 @@ class KernelOp:
         pre: torch.Tensor | None = None,
         post: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        gram: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``post ⊙ K(pre ⊙ values)`` (Kᵀ with ``transpose``); (P, C) in, (P, C) out.
 
         ``out`` (not ``values``) receives the result when given (the backward reuses arrays:
-        fresh ones above glibc's mmap threshold cost a page fault per 4 KB).
+        fresh ones above glibc's mmap threshold cost a page fault per 4 KB). With
+        ``gram = (left (P, C), acc (C, C) float64)``, ``acc += leftᵀ · result`` (in the
+        compiled kernel's slice pass for float32).
         """
         if self.native and values.dtype in (torch.float32, torch.float64):
             assert self.lattice is not None
-            res = self.lattice._native_filter(values, transpose, pre, post, out=out)
+            fused = None if self.exclude_self else gram
+            res = self.lattice._native_filter(values, transpose, pre, post, out=out, gram=fused)
             if self.exclude_self:  # post ⊙ (K − I)(pre ⊙ v)
                 x = values if pre is None else pre * values
                 res.sub_(x if post is None else post * x)
-            return res
-        res = self._apply_torch(values, transpose, pre, post)
-        return res if out is None else out.copy_(res)
+        else:
+            res = self._apply_torch(values, transpose, pre, post)
+            res = res if out is None else out.copy_(res)
+            fused = None
+        if gram is not None and fused is None:
+            gram[1].add_((gram[0].transpose(0, 1) @ res).double())
+        return res
 
     def _apply_torch(
         self,
@@ -624,11 +632,12 @@ class _MeanField(torch.autograd.Function):
                     term, coefs[m], q, g, dq, g_coef[m], g_pre[m], g_post[m], g_feat[m],
                     centred[m], work,
                 )
-            # softmax backward: dL/dz_t = q ⊙ (dq − Σ_l q ⊙ dq), written over g
-            tmp = torch.mul(q, dq, out=work.get("scratch"))
-            dq.sub_(tmp.sum(dim=-1, keepdim=True))
-            torch.mul(q, dq, out=g)
-            g_base += g
+            # softmax backward: dL/dz_t = q ⊙ (dq − Σ_l q ⊙ dq), written over g; g_base += it
+            if not native.softmax_backward(q, dq, g, g_base):
+                tmp = torch.mul(q, dq, out=work.get("scratch"))
+                dq.sub_(tmp.sum(dim=-1, keepdim=True))
+                torch.mul(q, dq, out=g)
+                g_base += g
         grads: list[torch.Tensor | None] = [g_base if needs[0] else None, None, None, None]
         for m, term in enumerate(terms):
             gf = g_feat[m]
@@ -675,6 +684,10 @@ class _Work:
             x = self.arrays[name] = torch.empty_like(self.like)
         return x
 
+    def gram(self, c: int) -> torch.Tensor:
+        """A zeroed (c, c) float64 accumulator."""
+        return torch.zeros(c, c, dtype=torch.float64, device=self.like.device)
+
 
 def _label_product(
     x: torch.Tensor, coef: torch.Tensor, transposed: bool, out: torch.Tensor
@@ -687,7 +700,12 @@ def _label_product(
 
 def _add_coef_grad(g_coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """∂L/∂A += leftᵀ right (matrix), its diagonal (vector) or trace (scalar): no (P, L) temp."""
-    prod = torch.mm(left.transpose(0, 1), right)
+    _add_gram(g_coef, torch.mm(left.transpose(0, 1), right))
+
+
+def _add_gram(g_coef: torch.Tensor, prod: torch.Tensor) -> None:
+    """∂L/∂A += prod (L, L) as a matrix, its diagonal (vector) or trace (scalar); resets prod."""
+    prod = prod.to(g_coef.dtype)
     if g_coef.dim() == 2:
         g_coef += prod
     elif g_coef.dim() == 1:
@@ -727,9 +745,12 @@ def _term_backward(
     """
     op, pre, post = term.op, _det(term.pre), _det(term.post)
     if g_pre is None and g_post is None and g_feat is None:
-        pw = op.apply(g, True, post, pre, out=work.get("scratch"))  # pre ⊙ Kᵀ(post ⊙ g)
+        # pre ⊙ Kᵀ(post ⊙ g), and qᵀ of it for ∂L/∂A in the same pass
+        gram = None if g_coef is None else (q, work.gram(q.shape[1]))
+        pw = op.apply(g, True, post, pre, out=work.get("scratch"), gram=gram)
         if g_coef is not None:
-            _add_coef_grad(g_coef, q, pw)
+            assert gram is not None
+            _add_gram(g_coef, gram[1])
         if coef.dim() == 2:
             alpha = _diagonal_part(coef)
             if alpha is not None:

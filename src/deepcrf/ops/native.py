@@ -41,13 +41,14 @@ __all__ = [
     "cache_dir",
     "library",
     "release_workspace",
+    "softmax_backward",
     "softmax_rows",
     "status",
     "threads",
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 10
+_ABI = 11
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -132,7 +133,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32, i32]
     filt = lib.lattice_filter_f32
     filt.restype = i32
-    filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32]
+    filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, p, p, i32]
+    smb = lib.softmax_backward_f32
+    smb.restype = None
+    smb.argtypes = [i64, i64, p, p, p, p, i32]
     mom = lib.lattice_moments_f32
     mom.restype = i32
     mom.argtypes = [i64, i64, i32, i64, i32, p, p, p, f64, p, p, p, i32, i32, p, p, p, i32, i32]
@@ -235,6 +239,29 @@ def torch_serial() -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         _serial.threads = None
+
+
+def softmax_backward(
+    q: torch.Tensor, dq: torch.Tensor, g: torch.Tensor, total: torch.Tensor
+) -> bool:
+    """``g = q ⊙ (dq − Σ_l q ⊙ dq)`` and ``total += g`` in one pass; False if not done here.
+
+    The softmax's vector-Jacobian product row by row, for contiguous float32 (N, C) CPU arrays
+    with the kernel; otherwise the caller does it with torch.
+    """
+    arrays = (q, dq, g, total)
+    lib = library() if q.device.type == "cpu" else None
+    if lib is None or any(
+        a.dtype != torch.float32 or a.dim() != 2 or not a.is_contiguous() or a.requires_grad
+        or a.shape != q.shape
+        for a in arrays
+    ):
+        return False
+    n, c = q.shape
+    lib.softmax_backward_f32(
+        n, c, q.data_ptr(), dq.data_ptr(), g.data_ptr(), total.data_ptr(), threads()
+    )
+    return True
 
 
 def softmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
