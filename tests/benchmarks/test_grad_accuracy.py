@@ -12,7 +12,7 @@ def _load():
     return load_script("grad_accuracy")
 
 
-def _check(size, settings):
+def assert_gradients_close_to_exact(size, settings):
     ga = _load()
     logits, image, labels = ga.scene(4, size, 3)
     for ta, tb in settings:
@@ -30,13 +30,13 @@ def _check(size, settings):
 
 
 def test_lattice_gradients_learnable_quick():
-    _check(24, [(20.0, 13.0)])
+    assert_gradients_close_to_exact(24, [(20.0, 13.0)])
 
 
 @pytest.mark.slow
 def test_lattice_gradients_learnable_64x64_three_bandwidths():
     # 4 images 64×64, colour blocks + noise σ = 3, (θα, θβ) ∈ {(20, 13), (40, 30), (80, 13)}
-    _check(64, [(20.0, 13.0), (40.0, 30.0), (80.0, 13.0)])
+    assert_gradients_close_to_exact(64, [(20.0, 13.0), (40.0, 30.0), (80.0, 13.0)])
 
 
 @pytest.mark.slow

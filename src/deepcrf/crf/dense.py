@@ -11,7 +11,7 @@ Gaussian kernels (appearance/bilateral and smoothness/spatial):
 run for a fixed number of iterations and unrolled like an RNN (CRF-as-RNN, Zheng et al. 2015) so
 that the unaries, μ, the kernel weights w_m and the bandwidths θ (Schwing & Urtasun 2015) can be
 learned by back-propagation. Gradients w.r.t. θ are exact for the Gaussian model
-(see :mod:`deepcrf.ops.gaussian`): no finite differences and nothing N×N.
+(the backward of :mod:`deepcrf.ops.meanfield`): no finite differences and nothing N×N.
 
 Conventions (see ``docs/crf_layer.md`` for the full mapping):
 
@@ -190,10 +190,11 @@ def dense_crf(
     axis. Differentiable w.r.t. ``logits``, and w.r.t. ``compat``, the weights and the bandwidths
     when they are tensors that require grad.
 
-    The bilateral kernel goes through the permutohedral lattice (built once per image, reused by
-    every iteration); the spatial kernel is exact and separable: Gaussian matrix products along
-    rows and columns (windowed to 6θγ, linear in pixels). ``filter="exact"`` uses the O(N²)
-    brute-force filter for both kernels (tests and small images only).
+    Both kernels go through the permutohedral lattice (built once per call, reused by every
+    iteration) and the whole loop through the mean-field engine (:mod:`deepcrf.ops.meanfield`:
+    the fused compiled loop without autograd, one ``autograd.Function`` with an adjoint backward
+    with it); a batch is one engine call. ``filter="exact"`` uses the O(N²) brute-force filter
+    for both kernels (tests and small images only).
 
     Args:
         logits: unary scores, higher = more likely (U = −logits; log-probabilities work).

@@ -650,9 +650,9 @@ class _MeanField(torch.autograd.Function):
         return tuple(grads)
 
 
-# Channels per call of the moment filterings: the compiled kernel filters up to ~48 channels
-# per point pass for about the cost of 21 (measured at 500×375: 21 → 10 ms, 42 → 11 ms,
-# 63 → 30 ms), so blocks of L channels are stacked in pairs.
+# Channels per call when blocks are filtered stacked (the moments without the compiled moment
+# pass: float64 or the PyTorch lattice). The generic passes filtered 42 channels for about the
+# cost of 21 (500×375: 21 → 10 ms, 42 → 11 ms, 63 → 30 ms), so blocks go in pairs.
 _STACK_CHANNELS = 48
 
 
