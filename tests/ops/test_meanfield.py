@@ -252,6 +252,16 @@ def test_bad_arguments():
         build_term(f, torch.tensor(1.0), normalization="row")
     with pytest.raises(ValueError, match="method"):
         KernelOp(f, method="fft")
+    with pytest.raises(ValueError, match="P = 19"):
+        mean_field(base[:19], [term], 2)
+    with pytest.raises(ValueError, match="coef"):
+        mean_field(base, [replace(term, coef=torch.ones(4, dtype=DT))], 2)
+    with pytest.raises(ValueError, match="pre"):
+        mean_field(base, [replace(term, pre=torch.ones(20, dtype=DT))], 2)
+    with pytest.raises(ValueError, match="base"):
+        mean_field(base[0], [term], 2)
+    with pytest.raises(TypeError, match="PairwiseTerm"):
+        mean_field(base, [object()], 2)
 
 
 @pytest.mark.gpu

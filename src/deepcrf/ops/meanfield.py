@@ -536,6 +536,7 @@ def mean_field(
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    _check_terms(base, terms)
     tensors: list[torch.Tensor | None] = [base]
     for t in terms:
         tensors += [t.coef, t.pre, t.post, t.features]
@@ -549,6 +550,35 @@ def mean_field(
             return _forward_loop(base, terms, coefs, iters, log=not probabilities)[0]
     out = _MeanField.apply(base, tuple(terms), iters, bool(checkpoint), *tensors[1:])
     return out.exp() if probabilities else out
+
+
+def _check_terms(base: torch.Tensor, terms: Sequence[PairwiseTerm]) -> None:
+    """Shapes that must agree between ``base`` (P, L) and every term, named when they do not."""
+    if not isinstance(base, torch.Tensor) or base.dim() != 2 or not base.is_floating_point():
+        raise ValueError(
+            "base must be a floating (P, L) tensor (points × labels); got "
+            + (f"shape {tuple(base.shape)}, {base.dtype}" if isinstance(base, torch.Tensor)
+               else type(base).__name__)
+        )
+    p, num = base.shape
+    for m, t in enumerate(terms):
+        if not isinstance(t, PairwiseTerm):
+            raise TypeError(f"terms[{m}] must be a PairwiseTerm; got {type(t).__name__}")
+        if t.op.batch * t.op.points != p:
+            raise ValueError(
+                f"terms[{m}] is built on {t.op.batch}×{t.op.points} points but base has P = {p}"
+            )
+        if tuple(t.coef.shape) not in ((), (num,), (num, num)):
+            raise ValueError(
+                f"terms[{m}].coef must be a scalar, ({num},) or ({num}, {num}) for L = {num}; "
+                f"got shape {tuple(t.coef.shape)}"
+            )
+        for name in ("pre", "post"):
+            f = getattr(t, name)
+            if f is not None and tuple(f.shape) != (p, 1):
+                raise ValueError(
+                    f"terms[{m}].{name} must be (P, 1) = ({p}, 1); got {tuple(f.shape)}"
+                )
 
 
 class _MeanField(torch.autograd.Function):
