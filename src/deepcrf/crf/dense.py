@@ -211,8 +211,9 @@ def dense_crf(
             ``"before"``, ``"after"`` or ``"none"`` (the plain kernel sum).
         exclude_self: drop the j = i term (default False keeps it, as pydensecrf and CRF-RNN).
         filter: ``"lattice"`` (fast, approximate) or ``"exact"`` (brute force, O(N²)).
-        checkpoint: recompute each iteration in the backward pass (torch.utils.checkpoint)
-            instead of storing its intermediates: memory O(iters·N·L) → a few N·L tensors.
+        checkpoint: keep only every ⌈√iters⌉-th iteration's Q for the backward and recompute
+            the others there: ≈ 2√iters instead of iters (B·N, L) arrays, about one more
+            forward.
 
     Returns:
         Refined logits, log Q (log-probabilities; ``.softmax(1)`` gives Q).
