@@ -287,22 +287,60 @@ def crf_terms(
     Shape:
         image: (B, 3, H, W) colour in 0-255, floating (the computation dtype)
     """
+    kw: dict[str, Any] = dict(normalization=normalization, exclude_self=exclude_self, filter=filter)
+    return (
+        bilateral_term(image, theta_alpha, theta_beta, **kw),
+        spatial_term(image, theta_gamma, **kw),
+    )
+
+
+def bilateral_term(
+    image: torch.Tensor,
+    theta_alpha: Scalar,
+    theta_beta: Scalar,
+    *,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    filter: FilterMethod = "lattice",
+) -> PairwiseTerm:
+    """The appearance kernel exp(−|p_i − p_j|²/2θα² − |I_i − I_j|²/2θβ²) as a term, weight 1.
+
+    Shape:
+        image: (B, 3, H, W) colour in 0-255, floating
+    """
     b, _, h, w = image.shape
-    n = h * w
-    ta, tb, tg = (_to(t, image) for t in (theta_alpha, theta_beta, theta_gamma))
+    ta, tb = _to(theta_alpha, image), _to(theta_beta, image)
     positions = _pixel_positions(h, w, image)
-    colour = image.reshape(b, 3, n).transpose(1, 2)
-    bilateral = torch.cat([(positions / ta).expand(b, -1, -1), colour / tb], dim=-1)
-    spatial = (positions / tg).expand(b, -1, -1)
-    one = torch.ones((), dtype=image.dtype, device=image.device)
-    built = [
-        build_term(
-            feats.contiguous(), one, normalization=normalization, exclude_self=exclude_self,
-            method=filter,
-        )
-        for feats in (bilateral, spatial)
-    ]
-    return built[0], built[1]
+    colour = image.reshape(b, 3, h * w).transpose(1, 2)
+    feats = torch.cat([(positions / ta).expand(b, -1, -1), colour / tb], dim=-1)
+    return build_term(
+        feats.contiguous(), torch.ones((), dtype=image.dtype, device=image.device),
+        normalization=normalization, exclude_self=exclude_self, method=filter,
+    )
+
+
+def spatial_term(
+    image: torch.Tensor,
+    theta_gamma: Scalar,
+    *,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    filter: FilterMethod = "lattice",
+) -> PairwiseTerm:
+    """The smoothness kernel exp(−|p_i − p_j|²/2θγ²) as a term, weight 1.
+
+    Only the image's batch size, size, dtype and device are used.
+
+    Shape:
+        image: (B, 3, H, W)
+    """
+    b, _, h, w = image.shape
+    positions = _pixel_positions(h, w, image)
+    feats = (positions / _to(theta_gamma, image)).expand(b, -1, -1)
+    return build_term(
+        feats.contiguous(), torch.ones((), dtype=image.dtype, device=image.device),
+        normalization=normalization, exclude_self=exclude_self, method=filter,
+    )
 
 
 def lattice_error(

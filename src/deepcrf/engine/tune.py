@@ -185,7 +185,7 @@ def _score_points(
     Points that share (θα, θβ, θγ) share the lattices and normalisations; only the kernel
     weights change between them (one mean-field engine call per point and batch of images).
     """
-    from ..crf.dense import crf_terms
+    from ..crf.dense import bilateral_term, spatial_term
     from ..ops.meanfield import mean_field
 
     ia, ib, ig = (TUNABLE.index(k) for k in ("theta_alpha", "theta_beta", "theta_gamma"))
@@ -194,13 +194,16 @@ def _score_points(
     for p in points:
         by_bandwidth.setdefault((p[ia], p[ib], p[ig]), []).append(p)
     scores = {p: ConfusionMatrix(num_classes) for p in points}
-    for (ta, tb, tg), members in by_bandwidth.items():
-        for idx in groups:
-            images = torch.cat([cache[i][0] for i in idx]).to(dev).float()
-            unary = torch.cat([cache[i][1] for i in idx]).to(dev).float()
-            b, num, h, w = unary.shape
-            base = unary.reshape(b, num, h * w).transpose(1, 2).reshape(b * h * w, num)
-            bilateral, spatial = crf_terms(images, ta, tb, tg)
+    for idx in groups:
+        images = torch.cat([cache[i][0] for i in idx]).to(dev).float()
+        unary = torch.cat([cache[i][1] for i in idx]).to(dev).float()
+        b, num, h, w = unary.shape
+        base = unary.reshape(b, num, h * w).transpose(1, 2).reshape(b * h * w, num)
+        spatial_by_gamma: dict[float, Any] = {}  # the grid usually fixes θγ: one lattice
+        for (ta, tb, tg), members in by_bandwidth.items():
+            if tg not in spatial_by_gamma:
+                spatial_by_gamma[tg] = spatial_term(images, tg)
+            bilateral, spatial = bilateral_term(images, ta, tb), spatial_by_gamma[tg]
             for p in members:
                 terms = [
                     replace(bilateral, coef=torch.tensor(p[iwb], device=dev)),
