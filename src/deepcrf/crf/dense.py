@@ -38,14 +38,13 @@ import torch
 from torch import nn
 
 from .._checks import check_positive, check_tensor
-from ..ops.meanfield import KernelOp, PairwiseTerm, build_term, row_sum_error
+from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
+from ..ops.meanfield import KernelOp, Normalization, PairwiseTerm, build_term, row_sum_error
 from ..ops.meanfield import mean_field as engine_mean_field
 
-Normalization = Literal["symmetric", "none", "before", "after"]
 FilterMethod = Literal["lattice", "exact"]
 WeightShape = Literal["scalar", "vector", "matrix"]
 
-_NORMALIZATIONS = ("symmetric", "none", "before", "after")
 _FILTERS = ("lattice", "exact")
 _WEIGHT_SHAPES = ("scalar", "vector", "matrix")
 _LEARNABLE = ("compat", "weights", "bandwidths")
@@ -138,6 +137,27 @@ def _pixel_positions(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(w, device=like.device, dtype=like.dtype)
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
     return grid.reshape(h * w, 2)
+
+
+def _bilateral_features(
+    image: torch.Tensor, theta_alpha: Scalar, theta_beta: Scalar
+) -> torch.Tensor:
+    """(B, N, 5) features (y/θα, x/θα, RGB/θβ) of the appearance kernel, contiguous."""
+    b, _, h, w = image.shape
+    positions = _pixel_positions(h, w, image) / _to(theta_alpha, image)
+    colour = image.reshape(b, 3, h * w).transpose(1, 2) / _to(theta_beta, image)
+    return torch.cat([positions.expand(b, -1, -1), colour], dim=-1).contiguous()
+
+
+def _spatial_features(image: torch.Tensor, theta_gamma: Scalar) -> torch.Tensor:
+    """(B, N, 2) features (y/θγ, x/θγ) of the smoothness kernel, contiguous."""
+    b, _, h, w = image.shape
+    positions = _pixel_positions(h, w, image) / _to(theta_gamma, image)
+    return positions.expand(b, -1, -1).contiguous()
+
+
+def _one(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=like.dtype, device=like.device)
 
 
 def _label_map(weight: torch.Tensor, mu: torch.Tensor | None, num_labels: int) -> torch.Tensor:
@@ -308,13 +328,8 @@ def bilateral_term(
     Shape:
         image: (B, 3, H, W) colour in 0-255, floating
     """
-    b, _, h, w = image.shape
-    ta, tb = _to(theta_alpha, image), _to(theta_beta, image)
-    positions = _pixel_positions(h, w, image)
-    colour = image.reshape(b, 3, h * w).transpose(1, 2)
-    feats = torch.cat([(positions / ta).expand(b, -1, -1), colour / tb], dim=-1)
     return build_term(
-        feats.contiguous(), torch.ones((), dtype=image.dtype, device=image.device),
+        _bilateral_features(image, theta_alpha, theta_beta), _one(image),
         normalization=normalization, exclude_self=exclude_self, method=filter,
     )
 
@@ -334,11 +349,8 @@ def spatial_term(
     Shape:
         image: (B, 3, H, W)
     """
-    b, _, h, w = image.shape
-    positions = _pixel_positions(h, w, image)
-    feats = (positions / _to(theta_gamma, image)).expand(b, -1, -1)
     return build_term(
-        feats.contiguous(), torch.ones((), dtype=image.dtype, device=image.device),
+        _spatial_features(image, theta_gamma), _one(image),
         normalization=normalization, exclude_self=exclude_self, method=filter,
     )
 
@@ -366,17 +378,11 @@ def lattice_error(
     if image.shape[1] != 3:
         raise ValueError(f"image must be (B, 3, H, W); got {tuple(image.shape)}")
     img = image.detach().float()
-    b, _, h, w = img.shape
-    positions = _pixel_positions(h, w, img)
-    colour = img.reshape(b, 3, h * w).transpose(1, 2)
-    bilateral = torch.cat(
-        [(positions / float(theta_alpha)).expand(b, -1, -1), colour / float(theta_beta)], -1
-    )
-    spatial = (positions / float(theta_gamma)).expand(b, -1, -1)
-    return {
-        name: row_sum_error(KernelOp(feats.contiguous()), samples=samples)
-        for name, feats in (("bilateral", bilateral), ("spatial", spatial))
+    features = {
+        "bilateral": _bilateral_features(img, float(theta_alpha), float(theta_beta)),
+        "spatial": _spatial_features(img, float(theta_gamma)),
     }
+    return {name: row_sum_error(KernelOp(f), samples=samples) for name, f in features.items()}
 
 
 # Relative row-sum error of the lattice above which DenseCRF warns (once per module).
