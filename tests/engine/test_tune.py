@@ -71,3 +71,34 @@ def test_bad_arguments():
         tune_dense_crf(_Noisy(), _dataset(), num_classes=2, grid={"theta_alpha": [0.0]})
     with pytest.raises(ValueError, match="empty"):
         tune_dense_crf(_Noisy(), [], num_classes=2)
+
+
+def test_threaded_batches_give_the_sequential_counts(monkeypatch):
+    """Small images run on one Python thread per kernel thread: the same trials either way."""
+    from deepcrf.ops import native
+
+    if native.library() is None:
+        pytest.skip(native.status())
+    grid = {"w_bilateral": [1.0, 4.0, 8.0], "theta_alpha": [5.0, 9.0], "theta_beta": [10.0],
+            "w_gaussian": [0.5, 2.0], "theta_gamma": [1.0]}  # fmt: skip
+    from deepcrf.engine import tune
+
+    pools = []
+
+    class Pool(tune.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(tune, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(tune, "_CALL_PIXELS", 2 * 16 * 20)  # two images per batch
+    data = _dataset() * 3
+    runs = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(native, "threads", lambda w=workers: w)
+        out = tune_dense_crf(_Noisy(), data, num_classes=2, grid=grid, iters=3, rounds=1,
+                             progress=False)  # fmt: skip
+        runs[workers] = [(t["params"], t["miou"], t["pixel_accuracy"]) for t in out["trials"]]
+    assert len(pools) == 1  # only the run with two workers used the pool
+    assert len(runs[1]) == 12
+    assert runs[1] == runs[2]

@@ -17,6 +17,7 @@ from deepcrf.ops.meanfield import (
     build_term,
     mean_field,
     row_sum_error,
+    sweep,
 )
 
 DT = torch.float64
@@ -382,3 +383,86 @@ def test_native_coef_gradients_float32_equal_pytorch_lattice():
     torch.testing.assert_close(grads["native"][0], grads["torch"][0], rtol=1e-3, atol=1e-5)
     for a, b_ in zip(grads["torch"][1:], grads["native"][1:], strict=True):
         torch.testing.assert_close(b_, a, rtol=1e-3, atol=5e-4)
+
+
+def _separate_runs(base, terms, weights, iters, probabilities):
+    """The reference for sweep: one mean_field call per weight row."""
+    runs = []
+    for row in weights.tolist():
+        ts = [
+            replace(t, coef=torch.tensor(w, dtype=base.dtype))
+            for t, w in zip(terms, row, strict=True)
+        ]
+        runs.append(mean_field(base, ts, iters, probabilities=probabilities))
+    return torch.stack(runs)
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize(
+    "backend, dtype, num",
+    [
+        ("native", torch.float32, 6),  # 6 runs of 6 labels: one fused call (grouped softmax)
+        ("native", torch.float32, 20),  # 2 runs per call: chunks of 2, 2, 1 (the last alone)
+        ("native", torch.float32, 3),  # 3 labels in 8-lane vectors: blocks straddle vectors
+        ("native", DT, 5),  # float64: the PyTorch loop over blocks on the compiled filter
+        ("torch", torch.float32, 6),  # the pure-PyTorch lattice
+    ],
+)
+def test_sweep_equals_separate_mean_fields(backend, dtype, num, probabilities):
+    if backend == "native" and not native.available():
+        pytest.skip(native.status())
+    b, n = 2, 900
+    g = torch.Generator().manual_seed(40)
+    f_bil = _features(b, n, 5, 6.0, seed=41, dtype=dtype)
+    f_sp = _features(b, n, 2, 10.0, seed=42, dtype=dtype)
+    terms = []
+    for f in (f_bil, f_sp):
+        t = build_term(f, torch.tensor(1.0, dtype=dtype))
+        terms.append(replace(t, op=KernelOp(f, backend=backend)) if backend == "torch" else t)
+        if backend == "torch":  # the normalisation from the same lattice as the filter
+            sums = terms[-1].op.row_sums(dtype)
+            terms[-1] = replace(terms[-1], pre=sums.rsqrt(), post=sums.rsqrt())
+    base = torch.randn(b * n, num, generator=g, dtype=dtype) * 3
+    weights = torch.tensor([[5.0, 3.0], [0.5, 8.0], [10.0, 0.0], [-2.0, 1.0], [3.0, 3.0]])
+    if num == 6:
+        weights = torch.cat([weights, torch.tensor([[7.0, 2.0]])])
+    got = sweep(base, terms, weights, 6, probabilities=probabilities)
+    want = _separate_runs(base, terms, weights, 6, probabilities)
+    assert got.shape == (weights.shape[0], b * n, num)
+    if probabilities:
+        torch.testing.assert_close(got.sum(-1), torch.ones_like(got[..., 0]))
+        tol = 1e-11 if dtype == DT else 2e-5
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    else:  # log Q: compare where Q is not vanishingly small (the log amplifies rounding there)
+        tol = 1e-10 if dtype == DT else 1e-4
+        keep = want > -12
+        torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=tol)
+        torch.testing.assert_close(got.exp(), want.exp(), rtol=0, atol=tol)
+
+
+def test_sweep_exact_filter_matches_brute_force():
+    b, n, num = 1, 40, 3
+    feats = [_features(b, n, 3, 3.0, seed=43), _features(b, n, 2, 2.0, seed=44)]
+    base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(45))
+    terms = [build_term(f, torch.tensor(1.0, dtype=DT), method="exact") for f in feats]
+    weights = torch.tensor([[1.5, -0.5], [0.2, 2.0], [3.0, 1.0]], dtype=DT)
+    got = sweep(base, terms, weights, 4)
+    for g_, row in zip(got, weights, strict=True):
+        want = _brute_force(base, feats, list(row), "symmetric", False, 4)
+        torch.testing.assert_close(g_, want, rtol=0, atol=1e-10)
+
+
+def test_sweep_zero_iterations_and_bad_weights():
+    f = _features(1, 50, 2, 3.0, seed=46, dtype=torch.float32)
+    terms = [build_term(f, torch.tensor(1.0))]
+    base = torch.randn(50, 4)
+    out = sweep(base, terms, torch.tensor([[1.0], [2.0]]), 0)
+    torch.testing.assert_close(out, base.log_softmax(-1).expand(2, -1, -1))
+    with pytest.raises(ValueError, match=r"weights must be a \(G, M\) tensor"):
+        sweep(base, terms, torch.tensor([1.0, 2.0]), 3)
+    with pytest.raises(ValueError, match="M = 1 terms"):
+        sweep(base, terms, torch.ones(2, 2), 3)
+    with pytest.raises(ValueError, match="finite"):
+        sweep(base, terms, torch.tensor([[float("nan")]]), 3)
+    with pytest.raises(ValueError, match="iters"):
+        sweep(base, terms, torch.ones(1, 1), -1)

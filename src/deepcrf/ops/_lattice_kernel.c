@@ -15,6 +15,8 @@
  *    "base + alpha *" accumulation and softmax.
  *  - fused mean field (meanfield_f32): the whole Potts mean-field loop in one call, one pass
  *    over the points per iteration; its vertex buffers are kept between calls (workspace).
+ *    Optionally several runs side by side that share the kernels (label blocks, each with its
+ *    own softmax and per-label term weights: a sweep over kernel weights).
  *  - softmax over the last axis of an (N, C) array.
  *
  * Threads: plain pthreads (torch's OpenMP pool is left alone), forked per call; the fused mean
@@ -905,6 +907,10 @@ typedef struct {
     const float *const *pre;
     const float *const *post;
     const double *coef;
+    /* NULL, or (nterms, CS) floats: term t's coefficient per label lane (times coef[t]) */
+    const float *coefv;
+    /* the softmax runs over each run of `group` consecutive lanes (0: the whole row) */
+    int64_t group;
     const float *base;
     float *q;           /* Q_iters, or log Q_iters when log_out */
     float *const *hist; /* NULL, or iters pointers: Q_0 ... Q_{iters-1} are stored there */
@@ -1002,6 +1008,64 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
     }
 }
 
+/* Label blocks of a grouped softmax (several mean fields that share their kernels run side by
+ * side as label blocks of one row, each block its own softmax: a sweep over kernel weights):
+ * block g covers lanes [g * group, (g + 1) * group), inside vectors u0 ... u1, where `mask`
+ * selects its lanes. */
+typedef struct {
+    int u0, u1;
+    v8i mask[6];
+} mf_group_t;
+
+static int mf_groups(mf_group_t *grp, int64_t c, int64_t group) {
+    int ng = 0;
+    for (int64_t lo = 0; lo < c; lo += group, ng++) {
+        const int64_t hi = lo + group;
+        grp[ng].u0 = (int)(lo >> 3);
+        grp[ng].u1 = (int)((hi - 1) >> 3);
+        for (int u = 0; u < 6; u++)
+            for (int k = 0; k < 8; k++)
+                grp[ng].mask[u][k] = 8 * u + k >= lo && 8 * u + k < hi ? -1 : 0;
+    }
+    return ng;
+}
+
+/* The softmax of each block of a row of nv vectors (lanes >= c come out 0): row <- exp(row -
+ * max_g) / sum_g, and, when lse is not NULL, lse <- max_g + log sum_g per lane (what log Q
+ * subtracts from the logits).  All in vector registers: masked reductions per block. */
+__attribute__((always_inline)) static inline void mf_group_softmax(v8f *row, int nv, int ng,
+                                                                   const mf_group_t *grp,
+                                                                   const v8i *keep, v8f *lse) {
+    const v8f zero = v8_splat(0.0f), low = v8_splat(-INFINITY);
+    v8f shift[6], scale[6];
+    float mx[48];
+    for (int u = 0; u < nv; u++) shift[u] = scale[u] = zero;
+    for (int g = 0; g < ng; g++) {
+        v8f mv = low;
+        for (int u = grp[g].u0; u <= grp[g].u1; u++) {
+            const v8f y = v8_select(grp[g].mask[u], row[u], low);
+            mv = v8_select(y > mv, y, mv);
+        }
+        mx[g] = v8_hmax(mv);
+        for (int u = grp[g].u0; u <= grp[g].u1; u++)
+            shift[u] = v8_select(grp[g].mask[u], v8_splat(mx[g]), shift[u]);
+    }
+    for (int u = 0; u < nv; u++)
+        row[u] = v8_select(keep[u], v8_exp_nonpositive(row[u] - shift[u]), zero);
+    if (lse)
+        for (int u = 0; u < nv; u++) lse[u] = zero;
+    for (int g = 0; g < ng; g++) {
+        v8f sv = zero;
+        for (int u = grp[g].u0; u <= grp[g].u1; u++) sv += v8_select(grp[g].mask[u], row[u], zero);
+        const float sum = v8_hsum(sv);
+        for (int u = grp[g].u0; u <= grp[g].u1; u++) {
+            scale[u] = v8_select(grp[g].mask[u], v8_splat(1.0f / sum), scale[u]);
+            if (lse) lse[u] = v8_select(grp[g].mask[u], v8_splat(mx[g] + logf(sum)), lse[u]);
+        }
+    }
+    for (int u = 0; u < nv; u++) row[u] *= scale[u];
+}
+
 #define MF_BLOCK 8
 /* Thread i takes the chunks of MF_CHUNK consecutive points i, i + T, i + 2T, ...: a fixed
  * assignment (so the per-thread sums, and the result, do not depend on timing) that still
@@ -1056,6 +1120,9 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 keep[u][k] = 8 * u + k < c ? -1 : 0;                                              \
             }                                                                                     \
         const int gram = x->gram_left != NULL && slice;                                           \
+        const int grouped = !x->linear && x->group > 0 && x->group < c;                           \
+        mf_group_t grp[grouped ? 48 : 1];                                                         \
+        const int ngroups = grouped ? mf_groups(grp, c, x->group) : 0;                            \
         v8f gacc[gram ? c : 1][NV_##CS];                                                          \
         /* Points go in blocks of MF_BLOCK: each stage (slice, maximum, exp, normalise, splat)    \
          * runs over the whole block, so the block's rows are independent chains of work that     \
@@ -1085,6 +1152,18 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                             const float *ws = x->w[t] + p * dp1;                                  \
                             float f = (float)x->coef[t];                                          \
                             if (x->post[t]) f *= x->post[t][p];                                   \
+                            if (x->coefv) { /* a coefficient per lane: sum, then scale */         \
+                                v8f acc[NV_##CS];                                                 \
+                                for (int u = 0; u < NV_##CS; u++) acc[u] = v8_splat(0.0f);        \
+                                for (int j = 0; j < dp1; j++) {                                   \
+                                    const v8f *v = (const v8f *)(src[t] + (int64_t)vs[j] * CS);   \
+                                    const float wj = ws[j] * f;                                   \
+                                    for (int u = 0; u < NV_##CS; u++) acc[u] += wj * v[u];        \
+                                }                                                                 \
+                                const v8f *cv = (const v8f *)(x->coefv + (int64_t)t * CS);        \
+                                for (int u = 0; u < NV_##CS; u++) row[r][u] += cv[u] * acc[u];    \
+                                continue;                                                         \
+                            }                                                                     \
                             for (int j = 0; j < dp1; j++) {                                       \
                                 const v8f *v = (const v8f *)(src[t] + (int64_t)vs[j] * CS);       \
                                 const float wj = ws[j] * f;                                       \
@@ -1097,6 +1176,19 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                 if (log_out)                                                                      \
                     for (int r = 0; r < nb; r++)                                                  \
                         for (int u = 0; u < NV_##CS; u++) logit[r][u] = row[r][u];                \
+                if (grouped) {                                                                    \
+                    for (int r = 0; r < nb; r++) {                                                \
+                        v8f lse[NV_##CS];                                                         \
+                        mf_group_softmax(row[r], NV_##CS, ngroups, grp, keep,                     \
+                                         log_out ? lse : NULL);                                   \
+                        if (log_out) {                                                            \
+                            for (int u = 0; u < NV_##CS; u++) lse[u] = logit[r][u] - lse[u];      \
+                            mf_store_row(lse, NV_##CS, dst, pb + r, p1, c);                       \
+                        } else if (dst) {                                                         \
+                            mf_store_row(row[r], NV_##CS, dst, pb + r, p1, c);                    \
+                        }                                                                         \
+                    }                                                                             \
+                } else {                                                                          \
                 if (!x->linear) {                                                                 \
                 for (int r = 0; r < nb; r++) {                                                    \
                     v8f mv = row[r][0] + pad_low[0];                                              \
@@ -1136,6 +1228,7 @@ static inline void mf_store_row(const v8f *row, int nv, float *dst, int64_t p, i
                             for (int u = 0; u < NV_##CS; u++) gacc[a][u] += la * row[r][u];       \
                         }                                                                         \
                     }                                                                             \
+                }                                                                                 \
                 }                                                                                 \
                 if (splat)                                                                        \
                     for (int r = 0; r < nb; r++) {                                                \
@@ -1235,11 +1328,12 @@ DEFINE_MEANFIELD(48)
 static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
                   const int32_t *const *vert, const float *const *w,
                   const int32_t *const *blur_col, const float *const *pre,
-                  const float *const *post, const double *coef, const float *base, float *q,
-                  float *const *hist, int log_out, int linear, int transpose,
-                  const float *values, const float *gram_left, double *gram, int iters,
-                  int nthreads) {
+                  const float *const *post, const double *coef, const float *coefv,
+                  int64_t group, const float *base, float *q, float *const *hist, int log_out,
+                  int linear, int transpose, const float *values, const float *gram_left,
+                  double *gram, int iters, int nthreads) {
     if (nterms < 1 || nterms > 16 || c < 1 || iters < 0) return -3;
+    if (group < 0 || (group > 0 && c % group != 0)) return -3;
     int64_t cs = c <= 8    ? 8
                  : c <= 16 ? 16
                  : c <= 24 ? 24
@@ -1267,10 +1361,16 @@ static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int 
                 memset(bufs[t] + i * stride + m[t] * cs, 0, sizeof(float) * (size_t)cs);
         }
     }
+    /* the per-lane coefficients padded to rows of cs (aligned vectors), zero past c */
+    float coef_lanes[16 * 48] __attribute__((aligned(32)));
+    if (coefv)
+        for (int t = 0; t < nterms; t++)
+            for (int64_t l = 0; l < cs; l++)
+                coef_lanes[t * cs + l] = l < c ? coefv[t * c + l] : 0.0f;
     if (!err) {
         mf_ctx x = {n, c, nterms, iters, nthreads, m, dp1, vert, w, blur_col, pre, post, coef,
-                    base, q, hist, log_out, linear, transpose, values, gram_left, gram,
-                    bufs, cs};
+                    coefv ? coef_lanes : NULL, group, base, q, hist, log_out, linear,
+                    transpose, values, gram_left, gram, bufs, cs};
         atomic_init(&x.barrier.count, 0);
         atomic_init(&x.barrier.sense, 0);
         x.barrier.nthreads = nthreads;
@@ -1303,13 +1403,18 @@ static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int 
     return err;
 }
 
+/* coefv: NULL, or (nterms, c) per-label coefficients that multiply coef; group: 0 for one
+ * softmax over the row, else c / group independent mean fields side by side (label blocks of
+ * `group`, each normalised on its own) that share the kernels: with coefv, each block its own
+ * kernel weights (tune-crf's sweep over weights). */
 int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
                           const int32_t *const *vert, const float *const *w,
                           const int32_t *const *blur_col, const float *const *pre,
-                          const float *const *post, const double *coef, const float *base,
-                          float *q, float *const *hist, int log_out, int iters, int nthreads) {
-    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, q, hist,
-                  log_out, 0, 0, NULL, NULL, NULL, iters, nthreads);
+                          const float *const *post, const double *coef, const float *coefv,
+                          int64_t group, const float *base, float *q, float *const *hist,
+                          int log_out, int iters, int nthreads) {
+    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, coefv, group, base,
+                  q, hist, log_out, 0, 0, NULL, NULL, NULL, iters, nthreads);
 }
 
 /* The same passes as a plain filter (float32, c <= 48): out = base + sum_t coef_t * post_t .
@@ -1330,8 +1435,8 @@ int lattice_filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const
         acc = calloc((size_t)(MAX_THREADS * c * cs), sizeof(double));
         if (!acc) return -1;
     }
-    int err = mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, base, out, NULL,
-                     0, 1, transpose, values, gram_left, acc, 1, nthreads);
+    int err = mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, NULL, 0, base,
+                     out, NULL, 0, 1, transpose, values, gram_left, acc, 1, nthreads);
     if (!err && gram_left)
         for (int t = 0; t < MAX_THREADS; t++)
             for (int64_t a = 0; a < c; a++)
@@ -1545,4 +1650,4 @@ int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const 
 }
 #pragma GCC pop_options
 
-int deepcrf_kernel_abi(void) { return 11; }
+int deepcrf_kernel_abi(void) { return 12; }

@@ -53,6 +53,7 @@ __all__ = [
     "mean_field",
     "row_sum_error",
     "step",
+    "sweep",
 ]
 
 Method = Literal["lattice", "exact"]
@@ -411,8 +412,14 @@ def _fused(
     iters: int,
     keep: Sequence[int],
     log: bool = True,
+    lanes: torch.Tensor | None = None,
+    group: int = 0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The fused kernel: log Q_iters (P, L) (Q_iters if not ``log``) and the Q_t in ``keep``."""
+    """The fused kernel: log Q_iters (P, L) (Q_iters if not ``log``) and the Q_t in ``keep``.
+
+    ``lanes`` (M, L) float32 multiplies term m's coefficient per label; ``group`` > 0 splits
+    the L labels into blocks of ``group``, each normalised on its own (see :func:`sweep`).
+    """
     lattices = [t.op.lattice for t in terms]
     assert all(lat is not None for lat in lattices)
     lib = lattices[0]._kernel  # type: ignore[union-attr]
@@ -429,6 +436,7 @@ def _fused(
     err = lib.lattice_meanfield_f32(
         p, c, len(terms),
         *_kernel_terms(lattices, pres, posts, coefs, base.dtype),  # type: ignore[arg-type]
+        None if lanes is None else lanes.data_ptr(), int(group),
         base.data_ptr(), out.data_ptr(), hist_ptrs, int(log), iters, native.threads(),
     )
     if err == -1:
@@ -550,6 +558,97 @@ def mean_field(
             return _forward_loop(base, terms, coefs, iters, log=not probabilities)[0]
     out = _MeanField.apply(base, tuple(terms), iters, bool(checkpoint), *tensors[1:])
     return out.exp() if probabilities else out
+
+
+def sweep(
+    base: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    weights: torch.Tensor,
+    iters: int,
+    *,
+    probabilities: bool = False,
+) -> torch.Tensor:
+    """G runs of (1) that share the terms' kernels and differ only in their scalar weights.
+
+    Run g is :func:`mean_field` with A_m = ``weights[g, m]`` for term m (the terms' own
+    ``coef`` is not used): a grid search over Potts weights at fixed bandwidths (DeepLab's
+    w_bilateral, w_gaussian; ``tune-crf``).  Inference mode, no autograd.  The runs go side
+    by side as label blocks of one loop, each block its own softmax, so that every lattice
+    pass serves several runs: on the compiled kernel up to 48 labels per fused call (on
+    tune-crf's 96×96 images: benchmarks/bench_tune.py), else
+    PyTorch over all blocks at once.  The result equals G separate :func:`mean_field` calls
+    (tested).
+
+    Shape:
+        base:    (P, L)     −U, P = B·N points
+        weights: (G, M)     M = len(terms)
+        return:  (G, P, L)  log Q_iters (Q_iters with ``probabilities``)
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    _check_terms(base, terms)
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 2:
+        raise ValueError(
+            f"weights must be a (G, M) tensor with M = {len(terms)} terms; got "
+            + (str(tuple(weights.shape)) if isinstance(weights, torch.Tensor)
+               else type(weights).__name__)
+        )
+    if weights.shape[1] != len(terms) or weights.shape[0] < 1:
+        raise ValueError(
+            f"weights must be (G, M) with G >= 1 and M = {len(terms)} terms; got "
+            f"{tuple(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must be finite")
+    with torch.no_grad():
+        base = base.detach().contiguous()
+        w = weights.detach().to("cpu", torch.float64)
+        p, num = base.shape
+        per_call = max(1, _FUSED_MAX_LABELS // num)  # as many runs per kernel call as fit
+        out = []
+        for g0 in range(0, w.shape[0], per_call):
+            wg = w[g0 : g0 + per_call]
+            if wg.shape[0] == 1:
+                coefs = [wg[0, m].to(base.device, base.dtype) for m in range(len(terms))]
+                q = _forward_loop(base, terms, coefs, iters, log=not probabilities)[0]
+                out.append(q[None])
+                continue
+            q = _blocks_loop(base.repeat(1, wg.shape[0]), terms, wg, num, iters, probabilities)
+            out.append(q.reshape(p, wg.shape[0], num).permute(1, 0, 2))
+        return torch.cat(out)
+
+
+def _blocks_loop(
+    base: torch.Tensor,
+    terms: Sequence[PairwiseTerm],
+    weights: torch.Tensor,
+    num: int,
+    iters: int,
+    probabilities: bool,
+) -> torch.Tensor:
+    """(1) for G label blocks of ``num`` side by side: (P, G·L) in and out, weights (G, M)."""
+    lanes = weights.t().repeat_interleave(num, dim=1)  # (M, G·L): term m's weight per label
+    ones = [torch.ones((), dtype=base.dtype) for _ in terms]
+    if iters > 0 and _fusable(base, terms, ones):
+        q, _ = _fused(
+            base, terms, [1.0] * len(terms), iters, (), not probabilities,
+            lanes.to(torch.float32).contiguous(), group=num,
+        )
+        return q
+    lanes = lanes.to(base.device, base.dtype)
+    p = base.shape[0]
+
+    def softmax(z: torch.Tensor, log: bool) -> torch.Tensor:
+        z = z.reshape(p, -1, num)
+        return (z.log_softmax(dim=-1) if log else z.softmax(dim=-1)).reshape(p, -1)
+
+    q, z = softmax(base, False), base
+    for _ in range(iters):
+        z = base.clone()
+        for m, t in enumerate(terms):
+            _add_message(z, t.op.apply(q, False, _det(t.pre), _det(t.post)), lanes[m])
+        q = softmax(z, False)
+    return q if probabilities else softmax(z, True)
 
 
 def _check_terms(base: torch.Tensor, terms: Sequence[PairwiseTerm]) -> None:

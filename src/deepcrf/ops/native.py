@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 11
+_ABI = 12
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -130,7 +130,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lattice_finish.argtypes = [p, i64, i64, i64, p, i32]
     mf = lib.lattice_meanfield_f32
     mf.restype = i32
-    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, i32, i32]
+    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, i64, p, p, p, i32, i32, i32]
     filt = lib.lattice_filter_f32
     filt.restype = i32
     filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, p, p, i32]
@@ -239,6 +239,22 @@ def torch_serial() -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         _serial.threads = None
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """The kernel's thread count inside, for the calling Python thread only.
+
+    For callers that run independent small problems on several Python threads at once (one
+    kernel thread each): on a 96×96 image two kernel threads share one lattice's buffers
+    across cores and lose to one (benchmarks/RESULTS.md, tune-crf).
+    """
+    before = getattr(_serial, "threads", None)
+    _serial.threads = max(1, int(n))
+    try:
+        yield
+    finally:
+        _serial.threads = before
 
 
 def softmax_backward(
