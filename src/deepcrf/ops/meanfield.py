@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import native
+from . import native, workspace
 from .filters import exact_gaussian_filter
 from .permutohedral import PermutohedralLattice, _kernel_terms, _native_sum
 
@@ -189,10 +189,10 @@ class KernelOp:
             assert lat is not None
             p, c = values.shape
             nd = feats.shape[1]
-            s = torch.empty(p, nd + 1, dtype=values.dtype)
+            s = workspace.empty((p, nd + 1), values.dtype)
             out = plain if isinstance(plain, torch.Tensor) else None
             if plain is True:
-                out = torch.empty_like(values)
+                out = workspace.empty(values.shape, values.dtype)
             lib = lat._kernel
             vals, fts, con = (x.contiguous() for x in (values, feats.to(values.dtype), contract))
             nthreads = min(native.threads(), 64)
@@ -202,7 +202,7 @@ class KernelOp:
             floats = (nparts + 1) * (lat.num_vertices + 1) * (nd + 1) * 8 * -(-c // 8) + 16
             work = self._work if work is None else work
             if work is None or work.numel() < floats:
-                work = torch.empty(floats, dtype=torch.float32)
+                work = workspace.empty((floats,), torch.float32)
             self._work = work
             err = lib.lattice_moments_f32(
                 p, c, nd, lat.num_vertices, lat.dim + 1, lat._slice_idx[0].data_ptr(),
@@ -426,8 +426,8 @@ def _fused(
     p, c = base.shape
     pres = [_flat(t.pre, base.dtype) for t in terms]
     posts = [_flat(t.post, base.dtype) for t in terms]
-    out = torch.empty_like(base)
-    kept = {t: torch.empty_like(base) for t in keep}
+    out = workspace.empty(base.shape, base.dtype)
+    kept = {t: workspace.empty(base.shape, base.dtype) for t in keep}
     hist_ptrs = None
     if kept:
         # iterations not kept are written to `out`, which only the last pass writes for real
@@ -735,9 +735,11 @@ class _MeanField(torch.autograd.Function):
             for t, n in zip(terms, need, strict=True)
         ]
         grad_out = grad_out.contiguous()
-        # log_softmax backward: dL/dz_T
-        g = grad_out - out.exp() * grad_out.sum(dim=-1, keepdim=True)
-        g_base = g.clone()
+        # log_softmax backward: dL/dz_T = grad − exp(out) Σ_l grad (arrays from the workspace)
+        g = torch.exp(out, out=workspace.empty(out.shape, out.dtype, out.device))
+        g.mul_(grad_out.sum(dim=-1, keepdim=True))
+        torch.sub(grad_out, g, out=g)
+        g_base = workspace.empty(g.shape, g.dtype, g.device).copy_(g)
         # (P, L) arrays reused by every iteration: at a batch of 4 VOC images each is 63 MB,
         # above glibc's mmap threshold, and a fresh one costs ~15 k page faults.
         work = _Work(g)
@@ -810,7 +812,9 @@ class _Work:
     def get(self, name: str) -> torch.Tensor:
         x = self.arrays.get(name)
         if x is None:
-            x = self.arrays[name] = torch.empty_like(self.like)
+            x = self.arrays[name] = workspace.empty(
+                self.like.shape, self.like.dtype, self.like.device
+            )
         return x
 
     def gram(self, c: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from deepcrf._checks import check_tensor
-from deepcrf.ops import native
+from deepcrf.ops import native, workspace
 
 __all__ = [
     "NATIVE_FEATURE_SCALE",
@@ -434,9 +434,9 @@ class PermutohedralLattice:
             )
         scale, inv_dp1 = _elevation_scales(d)
         scale_arr = (ctypes.c_double * d)(*scale)
-        weights = torch.empty(batch, n * dp1, dtype=dtype)
+        weights = workspace.empty((batch, n * dp1), dtype)
         # the slice columns: item-local vertex ids from the build, made global by finish
-        slice_col = torch.empty(batch, n * dp1, dtype=torch.int32)
+        slice_col = workspace.empty((batch, n * dp1), torch.int32)
         handles: list[int] = []
         sizes: list[int] = []
         try:
@@ -453,7 +453,7 @@ class PermutohedralLattice:
                 sizes.append(int(m.value))
             del f
             m_total = sum(sizes)
-            blur = torch.empty(dp1, 3 * m_total, dtype=torch.int32)
+            blur = workspace.empty((dp1, 3 * m_total), torch.int32)
             offset = 0
             for handle, m_b in zip(handles, sizes, strict=True):
                 err = lib.lattice_finish(
@@ -635,7 +635,7 @@ def _native_sum(
     """
     dtype = values.dtype
     if out is None:
-        out = torch.empty_like(values)
+        out = workspace.empty(values.shape, dtype)
     lib = lattices[0]._kernel
     assert lib is not None
     suf = "f32" if dtype == torch.float32 else "f64"
