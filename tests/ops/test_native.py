@@ -399,3 +399,24 @@ def test_compiles_into_cache_atomically(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", {})
     assert native.library() is not None
     assert [p.name for p in tmp_path.iterdir()] == files
+
+
+@pytest.mark.parametrize("n, c", [(1, 1), (7, 9), (1000, 21), (5001, 48), (300, 16)])
+def test_label_matmul_equals_torch(n, c):
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(n + c)
+    x = torch.randn(n, c, generator=g)
+    a = torch.randn(c, c, generator=g)
+    out = torch.full((n, c), float("nan"))
+    assert native.label_matmul(x, a, out)
+    torch.testing.assert_close(out, x @ a, rtol=1e-5, atol=1e-5)
+    acc = torch.randn(n, c, generator=g)  # accumulate: every row read before any is written
+    want = acc + x @ a
+    assert native.label_matmul(x, a, acc, accumulate=True)
+    torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-5)
+    # what the kernel does not take is left to the caller
+    assert not native.label_matmul(x.double(), a.double(), out.double())
+    assert not native.label_matmul(x, torch.randn(c, c + 1), out)
+    wide = torch.randn(4, 49)
+    assert not native.label_matmul(wide, torch.randn(49, 49), torch.empty(4, 49))

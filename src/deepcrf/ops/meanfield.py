@@ -827,7 +827,10 @@ def _label_product(
 ) -> torch.Tensor:
     """X ∘ A (or x ∘ Aᵀ) into ``out``."""
     if coef.dim() == 2:
-        return torch.mm(x, coef.transpose(0, 1) if transposed else coef, out=out)
+        a = (coef.transpose(0, 1) if transposed else coef).contiguous()
+        if native.label_matmul(x, a, out):
+            return out
+        return torch.mm(x, a, out=out)
     return torch.mul(x, coef, out=out)
 
 
@@ -888,7 +891,7 @@ def _term_backward(
             alpha = _diagonal_part(coef)
             if alpha is not None:
                 dq.add_(pw, alpha=alpha)
-            else:
+            elif not native.label_matmul(pw, coef.t().contiguous(), dq, accumulate=True):
                 dq.addmm_(pw, coef.transpose(0, 1))
         elif coef.dim() == 1:
             dq.addcmul_(pw, coef)

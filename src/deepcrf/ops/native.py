@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 12
+_ABI = 13
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -134,6 +134,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     filt = lib.lattice_filter_f32
     filt.restype = i32
     filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, p, p, i32]
+    lm = lib.label_matmul_f32
+    lm.restype = i32
+    lm.argtypes = [i64, i64, p, p, p, i32, i32]
     smb = lib.softmax_backward_f32
     smb.restype = None
     smb.argtypes = [i64, i64, p, p, p, p, i32]
@@ -278,6 +281,34 @@ def softmax_backward(
         n, c, q.data_ptr(), dq.data_ptr(), g.data_ptr(), total.data_ptr(), threads()
     )
     return True
+
+
+def label_matmul(
+    x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False
+) -> bool:
+    """``out = x @ a`` (``out += x @ a`` with ``accumulate``); False if not done here.
+
+    For the engine's products with an (L, L) label map: contiguous float32 CPU arrays, x and
+    out (N, L), L <= 48, with the kernel; otherwise the caller uses torch.  ``out`` must not
+    alias ``x``.
+    """
+    lib = library() if x.device.type == "cpu" else None
+    n, c = x.shape
+    if (
+        lib is None
+        or c > 48
+        or any(
+            t.dtype != torch.float32 or not t.is_contiguous() or t.requires_grad
+            for t in (x, a, out)
+        )
+        or tuple(a.shape) != (c, c)
+        or out.shape != x.shape
+    ):
+        return False
+    err = lib.label_matmul_f32(
+        n, c, x.data_ptr(), a.data_ptr(), out.data_ptr(), int(accumulate), threads()
+    )
+    return err == 0
 
 
 def softmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
