@@ -754,7 +754,9 @@ class _MeanField(torch.autograd.Function):
                 segment = {start: kept[start]}
                 qs = kept[start]
                 for s in range(start + 1, t + 1):
-                    qs = step(base, qs, terms, fwd_coefs).softmax(dim=-1)
+                    z = step(base, qs, terms, fwd_coefs)  # workspace memory on the kernel
+                    in_place = native.available() and z.device.type == "cpu"
+                    qs = native.softmax_rows(z, out=z) if in_place else z.softmax(dim=-1)
                     segment[s] = qs
                 q = segment[t]
             dq.zero_()
