@@ -92,6 +92,33 @@ def test_threads_never_share_an_array():
     assert len({x.data_ptr() for x in got}) == len(got) == 80
 
 
+def test_detached_aliases_and_autograd_outputs_keep_the_array():
+    a = workspace.empty((512, 1024), torch.float32)
+    alias = a.detach()  # a new tensor on the same memory, not a view of `a`
+    ptr = a.data_ptr()
+    del a
+    assert workspace.empty((512, 1024), torch.float32).data_ptr() != ptr
+    del alias
+
+    class Out(torch.autograd.Function):  # what a custom Function returns is re-wrapped
+        @staticmethod
+        def forward(ctx, x):
+            out = workspace.empty(x.shape, x.dtype)
+            ctx.save_for_backward(out)
+            return out.copy_(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    x = torch.zeros(512, 1024, requires_grad=True)
+    y = Out.apply(x)
+    z = workspace.empty((512, 1024), torch.float32)
+    assert z.data_ptr() != y.data_ptr()
+    z.fill_(3.0)
+    assert bool((y == 0).all())
+
+
 def test_inference_mode_views_are_safe():
     with torch.inference_mode():
         a = workspace.empty((512, 1024), torch.float32)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive, check_tensor
+from ..ops import workspace
 from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
 from ..ops.meanfield import KernelOp, Normalization, PairwiseTerm, build_term, row_sum_error
 from ..ops.meanfield import mean_field as engine_mean_field
@@ -422,11 +423,37 @@ def _mean_field(
         replace(bilateral, coef=_label_map(w_bil, mu, num_labels)),
         replace(spatial, coef=_label_map(w_sp, mu, num_labels)),
     ]
-    base = logits.reshape(b, num_labels, n).transpose(1, 2).reshape(b * n, num_labels)
+    base = _Relayout.apply(logits.reshape(b, num_labels, n)).reshape(b * n, num_labels)
     log_q = engine_mean_field(base, terms, iters, checkpoint=use_checkpoint)
     # contiguous: a (B, L, H, W) view of the (B, N, L) buffer would have odd strides, which
     # some consumers reject (CPU nll_loss2d's backward).
-    return log_q.reshape(b, n, num_labels).transpose(1, 2).reshape(b, num_labels, h, w).contiguous()
+    out = _Relayout.apply(log_q.reshape(b, n, num_labels))
+    return out.reshape(b, num_labels, h, w)
+
+
+class _Relayout(torch.autograd.Function):
+    """(B, L, N) ↔ (B, N, L) as a contiguous copy in workspace memory, both ways.
+
+    The engine's points-major rows and the network's channels-major maps: at a batch of VOC
+    images each copy is tens of MB, and fresh memory costs a page fault per 4 KB (see
+    :mod:`deepcrf.ops.workspace`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _swap_last(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _swap_last(grad)
+
+
+def _swap_last(x: torch.Tensor) -> torch.Tensor:
+    """X (B, A, C) transposed to a contiguous (B, C, A), in workspace memory."""
+    b, a, c = x.shape
+    out = workspace.empty((b, c, a), x.dtype, x.device)
+    return out.copy_(x.transpose(1, 2))
 
 
 # ------------------------------------------------------------------------------------------

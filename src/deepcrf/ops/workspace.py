@@ -5,8 +5,9 @@ mmap threshold (at most 32 MB) straight back to the system when they are freed: 
 step of a CRF layer at a batch of four VOC images then faults its Q history and backward arrays
 in again (~320 000 faults per forward + backward on the development VM, where one costs about
 3 µs: 40 % of the step).  The engine takes those arrays from here instead: an array is kept
-after use and handed out again once nothing references it any more (its use count, which
-counts every view of it, is back to one), so a step reuses the previous step's memory.
+after use and handed out again once nothing references its memory any more (its storage's use
+count: every tensor on that memory counts, views, detached aliases and autograd's saved copies
+included), so a step reuses the previous step's memory.
 
 Only CPU arrays of at least 1 MB are kept, at most :func:`limit` bytes in all (the
 ``DEEPCRF_WORKSPACE_MB`` environment variable, default 2048 or an eighth of the machine's
@@ -48,6 +49,16 @@ def limit() -> int:
     return min(2 << 30, memory // 8)
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _in_use(flat: torch.Tensor) -> bool:
+    """Whether any tensor other than ``flat`` itself is on its memory."""
+    assert _use_count is not None
+    # the count includes ``flat`` and the temporary storage object made here
+    return _use_count(flat.untyped_storage()._cdata) > 2
+
+
 def _drop(flat: torch.Tensor) -> None:
     """Remove ``flat`` from the kept list (by identity: ``==`` on tensors compares values)."""
     for i, t in enumerate(_kept):
@@ -85,11 +96,11 @@ def empty(
     dev = torch.device(device)
     numel = math.prod(int(s) for s in shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if dev.type != "cpu" or nbytes < _MIN_BYTES or not hasattr(torch.Tensor, "_use_count"):
+    if dev.type != "cpu" or nbytes < _MIN_BYTES or _use_count is None:
         return torch.empty(tuple(shape), dtype=dtype, device=dev)
     cap = limit()
     with _lock:
-        free = [t for t in _kept if t._use_count() == 1]
+        free = [t for t in _kept if not _in_use(t)]
         fits = [t for t in free if t.dtype == dtype and t.numel() >= numel]
         if fits:
             flat = min(fits, key=lambda t: t.numel())
@@ -108,7 +119,5 @@ def empty(
             _kept.append(flat)
         out = flat[:numel].view(tuple(shape))
         _drop(flat)
-        if flat._use_count() != 2:  # views untracked here (inference mode): not safe to keep
-            return torch.empty(tuple(shape), dtype=dtype, device=dev)
         _kept.append(flat)
         return out
