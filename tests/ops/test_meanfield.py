@@ -402,7 +402,8 @@ def _separate_runs(base, terms, weights, iters, probabilities):
     "backend, dtype, num",
     [
         ("native", torch.float32, 6),  # 6 runs of 6 labels: one fused call (grouped softmax)
-        ("native", torch.float32, 20),  # 2 runs per call: chunks of 2, 2, 1 (the last alone)
+        ("native", torch.float32, 12),  # 4 runs per call: chunks of 4 and 1 (the last alone)
+        ("native", torch.float32, 20),  # wide runs: one fused call each
         ("native", torch.float32, 3),  # 3 labels in 8-lane vectors: blocks straddle vectors
         ("native", DT, 5),  # float64: the PyTorch loop over blocks on the compiled filter
         ("torch", torch.float32, 6),  # the pure-PyTorch lattice

@@ -560,6 +560,12 @@ def mean_field(
     return out.exp() if probabilities else out
 
 
+# Runs of a sweep side by side in one fused call only when at least this many fit (L ≤ 12):
+# measured one sweep of 6 weights against 6 calls at 96×96 / 375×500, 10 iterations: L = 4
+# 0.43 / 0.56 of the time, 8 0.72 / 1.08, 12 0.95 / 0.72, 16 1.21 / 0.94, 21 1.29 / 1.00.
+_SWEEP_MIN_RUNS = 4
+
+
 def sweep(
     base: torch.Tensor,
     terms: Sequence[PairwiseTerm],
@@ -574,8 +580,9 @@ def sweep(
     ``coef`` is not used): a grid search over Potts weights at fixed bandwidths (DeepLab's
     w_bilateral, w_gaussian; ``tune-crf``).  Inference mode, no autograd.  The runs go side
     by side as label blocks of one loop, each block its own softmax, so that every lattice
-    pass serves several runs: on the compiled kernel up to 48 labels per fused call (on
-    tune-crf's 96×96 images: benchmarks/bench_tune.py), else
+    pass serves several runs: on the compiled kernel up to 48 labels per fused call when L ≤
+    12 (at least four runs per call; with fewer, wider runs the grouped rows cost as much as
+    separate calls or more: benchmarks/bench_tune.py), else one run per call; elsewhere
     PyTorch over all blocks at once.  The result equals G separate :func:`mean_field` calls
     (tested).
 
@@ -604,7 +611,9 @@ def sweep(
         base = base.detach().contiguous()
         w = weights.detach().to("cpu", torch.float64)
         p, num = base.shape
-        per_call = max(1, _FUSED_MAX_LABELS // num)  # as many runs per kernel call as fit
+        # as many runs per kernel call as fit, when that is at least _SWEEP_MIN_RUNS
+        per_call = _FUSED_MAX_LABELS // num
+        per_call = per_call if per_call >= _SWEEP_MIN_RUNS else 1
         out = []
         for g0 in range(0, w.shape[0], per_call):
             wg = w[g0 : g0 + per_call]
