@@ -102,7 +102,7 @@ def test_package_import_forms():
     assert pydensecrf.densecrf.DenseCRF2D is dcrf.DenseCRF2D
     assert pydensecrf.utils.unary_from_softmax is unary_from_softmax
     assert int(dcrf.NORMALIZE_SYMMETRIC) == 3 and int(dcrf.DIAG_KERNEL) == 1
-    assert eigen.matrixXf(np.ones((2, 3))).dtype == np.float32
+    assert eigen.matrixXf(np.ones((2, 3), np.float32)).dtype == np.float32
 
 
 def test_non_contiguous_inputs_accepted():
@@ -307,3 +307,134 @@ def test_utils_match_installed_pydensecrf():
         create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2),
         utils.create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2),
     )
+
+
+# ------------------------------------------------------- pydensecrf's argument checks, exactly
+# (name, compat, what happens): None = accepted; pydensecrf's typed buffers raise ValueError for
+# another dtype or dimension and TypeError for what is not a buffer.
+COMPAT_CASES = [
+    ("python int", 3, None),
+    ("python float", 3.5, None),
+    ("numpy float64 scalar", np.float64(2.0), None),
+    ("numpy int64 scalar", np.int64(2), None),
+    ("bool", True, None),
+    ("float32 vector", np.array([1.0, 2.0], np.float32), None),
+    ("float32 matrix", np.eye(2, dtype=np.float32), None),
+    ("float64 vector", np.array([1.0, 2.0]), ValueError),
+    ("int64 vector", np.array([1, 2]), ValueError),
+    ("float64 matrix", np.eye(2), ValueError),
+    ("0-d float32 array", np.array(2.0, np.float32), ValueError),
+    ("0-d float64 array", np.array(2.0), ValueError),
+    ("list", [1.0, 2.0], TypeError),
+    ("string", "potts", TypeError),
+    ("None", None, TypeError),
+]
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as exc:
+        return type(exc)
+    return None
+
+
+def _add_bilateral(module, compat):
+    d = module.DenseCRF2D(5, 4, 2)
+    img = np.zeros((4, 5, 3), np.uint8)
+    return lambda: d.addPairwiseBilateral(sxy=3, srgb=3, rgbim=img, compat=compat)
+
+
+@pytest.mark.parametrize("name, compat, expected", COMPAT_CASES, ids=[c[0] for c in COMPAT_CASES])
+def test_compat_argument_checks_are_pydensecrfs(name, compat, expected):
+    assert _outcome(_add_bilateral(dcrf, compat)) is expected
+
+
+@pytest.mark.parametrize("name, compat, expected", COMPAT_CASES, ids=[c[0] for c in COMPAT_CASES])
+def test_compat_argument_checks_match_pydensecrf(pyd, name, compat, expected):
+    assert _outcome(_add_bilateral(pyd, compat)) is expected
+
+
+EIGEN_CASES = [  # (name, value, matrixXf outcome, vectorXf outcome)
+    ("float32 matrix", np.zeros((2, 3), np.float32), None, ValueError),
+    ("float32 vector", np.zeros(3, np.float32), ValueError, None),
+    ("float64 matrix", np.zeros((2, 3)), ValueError, ValueError),
+    ("float64 vector", np.zeros(3), ValueError, ValueError),
+    ("int32 matrix", np.zeros((2, 2), np.int32), ValueError, ValueError),
+    ("list", [[1.0]], TypeError, TypeError),
+    ("None", None, TypeError, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, as_matrix, as_vector", EIGEN_CASES,
+                         ids=[c[0] for c in EIGEN_CASES])  # fmt: skip
+def test_eigen_argument_checks_are_pydensecrfs(name, value, as_matrix, as_vector):
+    assert _outcome(lambda: eigen.matrixXf(value)) is as_matrix
+    assert _outcome(lambda: eigen.vectorXf(value)) is as_vector
+    if as_matrix is None:
+        out = eigen.matrixXf(value)
+        assert out.dtype == np.float32 and out.flags.f_contiguous and out is not value
+
+
+@pytest.mark.parametrize("name, value, as_matrix, as_vector", EIGEN_CASES,
+                         ids=[c[0] for c in EIGEN_CASES])  # fmt: skip
+def test_eigen_argument_checks_match_pydensecrf(name, value, as_matrix, as_vector):
+    peer = pytest.importorskip("pydensecrf.eigen")
+    assert _outcome(lambda: peer.matrixXf(value)) is as_matrix
+    assert _outcome(lambda: peer.vectorXf(value)) is as_vector
+
+
+def _logistic_case(seed=0, labels=3, dim=4, n=20):
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((labels, dim)).astype(np.float32)
+    feats = rng.standard_normal((dim, n)).astype(np.float32)
+    return weights, feats
+
+
+def test_logistic_unary_is_the_energy_L_f():
+    weights, feats = _logistic_case()
+    d = dcrf.DenseCRF(20, 3)
+    d.setUnary(dcrf.LogisticUnary(weights, feats))
+    q = np.array(d.inference(0))
+    energy = weights @ feats  # lower energy, higher probability
+    expected = np.exp(-energy - (-energy).max(0)) / np.exp(-energy - (-energy).max(0)).sum(0)
+    np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-6)
+    assert (q.argmax(0) == energy.argmin(0)).all()
+
+
+def test_logistic_unary_matches_pydensecrf(pyd):
+    weights, feats = _logistic_case(seed=1)
+    qs = []
+    for module in (pyd, dcrf):
+        d = module.DenseCRF(20, 3)
+        d.setUnary(module.LogisticUnary(weights, feats))
+        qs.append(np.array(d.inference(0)))
+    np.testing.assert_allclose(qs[1], qs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_set_unary_energy_with_features_checks_u_as_pydensecrf():
+    weights, feats = _logistic_case()  # u (3, 4): a classifier, not (labels, variables)
+    d = dcrf.DenseCRF(20, 3)
+    with pytest.raises(ValueError, match=r"Bad shape for unary energy \(Need \(3, 20\)"):
+        d.setUnaryEnergy(weights, feats)
+    u = np.random.default_rng(2).standard_normal((3, 20)).astype(np.float32)
+    f = np.random.default_rng(3).standard_normal((20, 20)).astype(np.float32)
+    d.setUnaryEnergy(u, f)  # (L, N) with (N, N) features: the logistic energy u·f
+    energy = u @ f
+    assert (np.array(d.inference(0)).argmax(0) == energy.argmin(0)).all()
+    with pytest.raises(TypeError, match="must not be None"):
+        d.setUnaryEnergy(None)
+
+
+def test_set_unary_energy_with_features_matches_pydensecrf(pyd):
+    weights, feats = _logistic_case()
+    with pytest.raises(ValueError, match="Bad shape for unary energy"):
+        pyd.DenseCRF(20, 3).setUnaryEnergy(weights, feats)
+    u = np.random.default_rng(2).standard_normal((3, 20)).astype(np.float32)
+    f = np.random.default_rng(3).standard_normal((20, 20)).astype(np.float32)
+    qs = []
+    for module in (pyd, dcrf):
+        d = module.DenseCRF(20, 3)
+        d.setUnaryEnergy(u, f)
+        qs.append(np.array(d.inference(0)))
+    np.testing.assert_allclose(qs[1], qs[0], rtol=1e-5, atol=1e-6)

@@ -18,12 +18,18 @@ matrix ``M`` applies +½(M + Mᵀ)·x.  In deepcrf's energy convention (μ a pen
 ``w`` is μ = w·[l ≠ l′] (they differ by a per-pixel constant that the softmax removes), and
 a matrix/vector compatibility is μ = ½(M + Mᵀ) as given (docs/densecrf.md).
 
-Differences from pydensecrf, all of them stricter input checks with clear messages (pydensecrf
-silently reads out of bounds or crashes in these cases): diagonal/matrix compatibilities must
-match the label count, unaries must be finite, images must be non-empty uint8 (H, W, 3).
-Non-contiguous float32 arrays are accepted (pydensecrf raises).  ``inference`` and
-``startInference`` return numpy float32 arrays of shape (L, N) (column-major like pydensecrf's
-Eigen matrices, so ``np.array(...)``, ``.reshape``, ``np.argmax(..., axis=0)`` behave the same).
+Inputs are checked as pydensecrf's typed buffers check them: arrays must be float32 numpy
+arrays (another dtype raises ``ValueError``, a list or None ``TypeError``), ``compat`` is a
+number or a float32 array, ``setUnaryEnergy(u, f)`` takes u as (L, N), ``LogisticUnary(L, f)``
+is the energy L·f (tests/compat/test_pydensecrf.py runs these cases against pydensecrf itself
+when it is installed).  Differences from pydensecrf, all of them stricter checks with clear
+messages (pydensecrf silently reads out of bounds or crashes in these cases): diagonal/matrix
+compatibilities must match the label count, unaries must be finite, images must be non-empty
+uint8 (H, W, 3), a logistic unary's feature dimensions must agree.  The one leniency:
+non-contiguous float32 arrays are accepted (pydensecrf raises), with the same results.
+``inference`` and ``startInference`` return numpy float32 arrays of shape (L, N)
+(column-major like pydensecrf's Eigen matrices, so ``np.array(...)``, ``.reshape``,
+``np.argmax(..., axis=0)`` behave the same).
 """
 
 from __future__ import annotations
@@ -143,7 +149,10 @@ class ConstUnary(Unary):
 
 
 class LogisticUnary(Unary):
-    """Unary energy −L·f of a linear (logistic) classifier: pydensecrf's ``LogisticUnary``.
+    """Unary energy L·f of a linear classifier: pydensecrf's ``LogisticUnary``.
+
+    densecrf's ``LogisticUnaryEnergy`` returns ``L * f`` as the energy (lower is likelier), so
+    the labels whose scores L·f are *smallest* win, as in pydensecrf.
 
     Args:
         L: classifier weights (labels, feature dim), float32.
@@ -160,7 +169,7 @@ class LogisticUnary(Unary):
                 f"LogisticUnary must give (labels, variables) = {(nlabels, nvar)}; got L "
                 f"{self.weights.shape} and f {self.features.shape}"
             )
-        return -(self.weights @ self.features)
+        return self.weights @ self.features
 
 
 class _Pairwise:
@@ -204,11 +213,21 @@ class _Pairwise:
 
     @staticmethod
     def _label_map(compat: Any, nlabels: int) -> tuple[str, torch.Tensor]:
-        if isinstance(compat, Number) and not isinstance(compat, bool):
+        # pydensecrf: a Python or numpy number is a Potts weight; anything else must be a
+        # float32 array (a typed buffer: other dtypes raise ValueError, non-buffers TypeError)
+        if isinstance(compat, (Number, np.number)):
             return "potts", torch.tensor(float(np.float32(compat)))
-        arr = np.asarray(compat)
-        if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
-            return "potts", torch.tensor(float(np.float32(arr)))
+        if not isinstance(compat, np.ndarray):
+            raise TypeError(
+                "compat must be a number (Potts), or a float32 numpy vector (diagonal) or "
+                f"matrix, as in pydensecrf; got {type(compat).__name__}"
+            )
+        arr = compat
+        if arr.dtype != np.float32:
+            raise ValueError(
+                f"compat arrays must be float32 (as pydensecrf requires); got dtype {arr.dtype}. "
+                "Convert it with .astype(np.float32)"
+            )
         if arr.ndim == 1:
             if arr.shape[0] != nlabels:
                 raise ValueError(
@@ -272,10 +291,24 @@ class DenseCRF:
 
     # ------------------------------------------------------------------ model
     def setUnaryEnergy(self, u: Any, f: Any = None) -> None:
-        """Set the unary energy U (L, N) float32 (−log p); with ``f``, the logistic −u·f."""
+        """Set the unary energy U (L, N) float32 (−log p); with ``f``, the logistic u·f.
+
+        As in pydensecrf, ``u`` must be (L, N) float32 in both forms (with ``f`` it is the
+        classifier's weights, so f must then be (N, N)); :meth:`setUnary` with a
+        :class:`LogisticUnary` takes any feature dimension.
+        """
         if f is not None:
-            self.setUnary(LogisticUnary(u, f))
+            arr = _float32_matrix(u, "u", (None, None))
+            if arr.shape != (self._nlabel, self._nvar):
+                raise ValueError(
+                    f"Bad shape for unary energy (Need {(self._nlabel, self._nvar)}, got "
+                    f"{arr.shape}): with f, pydensecrf still takes u as (labels, variables); "
+                    "use setUnary(LogisticUnary(L, f)) for other feature dimensions"
+                )
+            self.setUnary(LogisticUnary(arr, f))
             return
+        if u is None:
+            raise TypeError("Argument 'u' must not be None (a float32 (labels, variables) array)")
         arr = np.asarray(u)
         if arr.ndim == 3 and arr.shape[0] == self._nlabel and arr[0].size == self._nvar:
             raise ValueError(

@@ -13,20 +13,30 @@ import numpy as np
 __all__ = ["MatrixXf", "VectorXf", "matrixXf", "vectorXf"]
 
 
+def _float32_buffer(a: Any, ndim: int) -> np.ndarray:
+    """Check ``a`` as pydensecrf's typed ``float[...]`` buffer argument does."""
+    if a is None:
+        raise TypeError("Argument 'arr' must not be None")
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"arr must be a float32 numpy array (a buffer); got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise ValueError(f"arr must be {ndim}-D; got shape {a.shape}")
+    if a.dtype != np.float32:
+        raise ValueError(
+            f"arr must be float32 (as pydensecrf requires); got dtype {a.dtype}. "
+            "Convert it with .astype(np.float32)"
+        )
+    return a
+
+
 def matrixXf(a: Any) -> np.ndarray:
-    """A float32 copy of a 2-D array, column-major like an Eigen ``MatrixXf``."""
-    arr = np.array(a, dtype=np.float32, order="F")
-    if arr.ndim != 2:
-        raise ValueError(f"a must be 2-D; got shape {arr.shape}")
-    return arr
+    """A float32 copy of a 2-D float32 array, column-major like an Eigen ``MatrixXf``."""
+    return np.array(_float32_buffer(a, 2), dtype=np.float32, order="F")
 
 
 def vectorXf(a: Any) -> np.ndarray:
-    """A float32 copy of a 1-D array (Eigen ``VectorXf``)."""
-    arr = np.array(a, dtype=np.float32)
-    if arr.ndim != 1:
-        raise ValueError(f"a must be 1-D; got shape {arr.shape}")
-    return arr
+    """A float32 copy of a 1-D float32 array (Eigen ``VectorXf``)."""
+    return np.array(_float32_buffer(a, 1), dtype=np.float32)
 
 
 def MatrixXf(a: Any = None) -> np.ndarray:
