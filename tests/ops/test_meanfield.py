@@ -467,3 +467,19 @@ def test_sweep_zero_iterations_and_bad_weights():
         sweep(base, terms, torch.tensor([[float("nan")]]), 3)
     with pytest.raises(ValueError, match="iters"):
         sweep(base, terms, torch.ones(1, 1), -1)
+
+
+def test_sweep_blocks_far_apart_take_their_own_maximum():
+    """Runs whose logits differ by hundreds: the blocked softmax falls back to per-block shifts."""
+    if not native.available():
+        pytest.skip(native.status())
+    b, n, num = 1, 900, 6
+    f_bil = _features(b, n, 5, 6.0, seed=47, dtype=torch.float32)
+    f_sp = _features(b, n, 2, 10.0, seed=48, dtype=torch.float32)
+    terms = [build_term(f, torch.tensor(1.0)) for f in (f_bil, f_sp)]
+    base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(49)) * 3
+    weights = torch.tensor([[300.0, 0.0], [1.0, 1.0], [-300.0, 50.0], [0.0, 0.0]])
+    got = sweep(base, terms, weights, 5, probabilities=True)
+    assert bool(torch.isfinite(got).all())
+    want = _separate_runs(base, terms, weights, 5, True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # logits of ~300 in float32

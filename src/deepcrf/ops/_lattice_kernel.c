@@ -1030,37 +1030,87 @@ static int mf_groups(mf_group_t *grp, int64_t c, int64_t group) {
     return ng;
 }
 
+/* Sum and maximum of the 8 lanes by halving (three shuffles; the blocked softmax only). */
+#if defined(__clang__)
+#define V8_SWAP(x, a, b, c, d, e, f, g, h) __builtin_shufflevector(x, x, a, b, c, d, e, f, g, h)
+#else
+#define V8_SWAP(x, a, b, c, d, e, f, g, h) __builtin_shuffle(x, (v8i){a, b, c, d, e, f, g, h})
+#endif
+static inline float v8_sum_tree(v8f x) {
+    x += V8_SWAP(x, 4, 5, 6, 7, 0, 1, 2, 3);
+    x += V8_SWAP(x, 2, 3, 0, 1, 6, 7, 4, 5);
+    x += V8_SWAP(x, 1, 0, 3, 2, 5, 4, 7, 6);
+    return x[0];
+}
+
+static inline float v8_max_tree(v8f x) {
+    v8f y = V8_SWAP(x, 4, 5, 6, 7, 0, 1, 2, 3);
+    x = v8_select(y > x, y, x);
+    y = V8_SWAP(x, 2, 3, 0, 1, 6, 7, 4, 5);
+    x = v8_select(y > x, y, x);
+    y = V8_SWAP(x, 1, 0, 3, 2, 5, 4, 7, 6);
+    x = v8_select(y > x, y, x);
+    return x[0];
+}
+
 /* The softmax of each block of a row of nv vectors (lanes >= c come out 0): row <- exp(row -
- * max_g) / sum_g, and, when lse is not NULL, lse <- max_g + log sum_g per lane (what log Q
- * subtracts from the logits).  All in vector registers: masked reductions per block. */
+ * m_g) / sum_g, and, when lse is not NULL, lse <- m_g + log sum_g per lane (what log Q
+ * subtracts from the logits).  All in vector registers: masked reductions per block.  The
+ * shift m_g is the row's maximum for every block (one reduction), unless a block's sum then
+ * falls below 1e-30 (its logits more than ~69 below the row's maximum: exp would lose its
+ * precision or underflow); such a row is redone with each block's own maximum. */
 __attribute__((always_inline)) static inline void mf_group_softmax(v8f *row, int nv, int ng,
                                                                    const mf_group_t *grp,
                                                                    const v8i *keep, v8f *lse) {
     const v8f zero = v8_splat(0.0f), low = v8_splat(-INFINITY);
-    v8f shift[6], scale[6];
-    float mx[48];
-    for (int u = 0; u < nv; u++) shift[u] = scale[u] = zero;
-    for (int g = 0; g < ng; g++) {
-        v8f mv = low;
-        for (int u = grp[g].u0; u <= grp[g].u1; u++) {
-            const v8f y = v8_select(grp[g].mask[u], row[u], low);
-            mv = v8_select(y > mv, y, mv);
-        }
-        mx[g] = v8_hmax(mv);
-        for (int u = grp[g].u0; u <= grp[g].u1; u++)
-            shift[u] = v8_select(grp[g].mask[u], v8_splat(mx[g]), shift[u]);
+    v8f shift[6], scale[6], orig[6];
+    float mx[48], sums[48];
+    v8f mv = low;
+    for (int u = 0; u < nv; u++) {
+        orig[u] = row[u];
+        const v8f y = v8_select(keep[u], row[u], low);
+        mv = v8_select(y > mv, y, mv);
     }
+    const float rmax = v8_max_tree(mv);
+    float smallest = INFINITY;
     for (int u = 0; u < nv; u++)
-        row[u] = v8_select(keep[u], v8_exp_nonpositive(row[u] - shift[u]), zero);
-    if (lse)
-        for (int u = 0; u < nv; u++) lse[u] = zero;
+        row[u] = v8_select(keep[u], v8_exp_nonpositive(row[u] - v8_splat(rmax)), zero);
     for (int g = 0; g < ng; g++) {
         v8f sv = zero;
         for (int u = grp[g].u0; u <= grp[g].u1; u++) sv += v8_select(grp[g].mask[u], row[u], zero);
-        const float sum = v8_hsum(sv);
+        sums[g] = v8_sum_tree(sv);
+        mx[g] = rmax;
+        smallest = sums[g] < smallest ? sums[g] : smallest;
+    }
+    if (!(smallest >= 1e-30f)) { /* a block far below the row's maximum (or NaN): per block */
+        for (int u = 0; u < nv; u++) shift[u] = zero;
+        for (int g = 0; g < ng; g++) {
+            v8f bm = low;
+            for (int u = grp[g].u0; u <= grp[g].u1; u++) {
+                const v8f y = v8_select(grp[g].mask[u], orig[u], low);
+                bm = v8_select(y > bm, y, bm);
+            }
+            mx[g] = v8_max_tree(bm);
+            for (int u = grp[g].u0; u <= grp[g].u1; u++)
+                shift[u] = v8_select(grp[g].mask[u], v8_splat(mx[g]), shift[u]);
+        }
+        for (int u = 0; u < nv; u++)
+            row[u] = v8_select(keep[u], v8_exp_nonpositive(orig[u] - shift[u]), zero);
+        for (int g = 0; g < ng; g++) {
+            v8f sv = zero;
+            for (int u = grp[g].u0; u <= grp[g].u1; u++)
+                sv += v8_select(grp[g].mask[u], row[u], zero);
+            sums[g] = v8_sum_tree(sv);
+        }
+    }
+    for (int u = 0; u < nv; u++) scale[u] = zero;
+    if (lse)
+        for (int u = 0; u < nv; u++) lse[u] = zero;
+    for (int g = 0; g < ng; g++) {
+        const v8f inv = v8_splat(1.0f / sums[g]);
         for (int u = grp[g].u0; u <= grp[g].u1; u++) {
-            scale[u] = v8_select(grp[g].mask[u], v8_splat(1.0f / sum), scale[u]);
-            if (lse) lse[u] = v8_select(grp[g].mask[u], v8_splat(mx[g] + logf(sum)), lse[u]);
+            scale[u] = v8_select(grp[g].mask[u], inv, scale[u]);
+            if (lse) lse[u] = v8_select(grp[g].mask[u], v8_splat(mx[g] + logf(sums[g])), lse[u]);
         }
     }
     for (int u = 0; u < nv; u++) row[u] *= scale[u];
