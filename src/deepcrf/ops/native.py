@@ -207,7 +207,9 @@ def release_workspace() -> int:
     counts, CS the label count rounded up to a multiple of 8; 21 MB for a 500×375 image with
     21 labels on 2 threads, at most 256 MB), for the next call: it spares the page faults of
     fresh memory.  Call this to hand it back to the system, e.g. after a batch of images.
-    Returns 0 when nothing is kept (or the kernel is not in use).
+    Returns 0 when nothing is kept (or the kernel is not in use).  The engine's large arrays
+    (Q history, backward work arrays) are kept too, by :mod:`deepcrf.ops.workspace`:
+    ``workspace.release()`` frees those.
     """
     lib = library()
     return 0 if lib is None else int(lib.lattice_release_workspace())
