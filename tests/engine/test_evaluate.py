@@ -154,3 +154,19 @@ def test_evaluate_restores_training_mode():
     model = _Pointwise().train()
     evaluate(model, _dataset(1), num_classes=4, progress=False)
     assert model.training
+
+
+def test_crf_params_inline_json_or_file(tmp_path):
+    from deepcrf.engine.runner import read_crf_params
+
+    assert read_crf_params(' {"w_bilateral": 4, "iters": 5}') == {"w_bilateral": 4, "iters": 5}
+    f = tmp_path / "crf.json"
+    f.write_text('{"best": {"params": {"theta_alpha": 60.0}, "miou": 0.5}}')
+    assert read_crf_params(f) == {"theta_alpha": 60.0}
+    with pytest.raises(ValueError, match="inline JSON object"):
+        read_crf_params("{w_bilateral: 4}")
+    with pytest.raises(FileNotFoundError, match="inline object"):
+        read_crf_params(tmp_path / "missing.json")
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object of dense CRF parameters"):
+        read_crf_params(f)

@@ -164,7 +164,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-"""The full demo (about 10 minutes on two unloaded CPU cores; see docs/demo.md)."""
+"""The full demo (64-92 s wall on two idle CPU cores in session 6; docs/demo.md)."""
 
 QUICK = DemoSettings(
     size=48,

@@ -269,20 +269,40 @@ def crf_params_for(config: Mapping[str, Any], override: Mapping[str, Any] | None
 
 
 def read_crf_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read dense-CRF parameters from JSON: ``tune-crf``'s output (its ``best``) or a plain dict."""
+    """Dense-CRF parameters from a JSON file or an inline JSON object.
+
+    A file holds ``tune-crf``'s output (its ``best`` is used) or a plain object; a string
+    starting with ``{`` is parsed as the object itself.
+
+    Example:
+        >>> read_crf_params('{"w_bilateral": 4, "theta_alpha": 121}')
+        {'w_bilateral': 4, 'theta_alpha': 121}
+    """
     import json
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"CRF parameter file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p} is not valid JSON: {err}") from err
+    text = str(path).strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--crf-params is not a valid inline JSON object: {err}") from err
+        source = "the inline --crf-params"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"CRF parameter file not found: {p} (give a JSON file or an inline object such "
+                "as '{\"w_bilateral\": 4}')"
+            )
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p} is not valid JSON: {err}") from err
+        source = str(p)
     if isinstance(data, dict) and isinstance(data.get("best"), dict):
         data = data["best"].get("params", data["best"])
     if not isinstance(data, dict):
-        raise ValueError(f"{p} must hold a JSON object of dense CRF parameters")
+        raise ValueError(f"{source} must hold a JSON object of dense CRF parameters")
     return data
 
 
