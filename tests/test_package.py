@@ -27,3 +27,12 @@ def test_every_public_name_resolves():
         assert getattr(deepcrf, name) is not None, name
     assert callable(deepcrf.dense_crf)
     assert callable(deepcrf.models.create)
+
+
+def test_dir_lists_the_public_api_only():
+    import deepcrf
+
+    names = dir(deepcrf)
+    assert names == sorted(deepcrf.__all__)
+    assert not {"Any", "annotations", "importlib", "_EXPORTS"} & set(names)
+    assert "DenseCRF" in names and "dense_crf" in names and "ops" in names
