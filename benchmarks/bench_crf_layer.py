@@ -106,6 +106,7 @@ def _measure(cfg):
             return np.array(d.inference(iters))
 
     elif kind == "functional":
+
         def run():
             with torch.no_grad():
                 return dense_crf(logits, image, iters=iters, filter=cfg["filter"],
@@ -205,8 +206,13 @@ def main(argv=None):
     p.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
     p.add_argument("--labels", type=int, default=21)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--batch", type=int, nargs="+", default=(1, 4),
-                   help="batch sizes (the rows after the first size are the batched ones)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=(1, 4),
+        help="batch sizes (the rows after the first size are the batched ones)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
@@ -228,8 +234,10 @@ def main(argv=None):
           f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
           f"device {args.device}, load average {os.getloadavg()[0]:.1f}, "
           f"deepcrf from {args.src or 'this checkout'}")  # fmt: skip
-    print(f"# image {h}x{w}, {args.labels} labels, {args.iters} iterations, "
-          f"times = median of {args.repeats} after a first run")
+    print(
+        f"# image {h}x{w}, {args.labels} labels, {args.iters} iterations, "
+        f"times = median of {args.repeats} after a first run"
+    )
     print(f"{'row':<34} {'batch':>5} {'seconds':>9} {'peak MB':>9} {'time / pydensecrf':>18}")
     rows = []
     peer = None

@@ -64,13 +64,13 @@ def main(argv=None):
         cos = torch.nn.functional.cosine_similarity(
             lat["compat"].flatten(), ex["compat"].flatten(), dim=0
         )
-        ratios = {
-            n: float(lat[n] / ex[n]) for n in lat if n != "compat" and ex[n].numel() == 1
-        }
+        ratios = {n: float(lat[n] / ex[n]) for n in lat if n != "compat" and ex[n].numel() == 1}
         err = lattice_error(image[:1].float(), theta_alpha=ta, theta_beta=tb)["bilateral"]
         said = ", ".join(f"{n.replace('log_theta_', 'log θ')} {r:.2f}" for n, r in ratios.items())
-        print(f"{ta:>4.0f}, {tb:<4.0f} {100 * err:>10.1f}% {float(cos):>10.4f}  {said}"
-              f"   ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"{ta:>4.0f}, {tb:<4.0f} {100 * err:>10.1f}% {float(cos):>10.4f}  {said}"
+            f"   ({time.perf_counter() - t0:.0f} s)"
+        )
     return 0
 
 

@@ -289,6 +289,7 @@ def _run_refine(args: argparse.Namespace) -> int:
 
 # === end refine ===
 
+
 # === data ===
 @_subcommand
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -319,9 +320,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="image size in pixels: one value (square) or H W",
     )  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="base seed (same seed, same images)")
-    s.add_argument(
-        "--num-classes", type=int, default=6, help="classes including background (2-8)"
-    )
+    s.add_argument("--num-classes", type=int, default=6, help="classes including background (2-8)")
     s.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the images")
     s.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     s.set_defaults(func=_run_data_synth)
@@ -357,6 +356,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 # === end data ===
 
+
 # === train ===
 @_subcommand
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -367,6 +367,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 # === end train ===
+
 
 # === evaluate ===
 @_subcommand
@@ -379,6 +380,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 # === end evaluate ===
 
+
 # === predict ===
 @_subcommand
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -389,6 +391,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 # === end predict ===
+
 
 # === tune-crf ===
 @_subcommand
@@ -401,6 +404,7 @@ def _add_tune_crf(sub: argparse._SubParsersAction) -> None:
 
 # === end tune-crf ===
 
+
 # === benchmark ===
 @_subcommand
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
@@ -411,6 +415,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 # === end benchmark ===
+
 
 # === demo ===
 @_subcommand

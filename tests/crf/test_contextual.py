@@ -33,6 +33,7 @@ def random_graph(b=2, h=3, w=4, k=3, scale=1.0, dtype=torch.float64):
 
 # ---------------------------------------------------------------- naive references
 
+
 def naive_mean_field(unary, edges, pairwise, iters, weight=1.0):
     """Per-node, per-edge Python loops over the mean-field update."""
     b, n, k = unary.shape
@@ -110,6 +111,7 @@ def kl(p, log_q):
 
 # ---------------------------------------------------------------- mean-field
 
+
 @pytest.mark.parametrize("iters", [0, 1, 3])
 def test_mean_field_matches_loops(iters):
     unary, edges, pairwise = random_graph()
@@ -120,8 +122,9 @@ def test_mean_field_matches_loops(iters):
 
 def test_interaction_mode_matches_loops_on_centred_tables():
     unary, edges, pairwise = random_graph()
-    got = mean_field(unary, edges, pairwise, iters=3, pairwise_weight=0.3,
-                     pairwise_mode="interaction")
+    got = mean_field(
+        unary, edges, pairwise, iters=3, pairwise_weight=0.3, pairwise_mode="interaction"
+    )
     centred = []
     for z in pairwise:
         # Centre each table by explicit loops over its rows and columns.
@@ -132,8 +135,9 @@ def test_interaction_mode_matches_loops_on_centred_tables():
             for i, j in itertools.product(range(k), range(k)):
                 g[b, e, i, j] = t[i, j] - t[i, :].mean() - t[:, j].mean() + t.mean()
         centred.append(g)
-    torch.testing.assert_close(got, naive_mean_field(unary, edges, centred, 3, weight=0.3),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        got, naive_mean_field(unary, edges, centred, 3, weight=0.3), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_interaction_part_removes_row_and_column_terms():
@@ -141,14 +145,18 @@ def test_interaction_part_removes_row_and_column_terms():
     g = interaction_part(z)
     torch.testing.assert_close(g.sum(-1), torch.zeros(2, 5, 3, dtype=torch.float64))
     torch.testing.assert_close(g.sum(-2), torch.zeros(2, 5, 3, dtype=torch.float64))
-    shifted = z + torch.randn(2, 5, 3, 1, dtype=torch.float64) + torch.randn(2, 5, 1, 3,
-                                                                             dtype=torch.float64)
+    shifted = (
+        z
+        + torch.randn(2, 5, 3, 1, dtype=torch.float64)
+        + torch.randn(2, 5, 1, 3, dtype=torch.float64)
+    )
     torch.testing.assert_close(interaction_part(shifted), g)
     unary, edges, pairwise = random_graph()
     # Full mode on centred tables == interaction mode on the raw tables.
     torch.testing.assert_close(
         mean_field(unary, edges, [interaction_part(p) for p in pairwise]),
-        mean_field(unary, edges, pairwise, pairwise_mode="interaction"))
+        mean_field(unary, edges, pairwise, pairwise_mode="interaction"),
+    )
     with pytest.raises(ValueError, match="pairwise_mode must be one of"):
         mean_field(unary, edges, pairwise, pairwise_mode="centred")
 
@@ -219,8 +227,9 @@ def test_mean_field_does_not_mutate_and_accepts_noncontiguous():
     unary_t = unary.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
     assert not unary_t.is_contiguous()
     before = unary.clone()
-    torch.testing.assert_close(mean_field(unary_t, edges, pairwise),
-                               mean_field(unary, edges, pairwise))
+    torch.testing.assert_close(
+        mean_field(unary_t, edges, pairwise), mean_field(unary, edges, pairwise)
+    )
     assert torch.equal(unary, before)
 
 
@@ -243,6 +252,7 @@ def test_mean_field_bad_input():
 
 
 # ---------------------------------------------------------------- piecewise loss
+
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_piecewise_loss_matches_loops(reduction):
@@ -282,11 +292,13 @@ def test_piecewise_loss_bad_labels():
     with pytest.raises(TypeError, match="labels must have dtype"):
         piecewise_loss(unary, edges, pairwise, torch.zeros(2, 12, dtype=torch.int32))
     with pytest.raises(ValueError, match="reduction must be"):
-        piecewise_loss(unary, edges, pairwise, torch.zeros(2, 12, dtype=torch.int64),
-                       reduction="none")
+        piecewise_loss(
+            unary, edges, pairwise, torch.zeros(2, 12, dtype=torch.int64), reduction="none"
+        )
 
 
 # ---------------------------------------------------------------- label downsampling
+
 
 def test_downsample_majority_matches_loops():
     labels = torch.randint(0, 4, (2, 11, 13))
@@ -295,8 +307,12 @@ def test_downsample_majority_matches_loops():
     h, w = 3, 4
     got = downsample_labels(labels, (h, w), num_classes=3)
     for b, i, j in itertools.product(range(2), range(h), range(w)):
-        cell = [labels[b, y, x].item() for y in range(11) for x in range(13)
-                if (y * h) // 11 == i and (x * w) // 13 == j]
+        cell = [
+            labels[b, y, x].item()
+            for y in range(11)
+            for x in range(13)
+            if (y * h) // 11 == i and (x * w) // 13 == j
+        ]
         counts = [cell.count(c) for c in range(3)]
         expect = 255 if max(counts) == 0 else counts.index(max(counts))
         assert got[b, i, j].item() == expect
@@ -309,8 +325,12 @@ def test_downsample_with_stride_matches_loops():
     h, w, s = 3, 4, 8
     got = downsample_labels(labels, (h, w), num_classes=3, stride=s)
     for b, i, j in itertools.product(range(2), range(h), range(w)):
-        cell = [labels[b, y, x].item() for y in range(20) for x in range(27)
-                if min(h - 1, (y + 4) // 8) == i and min(w - 1, (x + 4) // 8) == j]
+        cell = [
+            labels[b, y, x].item()
+            for y in range(20)
+            for x in range(27)
+            if min(h - 1, (y + 4) // 8) == i and min(w - 1, (x + 4) // 8) == j
+        ]
         counts = [cell.count(c) for c in range(3)]
         expect = 255 if max(counts) == 0 else counts.index(max(counts))
         assert got[b, i, j].item() == expect
@@ -332,14 +352,16 @@ def test_downsample_nearest_and_identity():
 
 # ---------------------------------------------------------------- pairwise net and module
 
+
 def test_pairwise_net_separable_equals_concatenation():
     net = PairwiseNet(5, 3, hidden_channels=7).double()
     feats = torch.randn(2, 12, 5, dtype=torch.float64)
     edges = range_box_edges(3, 4, "surrounding")
     offsets = torch.randn(edges.shape[1], 2, dtype=torch.float64)
     got = net(feats, edges, offsets)
-    cat = torch.cat([feats[:, edges[0]], feats[:, edges[1]],
-                     offsets[None].expand(2, -1, -1)], dim=-1)
+    cat = torch.cat(
+        [feats[:, edges[0]], feats[:, edges[1]], offsets[None].expand(2, -1, -1)], dim=-1
+    )
     ref = net.fc2(torch.relu(net.fc1(cat))).view(2, -1, 3, 3)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
@@ -354,17 +376,17 @@ def test_module_pairwise_path_gradcheck():
 
 @pytest.mark.parametrize("mode", ["full", "interaction"])
 def test_module_equals_functional(mode):
-    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_weight=0.5,
-                        pairwise_mode=mode)
+    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_weight=0.5, pairwise_mode=mode)
     feats = torch.randn(2, 6, 4, 5)
     labels = torch.randint(0, 3, (2, 4, 5))
     unary, edges, pairwise = crf.potentials(feats)
-    assert [e.shape[1] for e in edges] == [range_box_edges(4, 5, r).shape[1]
-                                           for r in crf.relations]
+    assert [e.shape[1] for e in edges] == [range_box_edges(4, 5, r).shape[1] for r in crf.relations]
     log_q = mean_field(unary, edges, pairwise, iters=2, pairwise_weight=0.5, pairwise_mode=mode)
     torch.testing.assert_close(crf(feats), log_q.transpose(1, 2).reshape(2, 3, 4, 5))
-    torch.testing.assert_close(crf.piecewise_loss(feats, labels),
-                               piecewise_loss(unary, edges, pairwise, labels.view(2, -1)))
+    torch.testing.assert_close(
+        crf.piecewise_loss(feats, labels),
+        piecewise_loss(unary, edges, pairwise, labels.view(2, -1)),
+    )
     unary_only = torch.log_softmax(crf.unary(feats), 1)
     torch.testing.assert_close(crf(feats, use_pairwise=False), unary_only)
     torch.testing.assert_close(crf(feats, iters=0), unary_only)
@@ -432,6 +454,7 @@ def test_cpu_cuda_agree():
     gpu = mean_field(unary.cuda(), [e.cuda() for e in edges], [z.cuda() for z in pairwise])
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
     lc = piecewise_loss(unary, edges, pairwise, labels)
-    lg = piecewise_loss(unary.cuda(), [e.cuda() for e in edges],
-                        [z.cuda() for z in pairwise], labels.cuda())
+    lg = piecewise_loss(
+        unary.cuda(), [e.cuda() for e in edges], [z.cuda() for z in pairwise], labels.cuda()
+    )
     torch.testing.assert_close(lg.cpu(), lc, rtol=1e-5, atol=1e-5)

@@ -626,4 +626,3 @@ def test_lattice_error_estimate_and_the_layer_warns_once():
         quiet(torch.randn(1, 3, 64, 64), smooth)
     with pytest.raises(ValueError, match="image"):
         lattice_error(torch.rand(1, 4, 8, 8))
-

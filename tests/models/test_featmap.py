@@ -59,8 +59,12 @@ def test_resample_identity_and_brute_force():
     for i, j in itertools.product(range(size[0]), range(size[1])):
         y0, y1, fy = lerp_1d(5, i)
         x0, x1, fx = lerp_1d(7, j)
-        ref = ((1 - fy) * (1 - fx) * feats[..., y0, x0] + (1 - fy) * fx * feats[..., y0, x1]
-               + fy * (1 - fx) * feats[..., y1, x0] + fy * fx * feats[..., y1, x1])
+        ref = (
+            (1 - fy) * (1 - fx) * feats[..., y0, x0]
+            + (1 - fy) * fx * feats[..., y0, x1]
+            + fy * (1 - fx) * feats[..., y1, x0]
+            + fy * fx * feats[..., y1, x1]
+        )
         torch.testing.assert_close(got[..., i, j], ref)
 
 
@@ -100,8 +104,9 @@ def test_featmap_gradcheck():
 
 
 def make_model(**kw):
-    return ContextualSegNet(4, StandIn(), scales=(1.0, 0.5), branch_channels=4,
-                            hidden_channels=8, **kw)
+    return ContextualSegNet(
+        4, StandIn(), scales=(1.0, 0.5), branch_channels=4, hidden_channels=8, **kw
+    )
 
 
 def test_model_contract_and_gradients():
@@ -118,8 +123,13 @@ def test_model_contract_and_gradients():
     loss = model.piecewise_loss(image, labels)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    for prefix in ("backbone.", "head.", "crf.unary_net.", "crf.pairwise_nets.surrounding.",
-                   "crf.pairwise_nets.above_below."):
+    for prefix in (
+        "backbone.",
+        "head.",
+        "crf.unary_net.",
+        "crf.pairwise_nets.surrounding.",
+        "crf.pairwise_nets.above_below.",
+    ):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
 
@@ -134,8 +144,9 @@ def test_model_equals_its_pieces():
     from deepcrf.models.backbones import upsample_logits
 
     node = downsample_labels(labels, (5, 6), num_classes=4, stride=4, mode="nearest")
-    torch.testing.assert_close(model.piecewise_loss(image, labels),
-                               model.crf.piecewise_loss(feats, node))
+    torch.testing.assert_close(
+        model.piecewise_loss(image, labels), model.crf.piecewise_loss(feats, node)
+    )
     torch.testing.assert_close(model(image), upsample_logits(model.crf(feats), (20, 24), 4))
 
 
@@ -194,8 +205,15 @@ def test_registry_small_contextual():
 
 
 def test_dense_crf_after_upsampling():
-    model = models.create("small_contextual", 3, width=4, branch_channels=4, hidden_channels=8,
-                          crf="dense", crf_kwargs={"iters": 2})
+    model = models.create(
+        "small_contextual",
+        3,
+        width=4,
+        branch_channels=4,
+        hidden_channels=8,
+        crf="dense",
+        crf_kwargs={"iters": 2},
+    )
     assert model.dense_crf is not None
     image = torch.rand(1, 3, 24, 24) * 255
     with torch.no_grad():
@@ -204,15 +222,17 @@ def test_dense_crf_after_upsampling():
         model.dense_crf = None
         without = model(image)
         model.dense_crf = model_no
-        torch.testing.assert_close(model(image, use_crf=False),
-                                   model.__class__.forward(model, image, use_crf=False))
+        torch.testing.assert_close(
+            model(image, use_crf=False), model.__class__.forward(model, image, use_crf=False)
+        )
     assert with_dense.shape == without.shape == (1, 3, 24, 24)
     assert not torch.allclose(with_dense, without)
 
 
 def test_vgg16_contextual_builds():
-    model = models.create("vgg16_contextual", 21, branch_channels=8, hidden_channels=8,
-                          scales=(1.0,))
+    model = models.create(
+        "vgg16_contextual", 21, branch_channels=8, hidden_channels=8, scales=(1.0,)
+    )
     assert model.node_stride == 16
     with torch.no_grad():
         out = model(torch.rand(1, 3, 40, 40) * 255)
@@ -225,8 +245,17 @@ def test_engine_piecewise_stage_trains():
 
     data = SyntheticSegmentation("train", n=8, size=48, num_classes=3, seed=0)
     model = models.create("small_contextual", 3, width=4, branch_channels=8, hidden_channels=16)
-    out = fit(model, data, stage="piecewise", steps=12, batch_size=4, lr=3e-3,
-              optimizer="adam", weight_decay=0.0, progress=False)
+    out = fit(
+        model,
+        data,
+        stage="piecewise",
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        optimizer="adam",
+        weight_decay=0.0,
+        progress=False,
+    )
     losses = out["losses"]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])

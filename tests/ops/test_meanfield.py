@@ -92,8 +92,11 @@ def test_exact_terms_match_brute_force(normalization, exclude_self, shape):
 
 @pytest.mark.parametrize(
     "normalization, shape",
-    list(itertools.product(["symmetric", "before", "after", "none"],
-                           ["scalar", "vector", "matrix", "potts"])),
+    list(
+        itertools.product(
+            ["symmetric", "before", "after", "none"], ["scalar", "vector", "matrix", "potts"]
+        )
+    ),
 )
 def test_training_mode_gradcheck_exact(normalization, shape):
     # base, every label map and the features (hence bandwidths) at once, float64, exact filter
@@ -107,8 +110,13 @@ def test_training_mode_gradcheck_exact(normalization, shape):
 
     def run(base, f1, f2, c1, c2):
         terms = [
-            build_term(f, c, normalization=normalization, exclude_self=normalization == "none",
-                       method="exact")
+            build_term(
+                f,
+                c,
+                normalization=normalization,
+                exclude_self=normalization == "none",
+                method="exact",
+            )
             for f, c in ((f1, c1), (f2, c2))
         ]
         return mean_field(base, terms, 3)
@@ -151,8 +159,10 @@ def test_checkpoint_gives_the_same_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
 def test_inference_mode_equals_training_mode(shape, dtype):
     b, n, num = 2, 500, 5
-    feats = [_features(b, n, 5, 6.0, seed=13, dtype=dtype),
-             _features(b, n, 2, 5.0, seed=14, dtype=dtype)]
+    feats = [
+        _features(b, n, 5, 6.0, seed=13, dtype=dtype),
+        _features(b, n, 2, 5.0, seed=14, dtype=dtype),
+    ]
     coefs = [_coef(shape, num, 15).to(dtype), _coef(shape, num, 16).to(dtype)]
     base = torch.randn(b * n, num, dtype=dtype, generator=torch.Generator().manual_seed(17))
     terms = [build_term(f, c) for f, c in zip(feats, coefs, strict=True)]
@@ -314,8 +324,10 @@ def test_native_moments_match_the_stacked_filterings(transpose, exclude_self):
 @needs_kernel
 def test_native_feature_gradients_float32_equal_pytorch_lattice():
     b, n, num = 2, 3000, 6
-    feats = [_features(b, n, 5, 8.0, seed=42, dtype=torch.float32),
-             _features(b, n, 2, 12.0, seed=43, dtype=torch.float32)]
+    feats = [
+        _features(b, n, 5, 8.0, seed=42, dtype=torch.float32),
+        _features(b, n, 2, 12.0, seed=43, dtype=torch.float32),
+    ]
     base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(44))
     grads = {}
     for backend in ("torch", "native"):
@@ -367,8 +379,10 @@ def test_native_coef_gradients_float32_equal_pytorch_lattice():
     base = torch.randn(b * n, num, generator=torch.Generator().manual_seed(54))
     grads = {}
     for backend in ("torch", "native"):
-        coefs = [_coef("matrix", num, 55).float().requires_grad_(),
-                 _coef("potts", num, 56).float().requires_grad_()]
+        coefs = [
+            _coef("matrix", num, 55).float().requires_grad_(),
+            _coef("potts", num, 56).float().requires_grad_(),
+        ]
         x = base.clone().requires_grad_()
         terms = []
         for f, c in zip((f_bil, f_sp), coefs, strict=True):

@@ -85,8 +85,9 @@ def test_striped_build_is_the_one_pass_build(compatible):
     try:
         for t in (1, 2, 3, 4):
             torch.set_num_threads(t)
-            built.append(PermutohedralLattice(f, backend="native",
-                                              pydensecrf_compatible=compatible))
+            built.append(
+                PermutohedralLattice(f, backend="native", pydensecrf_compatible=compatible)
+            )
     finally:
         torch.set_num_threads(threads)
     one = built[0]
@@ -160,15 +161,18 @@ def test_kernel_ops_and_fused_step_match_pytorch(with_pre, with_post, exclude_se
         assert not ref.native and nat.native
         for transpose in (False, True):
             torch.testing.assert_close(
-                nat.apply(values, transpose, pre, post), ref.apply(values, transpose, pre, post),
-                rtol=1e-12, atol=1e-12,
+                nat.apply(values, transpose, pre, post),
+                ref.apply(values, transpose, pre, post),
+                rtol=1e-12,
+                atol=1e-12,
             )
         terms_ref.append(PairwiseTerm(ref, pre, post, coef))
         terms_nat.append(PairwiseTerm(nat, pre, post, coef))
     # one step of the update: the native terms are summed in one kernel pass
     expected = step(base, values, terms_ref, coefs)
-    torch.testing.assert_close(step(base, values, terms_nat, coefs), expected,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        step(base, values, terms_nat, coefs), expected, rtol=1e-12, atol=1e-12
+    )
     manual = base.clone()
     for t, coef in zip(terms_ref, coefs, strict=True):
         manual += coef * t.op.apply(values, False, t.pre, t.post)
@@ -177,8 +181,10 @@ def test_kernel_ops_and_fused_step_match_pytorch(with_pre, with_post, exclude_se
 
 def _mean_field_case(n, c, with_pre, with_post, seed=7):
     g = torch.Generator().manual_seed(seed)
-    feats = [_cloud(1, n, 5, 6.0, seed=seed + 1, dtype=torch.float32),
-             _cloud(1, n, 2, 9.0, seed=seed + 2, dtype=torch.float32)]
+    feats = [
+        _cloud(1, n, 5, 6.0, seed=seed + 1, dtype=torch.float32),
+        _cloud(1, n, 2, 9.0, seed=seed + 2, dtype=torch.float32),
+    ]
     base = torch.randn(n, c, generator=g) * 2
     terms_ref, terms_nat = [], []
     for k, feat in enumerate(feats):
@@ -223,8 +229,7 @@ def test_fused_mean_field_matches_the_definition(c, with_pre, with_post):
         big = expected > 1e-6
         torch.testing.assert_close(log_q[big], expected.log()[big], rtol=1e-4, atol=3e-5)
         # the PyTorch-lattice terms take the step-by-step loop: same numbers
-        torch.testing.assert_close(_mf(terms_ref, base, iters), expected,
-                                   rtol=1e-4, atol=3e-6)
+        torch.testing.assert_close(_mf(terms_ref, base, iters), expected, rtol=1e-4, atol=3e-6)
     assert torch.allclose(got.sum(1), torch.ones(3000), atol=1e-5)
 
 

@@ -67,22 +67,36 @@ def _check_graph(
             f"sets and {len(pair_list)} pairwise tables"
         )
     for i, (e, z) in enumerate(zip(edge_list, pair_list, strict=True)):
-        check_tensor(e, f"edges[{i}]", ndim=2, layout="(2, E)", dtypes=(torch.int64,),
-                     nonempty=False)
+        check_tensor(
+            e, f"edges[{i}]", ndim=2, layout="(2, E)", dtypes=(torch.int64,), nonempty=False
+        )
         if e.shape[0] != 2:
             raise ValueError(f"edges[{i}] must be (2, E); got {tuple(e.shape)}")
         if e.numel() and (int(e.min()) < 0 or int(e.max()) >= n):
-            raise ValueError(f"edges[{i}] must index nodes in [0, {n}); got range "
-                             f"[{int(e.min())}, {int(e.max())}]")
-        check_tensor(z, f"pairwise[{i}]", ndim=4, layout="(B, E, K, K)", floating=True,
-                     finite=True, nonempty=False)
+            raise ValueError(
+                f"edges[{i}] must index nodes in [0, {n}); got range "
+                f"[{int(e.min())}, {int(e.max())}]"
+            )
+        check_tensor(
+            z,
+            f"pairwise[{i}]",
+            ndim=4,
+            layout="(B, E, K, K)",
+            floating=True,
+            finite=True,
+            nonempty=False,
+        )
         if tuple(z.shape) != (b, e.shape[1], k, k):
-            raise ValueError(f"pairwise[{i}] must be (B, E, K, K) = {(b, e.shape[1], k, k)} "
-                             f"matching unary {tuple(unary.shape)} and edges[{i}] "
-                             f"{tuple(e.shape)}; got {tuple(z.shape)}")
+            raise ValueError(
+                f"pairwise[{i}] must be (B, E, K, K) = {(b, e.shape[1], k, k)} "
+                f"matching unary {tuple(unary.shape)} and edges[{i}] "
+                f"{tuple(e.shape)}; got {tuple(z.shape)}"
+            )
         if z.dtype != unary.dtype or z.device != unary.device:
-            raise TypeError(f"pairwise[{i}] must have unary's dtype/device ({unary.dtype}, "
-                            f"{unary.device}); got ({z.dtype}, {z.device})")
+            raise TypeError(
+                f"pairwise[{i}] must have unary's dtype/device ({unary.dtype}, "
+                f"{unary.device}); got ({z.dtype}, {z.device})"
+            )
     return edge_list, pair_list
 
 
@@ -149,8 +163,9 @@ def mean_field(
     if int(iters) < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
     _check_mode(pairwise_mode)
-    return _mean_field(unary, edge_list, pair_list, int(iters), float(pairwise_weight),
-                       pairwise_mode)
+    return _mean_field(
+        unary, edge_list, pair_list, int(iters), float(pairwise_weight), pairwise_mode
+    )
 
 
 PAIRWISE_MODES = ("full", "interaction")
@@ -171,8 +186,12 @@ def interaction_part(pairwise: torch.Tensor) -> torch.Tensor:
         pairwise: (..., K, K)
         return:   (..., K, K)
     """
-    return (pairwise - pairwise.mean(-1, keepdim=True) - pairwise.mean(-2, keepdim=True)
-            + pairwise.mean((-2, -1), keepdim=True))
+    return (
+        pairwise
+        - pairwise.mean(-1, keepdim=True)
+        - pairwise.mean(-2, keepdim=True)
+        + pairwise.mean((-2, -1), keepdim=True)
+    )
 
 
 def _mean_field(
@@ -235,8 +254,9 @@ def piecewise_loss(
     b, n, _ = unary.shape
     check_tensor(labels, "labels", ndim=2, layout="(B, N)", dtypes=(torch.int64,))
     if tuple(labels.shape) != (b, n):
-        raise ValueError(f"labels must be (B, N) = {(b, n)} matching unary; got "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be (B, N) = {(b, n)} matching unary; got {tuple(labels.shape)}"
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     return _piecewise_loss(unary, edge_list, pair_list, labels, reduction, ignore_index)
@@ -255,8 +275,10 @@ def _piecewise_loss(
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= k))
     if bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {k}) or {ignore_index}; got values "
-                         f"{sorted(set(labels[bad].tolist()))[:5]}")
+        raise ValueError(
+            f"labels must be in [0, {k}) or {ignore_index}; got values "
+            f"{sorted(set(labels[bad].tolist()))[:5]}"
+        )
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     # At least float32: half-precision (AMP) scores would round the sums and the term counts.
     work = torch.promote_types(unary.dtype, torch.float32)
@@ -338,8 +360,10 @@ def downsample_labels(
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {num_classes}) or {ignore_index}; got values "
-                         f"{sorted(set(labels[bad].tolist()))[:5]}")
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or {ignore_index}; got values "
+            f"{sorted(set(labels[bad].tolist()))[:5]}"
+        )
     if mode == "nearest":
         return labels[:, centres(big_h, h)][:, :, centres(big_w, w)].clone()
     cell = (cells(big_h, h)[:, None] * w + cells(big_w, w)[None, :]).expand(bsz, big_h, big_w)
@@ -438,7 +462,8 @@ class ContextualCRF(nn.Module):
         if int(in_channels) < 1 or int(num_labels) < 1 or int(hidden_channels) < 1:
             raise ValueError(
                 f"in_channels, num_labels and hidden_channels must be >= 1; got "
-                f"{in_channels}, {num_labels}, {hidden_channels}")
+                f"{in_channels}, {num_labels}, {hidden_channels}"
+            )
         names = [{"above/below": "above_below"}.get(r, r) for r in relations]
         for r in names:
             if r not in RELATIONS:
@@ -456,16 +481,21 @@ class ContextualCRF(nn.Module):
         self.pairwise_mode = pairwise_mode
         hidden = int(hidden_channels)
         self.unary_net = nn.Sequential(
-            nn.Conv2d(self.in_channels, hidden, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, self.num_labels, 1))
+            nn.Conv2d(self.in_channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, self.num_labels, 1),
+        )
         self.pairwise_nets = nn.ModuleDict(
-            {r: PairwiseNet(self.in_channels, self.num_labels, hidden) for r in self.relations})
+            {r: PairwiseNet(self.in_channels, self.num_labels, hidden) for r in self.relations}
+        )
 
     def _check_features(self, features: torch.Tensor) -> None:
         check_tensor(features, "features", ndim=4, layout="(B, C, h, w)", floating=True)
         if features.shape[1] != self.in_channels:
-            raise ValueError(f"features must have C = in_channels = {self.in_channels} "
-                             f"channels (B, C, h, w); got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must have C = in_channels = {self.in_channels} "
+                f"channels (B, C, h, w); got {tuple(features.shape)}"
+            )
 
     def unary(self, features: torch.Tensor) -> torch.Tensor:
         """Unary scores ``z_p(l)`` of every node, as a map.
@@ -525,8 +555,7 @@ class ContextualCRF(nn.Module):
             raise ValueError(f"iters must be >= 0; got {iters}")
         # The potentials are well-formed by construction: skip the functional's validation.
         _check_mode(self.pairwise_mode)
-        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight,
-                            self.pairwise_mode)
+        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight, self.pairwise_mode)
         return log_q.transpose(1, 2).reshape(b, self.num_labels, h, w)
 
     def piecewise_loss(
@@ -548,10 +577,13 @@ class ContextualCRF(nn.Module):
         check_tensor(labels, "labels", ndim=3, layout="(B, h, w)", dtypes=(torch.int64,))
         b, _, h, w = features.shape
         if tuple(labels.shape) != (b, h, w):
-            raise ValueError(f"labels must be (B, h, w) = {(b, h, w)} matching features "
-                             f"{tuple(features.shape)}; got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be (B, h, w) = {(b, h, w)} matching features "
+                f"{tuple(features.shape)}; got {tuple(labels.shape)}"
+            )
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
         unary, edges, pairwise = self.potentials(features)
-        return _piecewise_loss(unary, edges, pairwise, labels.reshape(b, h * w), reduction,
-                               IGNORE_INDEX)
+        return _piecewise_loss(
+            unary, edges, pairwise, labels.reshape(b, h * w), reduction, IGNORE_INDEX
+        )

@@ -282,8 +282,16 @@ def dense_crf(
     compute = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     with torch.autocast(device_type=logits.device.type, enabled=False):
         out = _mean_field(
-            compute, image, iters, thetas, weights, compat, normalization, exclude_self,
-            filter, checkpoint,
+            compute,
+            image,
+            iters,
+            thetas,
+            weights,
+            compat,
+            normalization,
+            exclude_self,
+            filter,
+            checkpoint,
         )
     return out.to(out_dtype)
 
@@ -330,8 +338,11 @@ def bilateral_term(
         image: (B, 3, H, W) colour in 0-255, floating
     """
     return build_term(
-        _bilateral_features(image, theta_alpha, theta_beta), _one(image),
-        normalization=normalization, exclude_self=exclude_self, method=filter,
+        _bilateral_features(image, theta_alpha, theta_beta),
+        _one(image),
+        normalization=normalization,
+        exclude_self=exclude_self,
+        method=filter,
     )
 
 
@@ -351,8 +362,11 @@ def spatial_term(
         image: (B, 3, H, W)
     """
     return build_term(
-        _spatial_features(image, theta_gamma), _one(image),
-        normalization=normalization, exclude_self=exclude_self, method=filter,
+        _spatial_features(image, theta_gamma),
+        _one(image),
+        normalization=normalization,
+        exclude_self=exclude_self,
+        method=filter,
     )
 
 
@@ -416,8 +430,13 @@ def _mean_field(
     mu = None if compat is None else compat.to(device=logits.device, dtype=logits.dtype)
 
     bilateral, spatial = crf_terms(
-        image.to(logits.dtype), theta_alpha, theta_beta, theta_gamma,
-        normalization=normalization, exclude_self=exclude_self, filter=method,
+        image.to(logits.dtype),
+        theta_alpha,
+        theta_beta,
+        theta_gamma,
+        normalization=normalization,
+        exclude_self=exclude_self,
+        filter=method,
     )
     terms = [
         replace(bilateral, coef=_label_map(w_bil, mu, num_labels)),
@@ -647,8 +666,11 @@ class DenseCRF(nn.Module):
         if image.dim() != 4 or image.shape[1] != 3:
             return  # dense_crf raises the error that names the problem
         errors = lattice_error(
-            image[:1], theta_alpha=self.theta_alpha, theta_beta=self.theta_beta,
-            theta_gamma=self.theta_gamma, samples=64,
+            image[:1],
+            theta_alpha=self.theta_alpha,
+            theta_beta=self.theta_beta,
+            theta_gamma=self.theta_gamma,
+            samples=64,
         )
         bad = {k: v for k, v in errors.items() if v > LATTICE_ERROR_WARN}
         if bad:

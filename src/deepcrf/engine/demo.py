@@ -431,8 +431,10 @@ def _notes(
         )
     ctx = extras.get("contextual_inference")
     if ctx:
-        tried = "; ".join(f"{t['pairwise_mode']} w={t['pairwise_weight']:g}: "
-                          f"{100 * t['tune_miou']:.1f}" for t in ctx["trials"])
+        tried = "; ".join(
+            f"{t['pairwise_mode']} w={t['pairwise_weight']:g}: {100 * t['tune_miou']:.1f}"
+            for t in ctx["trials"]
+        )
         notes.append(
             f"Contextual CRF inference chosen on the tune split by mIoU: pairwise_mode="
             f"{ctx['pairwise_mode']}, pairwise_weight={ctx['pairwise_weight']:g} (tried {tried}; "

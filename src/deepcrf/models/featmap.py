@@ -150,8 +150,10 @@ class FeatMapNet(nn.Module):
         super().__init__()
         for attr in ("normalize", "forward_features", "out_channels", "stride"):
             if not hasattr(backbone, attr):
-                raise TypeError(f"backbone must have {attr!r} (see deepcrf.models.backbones); "
-                                f"got {type(backbone).__name__}")
+                raise TypeError(
+                    f"backbone must have {attr!r} (see deepcrf.models.backbones); "
+                    f"got {type(backbone).__name__}"
+                )
         scales = tuple(float(s) for s in scales)
         if not scales or any(not (s > 0) or math.isinf(s) for s in scales):
             raise ValueError(f"scales must be a non-empty list of positive numbers; got {scales}")
@@ -170,8 +172,10 @@ class FeatMapNet(nn.Module):
         c_in, c = int(backbone.out_channels), int(branch_channels)
         self.head = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(c_in, c, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.ReLU(inplace=True),
             )
             for _ in scales
         )
@@ -194,13 +198,24 @@ class FeatMapNet(nn.Module):
         maps = []
         for scale, block in zip(self.scales, self.head, strict=True):
             size = (max(1, round(scale * height)), max(1, round(scale * width)))
-            xs = x if size == (height, width) else F.interpolate(
-                x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)
+            xs = (
+                x
+                if size == (height, width)
+                else F.interpolate(
+                    x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0
+                )
+            )
             feats = block(self.backbone.forward_features(xs))
             # The exact scale of the resized image (rounding of its size), not the nominal one.
-            maps.append(resample_to_grid(
-                feats, grid, scale=(size[0] / height, size[1] / width),
-                feature_stride=self.feature_stride, node_stride=self.node_stride))
+            maps.append(
+                resample_to_grid(
+                    feats,
+                    grid,
+                    scale=(size[0] / height, size[1] / width),
+                    feature_stride=self.feature_stride,
+                    node_stride=self.node_stride,
+                )
+            )
         return sliding_pyramid_pooling(torch.cat(maps, dim=1), self.pool_sizes)
 
 
@@ -265,8 +280,13 @@ class ContextualSegNet(FeatMapNet):
         label_mode: str = "majority",
         dense_crf: nn.Module | None = None,
     ) -> None:
-        super().__init__(backbone, scales=scales, branch_channels=branch_channels,
-                         pool_sizes=pool_sizes, node_stride=node_stride)
+        super().__init__(
+            backbone,
+            scales=scales,
+            branch_channels=branch_channels,
+            pool_sizes=pool_sizes,
+            node_stride=node_stride,
+        )
         if label_mode not in ("majority", "nearest"):
             raise ValueError(f"label_mode must be 'majority' or 'nearest'; got {label_mode!r}")
         if dense_crf is not None and not isinstance(dense_crf, nn.Module):
@@ -275,9 +295,15 @@ class ContextualSegNet(FeatMapNet):
         self.stride = self.node_stride
         self.label_mode = label_mode
         self.crf = ContextualCRF(
-            self.out_channels, self.num_classes, relations=relations,
-            hidden_channels=hidden_channels, box_fraction=box_fraction, iters=iters,
-            pairwise_weight=pairwise_weight, pairwise_mode=pairwise_mode)
+            self.out_channels,
+            self.num_classes,
+            relations=relations,
+            hidden_channels=hidden_channels,
+            box_fraction=box_fraction,
+            iters=iters,
+            pairwise_weight=pairwise_weight,
+            pairwise_mode=pairwise_mode,
+        )
         self.dense_crf = dense_crf
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -298,12 +324,18 @@ class ContextualSegNet(FeatMapNet):
         check_image(image)
         check_tensor(labels, "labels", ndim=3, layout="(B, H, W)", dtypes=(torch.int64,))
         if labels.shape[0] != image.shape[0] or labels.shape[1:] != image.shape[2:]:
-            raise ValueError(f"labels must be (B, H, W) matching image {tuple(image.shape)}; "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be (B, H, W) matching image {tuple(image.shape)}; "
+                f"got {tuple(labels.shape)}"
+            )
         feats = self.features(image)
         node_labels = downsample_labels(
-            labels.to(feats.device), tuple(feats.shape[2:]), num_classes=self.num_classes,
-            stride=self.node_stride, mode=self.label_mode)
+            labels.to(feats.device),
+            tuple(feats.shape[2:]),
+            num_classes=self.num_classes,
+            stride=self.node_stride,
+            mode=self.label_mode,
+        )
         return self.crf.piecewise_loss(feats, node_labels)
 
 
@@ -312,8 +344,10 @@ def _dense_crf(
 ) -> nn.Module | None:
     if crf is None or isinstance(crf, nn.Module):
         if crf_kwargs:
-            raise ValueError("crf_kwargs is only used with crf='dense'/'dense-learnable'/"
-                             f"'dense-bandwidths'; got crf={crf!r}")
+            raise ValueError(
+                "crf_kwargs is only used with crf='dense'/'dense-learnable'/"
+                f"'dense-bandwidths'; got crf={crf!r}"
+            )
         return crf
     return build_crf(crf, num_classes, crf_kwargs)
 
@@ -339,12 +373,18 @@ def _create_small_contextual(
     """
     if pretrained is not None:
         raise ValueError(
-            "model 'small_contextual' has no ImageNet weights; pretrained must be None")
+            "model 'small_contextual' has no ImageNet weights; pretrained must be None"
+        )
     backbone = build_backbone("small", width=width, norm=norm)
     return ContextualSegNet(
-        num_classes, backbone, scales=scales, branch_channels=branch_channels,
-        hidden_channels=hidden_channels, dense_crf=_dense_crf(crf, crf_kwargs, num_classes),
-        **kwargs)
+        num_classes,
+        backbone,
+        scales=scales,
+        branch_channels=branch_channels,
+        hidden_channels=hidden_channels,
+        dense_crf=_dense_crf(crf, crf_kwargs, num_classes),
+        **kwargs,
+    )
 
 
 @register("vgg16_contextual")
@@ -367,7 +407,12 @@ def _create_vgg16_contextual(
     """
     backbone = build_backbone("vgg16", pretrained=pretrained)
     return ContextualSegNet(
-        num_classes, backbone, scales=scales, branch_channels=branch_channels,
-        hidden_channels=hidden_channels, node_stride=node_stride,
-        dense_crf=_dense_crf(crf, crf_kwargs, num_classes), **kwargs)
-
+        num_classes,
+        backbone,
+        scales=scales,
+        branch_channels=branch_channels,
+        hidden_channels=hidden_channels,
+        node_stride=node_stride,
+        dense_crf=_dense_crf(crf, crf_kwargs, num_classes),
+        **kwargs,
+    )

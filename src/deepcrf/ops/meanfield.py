@@ -205,11 +205,25 @@ class KernelOp:
                 work = workspace.empty((floats,), torch.float32)
             self._work = work
             err = lib.lattice_moments_f32(
-                p, c, nd, lat.num_vertices, lat.dim + 1, lat._slice_idx[0].data_ptr(),
-                lat._native_weights_for(values.dtype).data_ptr(), lat._blur_cols.data_ptr(),
-                lat.output_scale, vals.data_ptr(), fts.data_ptr(), con.data_ptr(),
-                int(transpose), int(self.exclude_self), None if out is None else out.data_ptr(),
-                s.data_ptr(), work.data_ptr(), nparts, nthreads,
+                p,
+                c,
+                nd,
+                lat.num_vertices,
+                lat.dim + 1,
+                lat._slice_idx[0].data_ptr(),
+                lat._native_weights_for(values.dtype).data_ptr(),
+                lat._blur_cols.data_ptr(),
+                lat.output_scale,
+                vals.data_ptr(),
+                fts.data_ptr(),
+                con.data_ptr(),
+                int(transpose),
+                int(self.exclude_self),
+                None if out is None else out.data_ptr(),
+                s.data_ptr(),
+                work.data_ptr(),
+                nparts,
+                nthreads,
             )
             if err:
                 raise RuntimeError(f"lattice_moments failed with code {err}")
@@ -434,10 +448,18 @@ def _fused(
         ptrs = [(kept[t] if t in kept else out).data_ptr() for t in range(iters)]
         hist_ptrs = (ctypes.c_void_p * iters)(*ptrs)
     err = lib.lattice_meanfield_f32(
-        p, c, len(terms),
+        p,
+        c,
+        len(terms),
         *_kernel_terms(lattices, pres, posts, coefs, base.dtype),  # type: ignore[arg-type]
-        None if lanes is None else lanes.data_ptr(), int(group),
-        base.data_ptr(), out.data_ptr(), hist_ptrs, int(log), iters, native.threads(),
+        None if lanes is None else lanes.data_ptr(),
+        int(group),
+        base.data_ptr(),
+        out.data_ptr(),
+        hist_ptrs,
+        int(log),
+        iters,
+        native.threads(),
     )
     if err == -1:
         raise MemoryError("the lattice kernel could not allocate its vertex buffers")
@@ -463,8 +485,11 @@ def step(
     if coefs is None:
         coefs = [t.coef.detach().to(q.dtype) for t in terms]
     fused = [
-        i for i, (t, c) in enumerate(zip(terms, coefs, strict=True))
-        if c.dim() == 0 and t.op.native and not t.op.exclude_self
+        i
+        for i, (t, c) in enumerate(zip(terms, coefs, strict=True))
+        if c.dim() == 0
+        and t.op.native
+        and not t.op.exclude_self
         and q.dtype in (torch.float32, torch.float64)
     ]
     if fused:
@@ -473,7 +498,11 @@ def step(
             [_flat(terms[i].pre, q.dtype) for i in fused],
             [_flat(terms[i].post, q.dtype) for i in fused],
             [float(coefs[i]) for i in fused],
-            q, base, None, softmax=False, transpose=False,
+            q,
+            base,
+            None,
+            softmax=False,
+            transpose=False,
         )
     else:
         z = base.clone()
@@ -548,9 +577,7 @@ def mean_field(
     tensors: list[torch.Tensor | None] = [base]
     for t in terms:
         tensors += [t.coef, t.pre, t.post, t.features]
-    track = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in tensors
-    )
+    track = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     if not track:
         with torch.no_grad():
             coefs = [_reduce_coef(t.coef.detach().to(base.dtype)) for t in terms]
@@ -597,8 +624,11 @@ def sweep(
     if not isinstance(weights, torch.Tensor) or weights.dim() != 2:
         raise ValueError(
             f"weights must be a (G, M) tensor with M = {len(terms)} terms; got "
-            + (str(tuple(weights.shape)) if isinstance(weights, torch.Tensor)
-               else type(weights).__name__)
+            + (
+                str(tuple(weights.shape))
+                if isinstance(weights, torch.Tensor)
+                else type(weights).__name__
+            )
         )
     if weights.shape[1] != len(terms) or weights.shape[0] < 1:
         raise ValueError(
@@ -640,8 +670,14 @@ def _blocks_loop(
     ones = [torch.ones((), dtype=base.dtype) for _ in terms]
     if iters > 0 and _fusable(base, terms, ones):
         q, _ = _fused(
-            base, terms, [1.0] * len(terms), iters, (), not probabilities,
-            lanes.to(torch.float32).contiguous(), group=num,
+            base,
+            terms,
+            [1.0] * len(terms),
+            iters,
+            (),
+            not probabilities,
+            lanes.to(torch.float32).contiguous(),
+            group=num,
         )
         return q
     lanes = lanes.to(base.device, base.dtype)
@@ -665,8 +701,11 @@ def _check_terms(base: torch.Tensor, terms: Sequence[PairwiseTerm]) -> None:
     if not isinstance(base, torch.Tensor) or base.dim() != 2 or not base.is_floating_point():
         raise ValueError(
             "base must be a floating (P, L) tensor (points × labels); got "
-            + (f"shape {tuple(base.shape)}, {base.dtype}" if isinstance(base, torch.Tensor)
-               else type(base).__name__)
+            + (
+                f"shape {tuple(base.shape)}, {base.dtype}"
+                if isinstance(base, torch.Tensor)
+                else type(base).__name__
+            )
         )
     p, num = base.shape
     for m, t in enumerate(terms):
@@ -735,12 +774,16 @@ class _MeanField(torch.autograd.Function):
         ]
         g_feat = [
             torch.zeros(t.op.batch * t.op.points, t.op.dim, dtype=base.dtype, device=base.device)
-            if n[3] else None
+            if n[3]
+            else None
             for t, n in zip(terms, need, strict=True)
         ]
         centred = [
-            (t.op.features - t.op.features.mean(dim=1, keepdim=True)).reshape(-1, t.op.dim)
-            .to(base.dtype) if n[3] else None
+            (t.op.features - t.op.features.mean(dim=1, keepdim=True))
+            .reshape(-1, t.op.dim)
+            .to(base.dtype)
+            if n[3]
+            else None
             for t, n in zip(terms, need, strict=True)
         ]
         grad_out = grad_out.contiguous()
@@ -771,8 +814,17 @@ class _MeanField(torch.autograd.Function):
             dq.zero_()
             for m, term in enumerate(terms):
                 _term_backward(
-                    term, coefs[m], q, g, dq, g_coef[m], g_pre[m], g_post[m], g_feat[m],
-                    centred[m], work,
+                    term,
+                    coefs[m],
+                    q,
+                    g,
+                    dq,
+                    g_coef[m],
+                    g_pre[m],
+                    g_post[m],
+                    g_feat[m],
+                    centred[m],
+                    work,
                 )
             # softmax backward: dL/dz_t = q ⊙ (dq − Σ_l q ⊙ dq), written over g; g_base += it
             if not native.softmax_backward(q, dq, g, g_base):
@@ -798,9 +850,7 @@ class _MeanField(torch.autograd.Function):
 _STACK_CHANNELS = 48
 
 
-def _filter_blocks(
-    op: KernelOp, blocks: list[torch.Tensor], transpose: bool
-) -> list[torch.Tensor]:
+def _filter_blocks(op: KernelOp, blocks: list[torch.Tensor], transpose: bool) -> list[torch.Tensor]:
     """K (or Kᵀ) of each (P, L) block, stacked along channels into few calls."""
     width = blocks[0].shape[1]
     per_call = max(1, _STACK_CHANNELS // width)
@@ -918,9 +968,7 @@ def _term_backward(
     contract = _label_product(g, coef, True, scratch)
     _, s_f = op.moments(v, centred, contract, transpose=False, work=work.moments)
     contract = _label_product(q, coef, False, scratch)
-    w0, s_t = op.moments(
-        pg, centred, contract, transpose=True, plain=work.get("w0"), work=op._work
-    )
+    w0, s_t = op.moments(pg, centred, contract, transpose=True, plain=work.get("w0"), work=op._work)
     work.moments, op._work = op._work, None
     assert w0 is not None
     if g_coef is not None:

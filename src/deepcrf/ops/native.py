@@ -154,9 +154,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C compiler ({compiler!r} not found): using the PyTorch lattice"
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        source + repr((_FLAGS, compiler, _cpu_tag(), _ABI)).encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256(source + repr((_FLAGS, compiler, _cpu_tag(), _ABI)).encode()).hexdigest()[
+        :16
+    ]
     dest = cache_dir() / f"lattice_kernel_{key}.so"
     try:
         if not dest.exists():
@@ -273,7 +273,10 @@ def softmax_backward(
     arrays = (q, dq, g, total)
     lib = library() if q.device.type == "cpu" else None
     if lib is None or any(
-        a.dtype != torch.float32 or a.dim() != 2 or not a.is_contiguous() or a.requires_grad
+        a.dtype != torch.float32
+        or a.dim() != 2
+        or not a.is_contiguous()
+        or a.requires_grad
         or a.shape != q.shape
         for a in arrays
     ):

@@ -443,8 +443,16 @@ class PermutohedralLattice:
             for b in range(batch):
                 m = ctypes.c_int64(0)
                 handle = getattr(lib, f"lattice_build_{suf}")(
-                    f[b].data_ptr(), n + pad, n, d, scale_arr, feature_scale, inv_dp1,
-                    weights[b].data_ptr(), slice_col[b].data_ptr(), ctypes.byref(m),
+                    f[b].data_ptr(),
+                    n + pad,
+                    n,
+                    d,
+                    scale_arr,
+                    feature_scale,
+                    inv_dp1,
+                    weights[b].data_ptr(),
+                    slice_col[b].data_ptr(),
+                    ctypes.byref(m),
                     native.threads(),
                 )
                 if not handle:
@@ -524,11 +532,19 @@ class PermutohedralLattice:
 
         ``pre``/``post`` are (P,) or (P, 1) per-point factors; ``out`` may be ``base``.
         """
-        factors = [None if t is None else t.to(values.dtype).reshape(-1).contiguous()
-                   for t in (pre, post)]
+        factors = [
+            None if t is None else t.to(values.dtype).reshape(-1).contiguous() for t in (pre, post)
+        ]
         return _native_sum(
-            [self], [factors[0]], [factors[1]], [alpha], values.contiguous(),
-            None if base is None else base.contiguous(), out, softmax=False, transpose=transpose,
+            [self],
+            [factors[0]],
+            [factors[1]],
+            [alpha],
+            values.contiguous(),
+            None if base is None else base.contiguous(),
+            out,
+            softmax=False,
+            transpose=transpose,
             gram=gram,
         )
 
@@ -649,10 +665,17 @@ def _native_sum(
         if gram is not None:
             assert gram[1].dtype == torch.float64 and gram[1].is_contiguous()
         err = lib.lattice_filter_f32(
-            n, c, len(lattices), *_kernel_terms(lattices, pres, posts, coefs, dtype),
-            values.data_ptr(), None if base is None else base.data_ptr(), out.data_ptr(),
-            int(transpose), None if left is None else left.data_ptr(),
-            None if gram is None else gram[1].data_ptr(), native.threads(),
+            n,
+            c,
+            len(lattices),
+            *_kernel_terms(lattices, pres, posts, coefs, dtype),
+            values.data_ptr(),
+            None if base is None else base.data_ptr(),
+            out.data_ptr(),
+            int(transpose),
+            None if left is None else left.data_ptr(),
+            None if gram is None else gram[1].data_ptr(),
+            native.threads(),
         )
         if err == -1:
             raise MemoryError("the lattice kernel could not allocate its vertex buffers")
@@ -676,10 +699,19 @@ def _native_sum(
         b_ptrs.append(bufs[size:].data_ptr())
         s_ptrs.append(bufs[2 * size :].data_ptr())
     err = getattr(lib, f"lattice_filter_sum_{suf}")(
-        n, c, k,
+        n,
+        c,
+        k,
         *_kernel_terms(lattices, pres, posts, coefs, dtype),
-        values.data_ptr(), None if base is None else base.data_ptr(), out.data_ptr(),
-        ptrs(*a_ptrs), ptrs(*b_ptrs), ptrs(*s_ptrs), nparts, int(softmax), int(transpose),
+        values.data_ptr(),
+        None if base is None else base.data_ptr(),
+        out.data_ptr(),
+        ptrs(*a_ptrs),
+        ptrs(*b_ptrs),
+        ptrs(*s_ptrs),
+        nparts,
+        int(softmax),
+        int(transpose),
         nthreads,
     )
     if err:
