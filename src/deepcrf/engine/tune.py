@@ -197,6 +197,10 @@ def _score_points(
     of small images run on one Python thread per kernel thread, one kernel thread each (the
     counts are sums: the result does not depend on the order).
     """
+    ia, ib, ig = (TUNABLE.index(k) for k in ("theta_alpha", "theta_beta", "theta_gamma"))
+    by_bandwidth: dict[tuple[float, float, float], list[tuple[float, ...]]] = {}
+    for p in points:
+        by_bandwidth.setdefault((p[ia], p[ib], p[ig]), []).append(p)
     scores = {p: ConfusionMatrix(num_classes) for p in points}
     workers = native.threads() if dev.type == "cpu" and native.library() is not None else 1
     small = all(cache[i][0].shape[-2] * cache[i][0].shape[-1] <= _CALL_PIXELS
@@ -205,7 +209,7 @@ def _score_points(
 
         def one(idx: list[int]) -> dict[tuple[float, ...], ConfusionMatrix]:
             with native.kernel_threads(1):
-                return _score_batch(cache, idx, points, num_classes, iters, dev)
+                return _score_batch(cache, idx, by_bandwidth, num_classes, iters, dev)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = zip(groups, pool.map(one, groups), strict=True)
@@ -215,7 +219,7 @@ def _score_points(
                 bar.update(len(idx) * len(points))
         return scores
     for idx in groups:
-        part = _score_batch(cache, idx, points, num_classes, iters, dev)
+        part = _score_batch(cache, idx, by_bandwidth, num_classes, iters, dev)
         for p in points:
             scores[p].merge(part[p])
         bar.update(len(idx) * len(points))
@@ -225,21 +229,20 @@ def _score_points(
 def _score_batch(
     cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     idx: list[int],
-    points: list[tuple[float, ...]],
+    by_bandwidth: dict[tuple[float, float, float], list[tuple[float, ...]]],
     num_classes: int,
     iters: int,
     dev: torch.device,
 ) -> dict[tuple[float, ...], ConfusionMatrix]:
-    """The confusion matrices of every grid point on the images ``idx`` (one size)."""
+    """The confusion matrices of every grid point on the images ``idx`` (one size).
+
+    ``by_bandwidth`` maps (θα, θβ, θγ) to the grid points with those bandwidths.
+    """
     from ..crf.dense import bilateral_term, spatial_term
     from ..ops.meanfield import sweep
 
-    ia, ib, ig = (TUNABLE.index(k) for k in ("theta_alpha", "theta_beta", "theta_gamma"))
     iwb, iws = TUNABLE.index("w_bilateral"), TUNABLE.index("w_gaussian")
-    by_bandwidth: dict[tuple[float, float, float], list[tuple[float, ...]]] = {}
-    for p in points:
-        by_bandwidth.setdefault((p[ia], p[ib], p[ig]), []).append(p)
-    scores = {p: ConfusionMatrix(num_classes) for p in points}
+    scores = {p: ConfusionMatrix(num_classes) for members in by_bandwidth.values() for p in members}
     images = torch.cat([cache[i][0] for i in idx]).to(dev).float()
     unary = torch.cat([cache[i][1] for i in idx]).to(dev).float()
     labels = torch.stack([cache[i][2] for i in idx])
