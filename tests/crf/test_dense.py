@@ -464,7 +464,9 @@ def test_inputs_not_mutated_and_half_precision_roundtrip():
 
 def test_bad_inputs_raise():
     logits, image, _ = toy_scene(h=8, w=10)
-    with pytest.raises(ValueError, match=r"logits must have 4 dimensions"):
+    with pytest.raises(ValueError, match=r"logits must be \(B, L, \*S\) with 1 to 3 spatial"):
+        dense_crf(logits[None, None], image)
+    with pytest.raises(ValueError, match=r"image must be \(B, C, X\) matching logits"):
         dense_crf(logits[0], image)
     with pytest.raises(ValueError, match=r"channels-last"):
         dense_crf(logits, image.permute(0, 2, 3, 1))
@@ -624,5 +626,7 @@ def test_lattice_error_estimate_and_the_layer_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error", LatticeAccuracyWarning)
         quiet(torch.randn(1, 3, 64, 64), smooth)
-    with pytest.raises(ValueError, match="image"):
-        lattice_error(torch.rand(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="image must be"):
+        lattice_error(torch.rand(1, 4, 8, 8, 2, 2))
+    with pytest.raises(ValueError, match=r"theta_beta must be a scalar or have one value per"):
+        lattice_error(torch.rand(1, 4, 8, 8), theta_beta=(1.0, 2.0))

@@ -175,12 +175,14 @@ def test_inference_mode_equals_training_mode(shape, dtype):
 
 
 @pytest.mark.parametrize("learn", ["coef", "features"])
-def test_native_gradients_equal_pytorch_lattice_gradients(learn):
+@pytest.mark.parametrize("d_bil, d_sp", [(5, 2), (4, 3), (8, 3), (9, 1)])
+def test_native_gradients_equal_pytorch_lattice_gradients(learn, d_bil, d_sp):
+    # d = 5, 2: an RGB image; 4, 3: a one-modality volume; 8: a volume with 5 channels.
     if not native.available():
         pytest.skip(native.status())
     b, n, num = 2, 3000, 6
-    f_bil = _features(b, n, 5, 8.0, seed=18)
-    f_sp = _features(b, n, 2, 12.0, seed=19)
+    f_bil = _features(b, n, d_bil, 8.0, seed=18)
+    f_sp = _features(b, n, d_sp, 12.0, seed=19)
     base = torch.randn(b * n, num, dtype=DT, generator=torch.Generator().manual_seed(20))
     grads = {}
     for backend in ("torch", "native"):

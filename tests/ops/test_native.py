@@ -39,7 +39,7 @@ def test_kernel_builds_where_a_compiler_exists():
 
 
 @needs_kernel
-@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12])
 @pytest.mark.parametrize("compatible", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_lattice_as_pytorch_build(d, compatible, dtype):

@@ -29,7 +29,7 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -50,6 +50,11 @@ _FILTERS = ("lattice", "exact")
 _WEIGHT_SHAPES = ("scalar", "vector", "matrix")
 _LEARNABLE = ("compat", "weights", "bandwidths")
 Scalar = float | torch.Tensor
+# A bandwidth: one number for every axis/channel, or one per spatial axis (θα, θγ) or per
+# reference channel (θβ), as a sequence or a 0-d/1-d tensor (which may require grad).
+Bandwidth = float | Sequence[float] | torch.Tensor
+Spacing = float | Sequence[float] | None
+_LAYOUTS = {1: "(B, L, X)", 2: "(B, L, H, W)", 3: "(B, L, D, H, W)"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -57,18 +62,60 @@ Scalar = float | torch.Tensor
 # ------------------------------------------------------------------------------------------
 
 
-def _check_theta(value: Scalar, name: str) -> Scalar:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(
-                f"{name} must be a scalar (0-d tensor); got shape {tuple(value.shape)}"
-            )
-        if not bool(torch.isfinite(value)) or not bool(value > 0):
-            raise ValueError(
-                f"{name} must be a finite positive number; got {float(value.detach())!r}"
-            )
-        return value
-    return check_positive(value, name)
+def _check_bandwidth(value: Bandwidth, name: str, length: int, per: str) -> Scalar:
+    """A positive bandwidth: a float, or a (length,) tensor (one per spatial axis or channel).
+
+    Sequences and arrays become float64 tensors; tensors keep their dtype and autograd graph.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a sequence of numbers; got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return check_positive(value, name)
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"{name} must be a number or a sequence of {length} numbers (one per {per}); "
+                f"got {value!r}"
+            ) from err
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != length):
+        raise ValueError(
+            f"{name} must be a scalar or have one value per {per} ({length},); got shape "
+            f"{tuple(value.shape)}"
+        )
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be real-valued; got {value.dtype}")
+    v = value.detach()
+    if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+        shown = v.tolist()
+        raise ValueError(f"{name} must be finite and positive; got {shown!r}")
+    return value
+
+
+def _check_spacing(spacing: Spacing, dims: int) -> tuple[float, ...] | None:
+    """Voxel spacing, one positive length per spatial axis (physical units); None = 1."""
+    if spacing is None:
+        return None
+    if isinstance(spacing, bool):
+        raise TypeError(f"spacing must be a number or {dims} numbers; got {spacing!r}")
+    if isinstance(spacing, torch.Tensor):
+        spacing = spacing.detach().cpu().tolist()
+    values = (
+        [spacing] * dims if isinstance(spacing, (int, float, np.integer, np.floating)) else spacing
+    )
+    try:
+        out = tuple(float(v) for v in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"spacing must be a number or {dims} numbers; got {spacing!r}") from err
+    if len(out) != dims:
+        raise ValueError(
+            f"spacing must have one length per spatial axis ({dims} for {dims}-D data); got "
+            f"{len(out)}: {spacing!r}"
+        )
+    if not all(np.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"spacing must be finite and positive (voxel sizes); got {spacing!r}")
+    return out
 
 
 def _check_weight(value: Scalar, name: str, num_labels: int) -> Scalar:
@@ -88,19 +135,35 @@ def _check_weight(value: Scalar, name: str, num_labels: int) -> Scalar:
     return v
 
 
+def _is_colour(image: torch.Tensor) -> bool:
+    """A 2-D 3-channel reference is an RGB image, in 0–255 (the defaults' units)."""
+    return image.dim() == 4 and image.shape[1] == 3
+
+
 def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
-    check_tensor(logits, "logits", ndim=4, layout="(B, L, H, W)", floating=True, finite=True)
-    check_tensor(image, "image", ndim=4, layout="(B, 3, H, W)")
-    b, _, h, w = logits.shape
-    if image.shape[0] != b or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
-        hint = ""
-        if image.shape[-1] == 3 and image.shape[1] != 3:
-            hint = " (channels-last? permute the image to (B, 3, H, W))"
-        elif tuple(image.shape[2:]) == (w, h) and h != w:
-            hint = " (height and width swapped? arrays are (H, W))"
+    check_tensor(logits, "logits", layout="(B, L, *S)", floating=True, finite=True)
+    if not 3 <= logits.dim() <= 5:
         raise ValueError(
-            f"image must be (B, 3, H, W) matching logits {tuple(logits.shape)}, i.e. "
-            f"({b}, 3, {h}, {w}); got {tuple(image.shape)}{hint}"
+            "logits must be (B, L, *S) with 1 to 3 spatial dimensions: (B, L, X), "
+            f"(B, L, H, W) or (B, L, D, H, W); got shape {tuple(logits.shape)} "
+            f"({logits.dim() - 2} spatial dimensions)"
+        )
+    check_tensor(image, "image", layout="(B, C, *S)")
+    b, _, *size = logits.shape
+    space = tuple(size)
+    if image.dim() != logits.dim() or image.shape[0] != b or tuple(image.shape[2:]) != space:
+        hint = ""
+        if image.dim() == logits.dim() and tuple(image.shape[1:-1]) == space:
+            hint = " (channels-last? permute the reference to (B, C, *S))"
+        elif image.dim() == logits.dim() and tuple(image.shape[2:])[::-1] == space:
+            hint = " (height and width swapped? arrays are (H, W))"
+        elif image.dim() == logits.dim() - 1 and tuple(image.shape[1:]) == space:
+            hint = " (one channel? give it its channel axis: image[:, None])"
+        layout = _LAYOUTS[len(space)].replace("L", "C")
+        raise ValueError(
+            f"image must be {layout} matching logits {tuple(logits.shape)}, i.e. "
+            f"({b}, C, {', '.join(map(str, space))}) with C >= 1 reference channels; got "
+            f"{tuple(image.shape)}{hint}"
         )
     if image.dtype == torch.bool or image.is_complex():
         raise TypeError(
@@ -113,12 +176,13 @@ def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
     if image.is_floating_point():
         if not bool(torch.isfinite(image).all()):
             raise ValueError("image must be finite; found NaN/inf values")
-        lo, hi = float(image.min()), float(image.max())
-        if lo < 0.0 or hi > 255.0:
-            raise ValueError(
-                f"image must hold colour values in [0, 255] (un-normalised RGB); got range "
-                f"[{lo:.3g}, {hi:.3g}]"
-            )
+        if _is_colour(image):
+            lo, hi = float(image.min()), float(image.max())
+            if lo < 0.0 or hi > 255.0:
+                raise ValueError(
+                    f"image must hold colour values in [0, 255] (un-normalised RGB); got range "
+                    f"[{lo:.3g}, {hi:.3g}]"
+                )
 
 
 # ------------------------------------------------------------------------------------------
@@ -132,28 +196,43 @@ def _to(value: Scalar, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, device=like.device, dtype=like.dtype)
 
 
-def _pixel_positions(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    """(N, 2) row-major (y, x) pixel coordinates."""
-    ys = torch.arange(h, device=like.device, dtype=like.dtype)
-    xs = torch.arange(w, device=like.device, dtype=like.dtype)
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
-    return grid.reshape(h * w, 2)
+def _grid_positions(
+    size: Sequence[int], theta: Scalar, spacing: Sequence[float] | None, like: torch.Tensor
+) -> torch.Tensor:
+    """(N, k) row-major grid coordinates in physical units over the bandwidth, index·spacing/θ.
+
+    θ is a scalar or one value per axis (k,); ``spacing`` (k,) the voxel size per axis.
+    """
+    axes = [torch.arange(s, device=like.device, dtype=like.dtype) for s in size]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(size))
+    scale = 1.0 / _to(theta, like)
+    if spacing is not None:
+        scale = scale * torch.tensor(spacing, device=like.device, dtype=like.dtype)
+    return grid * scale
 
 
 def _bilateral_features(
-    image: torch.Tensor, theta_alpha: Scalar, theta_beta: Scalar
+    image: torch.Tensor,
+    theta_alpha: Scalar,
+    theta_beta: Scalar,
+    spacing: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """(B, N, 5) features (y/θα, x/θα, RGB/θβ) of the appearance kernel, contiguous."""
-    b, _, h, w = image.shape
-    positions = _pixel_positions(h, w, image) / _to(theta_alpha, image)
-    colour = image.reshape(b, 3, h * w).transpose(1, 2) / _to(theta_beta, image)
-    return torch.cat([positions.expand(b, -1, -1), colour], dim=-1).contiguous()
+    """(B, N, k + C) features (p·s/θα, I/θβ) of the appearance kernel, contiguous.
+
+    ``image`` is the reference (B, C, *S), k = len(S); θα scalar or (k,), θβ scalar or (C,).
+    """
+    b, c, *size = image.shape
+    positions = _grid_positions(size, theta_alpha, spacing, image)
+    ref = image.reshape(b, c, -1).transpose(1, 2) / _to(theta_beta, image)
+    return torch.cat([positions.expand(b, -1, -1), ref], dim=-1).contiguous()
 
 
-def _spatial_features(image: torch.Tensor, theta_gamma: Scalar) -> torch.Tensor:
-    """(B, N, 2) features (y/θγ, x/θγ) of the smoothness kernel, contiguous."""
-    b, _, h, w = image.shape
-    positions = _pixel_positions(h, w, image) / _to(theta_gamma, image)
+def _spatial_features(
+    image: torch.Tensor, theta_gamma: Scalar, spacing: Sequence[float] | None = None
+) -> torch.Tensor:
+    """(B, N, k) features p·s/θγ of the smoothness kernel, contiguous."""
+    b, _, *size = image.shape
+    positions = _grid_positions(size, theta_gamma, spacing, image)
     return positions.expand(b, -1, -1).contiguous()
 
 
@@ -189,9 +268,9 @@ def dense_crf(
     image: torch.Tensor,
     *,
     iters: int = 5,
-    theta_alpha: Scalar = 80.0,
-    theta_beta: Scalar = 13.0,
-    theta_gamma: Scalar = 3.0,
+    theta_alpha: Bandwidth = 80.0,
+    theta_beta: Bandwidth = 13.0,
+    theta_gamma: Bandwidth = 3.0,
     w_bilateral: Scalar = 10.0,
     w_gaussian: Scalar = 3.0,
     compat: torch.Tensor | None = None,
@@ -199,6 +278,7 @@ def dense_crf(
     exclude_self: bool = False,
     filter: FilterMethod = "lattice",
     checkpoint: bool = False,
+    spacing: Spacing = None,
 ) -> torch.Tensor:
     """Refine logits with ``iters`` mean-field steps of a fully connected CRF; returns log Q.
 
@@ -217,13 +297,20 @@ def dense_crf(
     with it); a batch is one engine call. ``filter="exact"`` uses the O(N²) brute-force filter
     for both kernels (tests and small images only).
 
+    Any grid works: a 1-D signal, an image, a volume (k = len(S) spatial axes) with C reference
+    channels; the bilateral kernel's lattice then has d = k + C dimensions, the spatial one k.
+
     Args:
         logits: unary scores, higher = more likely (U = −logits; log-probabilities work).
-        image: RGB colour in 0–255 (uint8 or float), the reference image of the bilateral kernel.
+        image: the reference of the bilateral kernel, (B, C, *S) with any C >= 1: an RGB
+            image in 0–255 (uint8 or float; the defaults' units), a grey image, RGB-D, or the
+            modalities of a volume in their own units (set ``theta_beta`` to match).
         iters: number of mean-field iterations (0 returns log_softmax(logits)).
-        theta_alpha: bilateral spatial bandwidth θα, in pixels (std. dev.); float or 0-d tensor.
-        theta_beta: bilateral colour bandwidth θβ, in 0–255 colour units (std. dev.).
-        theta_gamma: spatial (smoothness) bandwidth θγ, in pixels (std. dev.).
+        theta_alpha: bilateral spatial bandwidth θα (std. dev.) in pixels, or in the units of
+            ``spacing``; float, one per spatial axis (k,), or a 0-d/(k,) tensor.
+        theta_beta: bilateral reference bandwidth θβ, in reference units (0–255 colour for
+            RGB); float or one per channel (C,).
+        theta_gamma: spatial (smoothness) bandwidth θγ, units of θα; float or (k,).
         w_bilateral: bilateral kernel weight: scalar, per-label (L,) vector or (L, L) matrix.
         w_gaussian: spatial kernel weight: scalar, (L,) or (L, L).
         compat: (L, L) compatibility μ, a penalty (energy) matrix, may be asymmetric; None =
@@ -235,15 +322,18 @@ def dense_crf(
         checkpoint: keep only every ⌈√iters⌉-th iteration's Q for the backward and recompute
             the others there: ≈ 2√iters instead of iters (B·N, L) arrays, about one more
             forward.
+        spacing: the grid step per spatial axis in physical units (a volume's voxel size,
+            e.g. millimetres), one number for all axes or k of them; None = 1. Position
+            features are index·spacing/θ, so θα and θγ are physical lengths.
 
     Returns:
         Refined logits, log Q (log-probabilities; ``.softmax(1)`` gives Q).
 
     Shape:
-        logits: (B, L, H, W)  unary scores, higher = more likely
-        image:  (B, 3, H, W)  colour in 0-255
+        logits: (B, L, *S)  unary scores, higher = more likely; S = (X,), (H, W) or (D, H, W)
+        image:  (B, C, *S)  reference (RGB in 0-255 for images)
         compat: (L, L)
-        return: (B, L, H, W)
+        return: (B, L, *S)
 
     Example:
         >>> logits = torch.randn(1, 3, 16, 16)
@@ -259,11 +349,13 @@ def dense_crf(
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}")
     if filter not in _FILTERS:
         raise ValueError(f"filter must be one of {_FILTERS}; got {filter!r}")
+    dims, channels = logits.dim() - 2, image.shape[1]
     thetas = [
-        _check_theta(theta_alpha, "theta_alpha"),
-        _check_theta(theta_beta, "theta_beta"),
-        _check_theta(theta_gamma, "theta_gamma"),
+        _check_bandwidth(theta_alpha, "theta_alpha", dims, "spatial axis"),
+        _check_bandwidth(theta_beta, "theta_beta", channels, "reference channel"),
+        _check_bandwidth(theta_gamma, "theta_gamma", dims, "spatial axis"),
     ]
+    voxel = _check_spacing(spacing, dims)
     weights = [
         _check_weight(w_bilateral, "w_bilateral", num_labels),
         _check_weight(w_gaussian, "w_gaussian", num_labels),
@@ -292,6 +384,7 @@ def dense_crf(
             exclude_self,
             filter,
             checkpoint,
+            voxel,
         )
     return out.to(out_dtype)
 
@@ -305,21 +398,25 @@ def crf_terms(
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
     filter: FilterMethod = "lattice",
+    spacing: Sequence[float] | None = None,
 ) -> tuple[PairwiseTerm, PairwiseTerm]:
     """The bilateral and spatial kernels of eq. 3 as mean-field engine terms, weights 1.
 
     Builds each kernel (lattice) and its normalisation once, so that several weight settings
     can reuse them (``dataclasses.replace(term, coef=w)``, see :mod:`deepcrf.ops.meanfield`):
     the grid search of :func:`deepcrf.engine.tune.tune_dense_crf` does.  Features are
-    (y/θα, x/θα, RGB/θβ) and (y/θγ, x/θγ); bandwidths may be tensors that require grad.
+    (p·s/θα, I/θβ) and p·s/θγ with p the grid index and s the spacing per axis; bandwidths
+    may be tensors that require grad, θα and θγ scalar or one per axis (k,), θβ scalar or one
+    per channel (C,).
 
     Shape:
-        image: (B, 3, H, W) colour in 0-255, floating (the computation dtype)
+        image: (B, C, *S) reference (RGB in 0-255 for images), floating (the computation
+            dtype); k = len(S) in 1..3
     """
     kw: dict[str, Any] = dict(normalization=normalization, exclude_self=exclude_self, filter=filter)
     return (
-        bilateral_term(image, theta_alpha, theta_beta, **kw),
-        spatial_term(image, theta_gamma, **kw),
+        bilateral_term(image, theta_alpha, theta_beta, spacing=spacing, **kw),
+        spatial_term(image, theta_gamma, spacing=spacing, **kw),
     )
 
 
@@ -331,14 +428,17 @@ def bilateral_term(
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
     filter: FilterMethod = "lattice",
+    spacing: Sequence[float] | None = None,
 ) -> PairwiseTerm:
     """The appearance kernel exp(−|p_i − p_j|²/2θα² − |I_i − I_j|²/2θβ²) as a term, weight 1.
 
+    Per axis/channel bandwidths divide each coordinate by its own θ.
+
     Shape:
-        image: (B, 3, H, W) colour in 0-255, floating
+        image: (B, C, *S) the reference, floating
     """
     return build_term(
-        _bilateral_features(image, theta_alpha, theta_beta),
+        _bilateral_features(image, theta_alpha, theta_beta, spacing),
         _one(image),
         normalization=normalization,
         exclude_self=exclude_self,
@@ -353,16 +453,17 @@ def spatial_term(
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
     filter: FilterMethod = "lattice",
+    spacing: Sequence[float] | None = None,
 ) -> PairwiseTerm:
     """The smoothness kernel exp(−|p_i − p_j|²/2θγ²) as a term, weight 1.
 
-    Only the image's batch size, size, dtype and device are used.
+    Only the reference's batch size, spatial size, dtype and device are used.
 
     Shape:
-        image: (B, 3, H, W)
+        image: (B, C, *S)
     """
     return build_term(
-        _spatial_features(image, theta_gamma),
+        _spatial_features(image, theta_gamma, spacing),
         _one(image),
         normalization=normalization,
         exclude_self=exclude_self,
@@ -373,29 +474,42 @@ def spatial_term(
 def lattice_error(
     image: torch.Tensor,
     *,
-    theta_alpha: float = 80.0,
-    theta_beta: float = 13.0,
-    theta_gamma: float = 3.0,
+    theta_alpha: Bandwidth = 80.0,
+    theta_beta: Bandwidth = 13.0,
+    theta_gamma: Bandwidth = 3.0,
+    spacing: Spacing = None,
     samples: int = 256,
 ) -> dict[str, float]:
     """How far the permutohedral lattice's kernels are from the exact Gaussians on ``image``.
 
     The lattice under-weights narrow Gaussians: when the features are sparse on its unit cell
     (small θα/θβ on a noisy image) its row sums K·1, and with them Q and the bandwidth
-    gradients, come out too small.  This samples ``samples`` pixels per image, computes their
+    gradients, come out too small.  This samples ``samples`` points per image, computes their
     exact row sums (O(samples·N)) and returns the mean relative error of the lattice's, per
     kernel: ``{"bilateral": e, "spatial": e}`` (0.1 = 10 %).  docs/meanfield.md lists regimes.
 
     Shape:
-        image: (B, 3, H, W) colour in 0-255
+        image: (B, C, *S) the reference (RGB in 0-255 for images), 1 to 3 spatial dims
     """
-    check_tensor(image, "image", ndim=4, layout="(B, 3, H, W)")
-    if image.shape[1] != 3:
-        raise ValueError(f"image must be (B, 3, H, W); got {tuple(image.shape)}")
+    check_tensor(image, "image", layout="(B, C, *S)")
+    if not 3 <= image.dim() <= 5:
+        raise ValueError(
+            f"image must be (B, C, *S) with 1 to 3 spatial dims; got {tuple(image.shape)}"
+        )
+    dims, channels = image.dim() - 2, image.shape[1]
     img = image.detach().float()
+    ta, tb, tg = (
+        _to(_check_bandwidth(t, name, n, per), img).detach()
+        for t, name, n, per in (
+            (theta_alpha, "theta_alpha", dims, "spatial axis"),
+            (theta_beta, "theta_beta", channels, "reference channel"),
+            (theta_gamma, "theta_gamma", dims, "spatial axis"),
+        )
+    )
+    voxel = _check_spacing(spacing, dims)
     features = {
-        "bilateral": _bilateral_features(img, float(theta_alpha), float(theta_beta)),
-        "spatial": _spatial_features(img, float(theta_gamma)),
+        "bilateral": _bilateral_features(img, ta, tb, voxel),
+        "spatial": _spatial_features(img, tg, voxel),
     }
     return {name: row_sum_error(KernelOp(f), samples=samples) for name, f in features.items()}
 
@@ -419,10 +533,11 @@ def _mean_field(
     exclude_self: bool,
     method: str,
     use_checkpoint: bool,
+    spacing: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """The two kernels of eq. 3 as engine terms, run by :func:`deepcrf.ops.meanfield.mean_field`."""
-    b, num_labels, h, w = logits.shape
-    n = h * w
+    b, num_labels, *size = logits.shape
+    n = logits[0, 0].numel()
     if iters == 0:
         return logits.log_softmax(dim=1)
     theta_alpha, theta_beta, theta_gamma = (_to(t, logits) for t in thetas)
@@ -437,6 +552,7 @@ def _mean_field(
         normalization=normalization,
         exclude_self=exclude_self,
         filter=method,
+        spacing=spacing,
     )
     terms = [
         replace(bilateral, coef=_label_map(w_bil, mu, num_labels)),
@@ -444,10 +560,10 @@ def _mean_field(
     ]
     base = _Relayout.apply(logits.reshape(b, num_labels, n)).reshape(b * n, num_labels)
     log_q = engine_mean_field(base, terms, iters, checkpoint=use_checkpoint)
-    # contiguous: a (B, L, H, W) view of the (B, N, L) buffer would have odd strides, which
+    # contiguous: a (B, L, *S) view of the (B, N, L) buffer would have odd strides, which
     # some consumers reject (CPU nll_loss2d's backward).
     out = _Relayout.apply(log_q.reshape(b, n, num_labels))
-    return out.reshape(b, num_labels, h, w)
+    return out.reshape(b, num_labels, *size)
 
 
 class _Relayout(torch.autograd.Function):
@@ -496,9 +612,11 @@ class DenseCRF(nn.Module):
 
     Args:
         num_labels: number of labels L.
-        theta_alpha: bilateral spatial bandwidth θα, pixels.
-        theta_beta: bilateral colour bandwidth θβ, 0–255 colour units.
-        theta_gamma: spatial kernel bandwidth θγ, pixels.
+        theta_alpha: bilateral spatial bandwidth θα, pixels (or ``spacing`` units); one per
+            spatial axis as a sequence to learn them apart.
+        theta_beta: bilateral colour bandwidth θβ, reference units (0–255 colour for RGB); one
+            per reference channel as a sequence.
+        theta_gamma: spatial kernel bandwidth θγ, pixels; one per axis as a sequence.
         w_bilateral: initial bilateral weight.
         w_gaussian: initial spatial weight.
         iters: mean-field iterations in training mode (CRF-RNN: 5).
@@ -512,9 +630,9 @@ class DenseCRF(nn.Module):
         checkpoint: recompute iterations in the backward to bound memory.
 
     Shape:
-        logits: (B, L, H, W)  unary scores, higher = more likely
-        image:  (B, 3, H, W)  colour in 0-255
-        return: (B, L, H, W)  refined logits (log Q)
+        logits: (B, L, *S)  unary scores, higher = more likely; 1 to 3 spatial dims
+        image:  (B, C, *S)  the reference (RGB in 0-255 for images)
+        return: (B, L, *S)  refined logits (log Q)
 
     Example:
         >>> crf = DenseCRF(3, learnable=("compat", "weights", "bandwidths"), filter="exact")
@@ -584,8 +702,7 @@ class DenseCRF(nn.Module):
             ("theta_beta", theta_beta),
             ("theta_gamma", theta_gamma),
         ):
-            log_theta = torch.tensor(float(check_positive(value, name))).log()
-            self._register(f"log_{name}", log_theta, "bandwidths" in learn)
+            self._register(f"log_{name}", _initial_log_theta(value, name), "bandwidths" in learn)
 
     def _register(self, name: str, value: torch.Tensor, learn: bool) -> None:
         if learn:
@@ -615,19 +732,19 @@ class DenseCRF(nn.Module):
         return value * torch.eye(self.num_labels)
 
     @property
-    def theta_alpha(self) -> float:
-        """Current bilateral spatial bandwidth θα (pixels)."""
-        return float(self.log_theta_alpha.detach().exp())
+    def theta_alpha(self) -> float | tuple[float, ...]:
+        """Current bilateral spatial bandwidth θα (pixels or spacing units; one per axis)."""
+        return _values(self.log_theta_alpha)
 
     @property
-    def theta_beta(self) -> float:
-        """Current bilateral colour bandwidth θβ (colour units)."""
-        return float(self.log_theta_beta.detach().exp())
+    def theta_beta(self) -> float | tuple[float, ...]:
+        """Current bilateral colour bandwidth θβ (reference units; one per channel)."""
+        return _values(self.log_theta_beta)
 
     @property
-    def theta_gamma(self) -> float:
-        """Current spatial bandwidth θγ (pixels)."""
-        return float(self.log_theta_gamma.detach().exp())
+    def theta_gamma(self) -> float | tuple[float, ...]:
+        """Current spatial bandwidth θγ (pixels or spacing units; one per axis)."""
+        return _values(self.log_theta_gamma)
 
     def num_iters(self) -> int:
         """Iterations the next forward will run: ``iters`` in training, ``eval_iters`` in eval."""
@@ -635,15 +752,21 @@ class DenseCRF(nn.Module):
             return self.eval_iters
         return self.iters
 
-    def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Refine ``logits`` (B, L, H, W) with the image (B, 3, H, W) in 0–255; returns log Q."""
-        if logits.dim() == 4 and logits.shape[1] != self.num_labels:
+    def forward(
+        self, logits: torch.Tensor, image: torch.Tensor, spacing: Spacing = None
+    ) -> torch.Tensor:
+        """Refine ``logits`` (B, L, *S) with the reference (B, C, *S); returns log Q.
+
+        ``spacing`` is the voxel size per spatial axis (physical units, default 1), the units
+        of θα and θγ.
+        """
+        if logits.dim() >= 2 and logits.shape[1] != self.num_labels:
             raise ValueError(
-                f"logits must have {self.num_labels} labels (B, {self.num_labels}, H, W); got "
+                f"logits must have {self.num_labels} labels (B, {self.num_labels}, *S); got "
                 f"{tuple(logits.shape)}"
             )
         if self.filter == "lattice" and self.training and not self._accuracy_checked:
-            self._check_lattice_accuracy(image)
+            self._check_lattice_accuracy(image, spacing)
         return dense_crf(
             logits,
             image,
@@ -658,20 +781,23 @@ class DenseCRF(nn.Module):
             exclude_self=self.exclude_self,
             filter=self.filter,
             checkpoint=self.checkpoint,
+            spacing=spacing,
         )
 
-    def _check_lattice_accuracy(self, image: torch.Tensor) -> None:
+    def _check_lattice_accuracy(self, image: torch.Tensor, spacing: Spacing) -> None:
         """Warn once when the lattice's kernels are > 10 % off the exact ones on this image."""
         self._accuracy_checked = True
-        if image.dim() != 4 or image.shape[1] != 3:
+        try:
+            errors = lattice_error(
+                image[:1],
+                theta_alpha=self.theta_alpha,
+                theta_beta=self.theta_beta,
+                theta_gamma=self.theta_gamma,
+                spacing=spacing,
+                samples=64,
+            )
+        except (TypeError, ValueError):
             return  # dense_crf raises the error that names the problem
-        errors = lattice_error(
-            image[:1],
-            theta_alpha=self.theta_alpha,
-            theta_beta=self.theta_beta,
-            theta_gamma=self.theta_gamma,
-            samples=64,
-        )
         bad = {k: v for k, v in errors.items() if v > LATTICE_ERROR_WARN}
         if bad:
             said = ", ".join(f"{k} {100 * v:.0f} %" for k, v in bad.items())
@@ -679,8 +805,8 @@ class DenseCRF(nn.Module):
                 f"DenseCRF: the permutohedral lattice's kernels are off the exact Gaussians "
                 f"on this image (row sums by {said} on average; narrow kernels come out too "
                 "small): Q and the bandwidth gradients are off with them. Wider bandwidths "
-                f"(θα={self.theta_alpha:.3g}, "
-                f"θβ={self.theta_beta:.3g}, θγ={self.theta_gamma:.3g} now) or filter='exact' "
+                f"(θα={_fmt(self.theta_alpha)}, "
+                f"θβ={_fmt(self.theta_beta)}, θγ={_fmt(self.theta_gamma)} now) or filter='exact' "
                 "on small images avoid it; see deepcrf.lattice_error and docs/meanfield.md.",
                 LatticeAccuracyWarning,
                 stacklevel=5,  # the caller of the module (through nn.Module.__call__)
@@ -692,8 +818,34 @@ class DenseCRF(nn.Module):
             f"num_labels={self.num_labels}, iters={self.iters}, eval_iters={self.eval_iters}, "
             f"learnable={self.learnable}, filter={self.filter!r}, "
             f"weight_shape={self.weight_shape!r}, normalization={self.normalization!r}, "
-            f"theta=({self.theta_alpha:.4g}, {self.theta_beta:.4g}, {self.theta_gamma:.4g})"
+            f"theta=({_fmt(self.theta_alpha)}, {_fmt(self.theta_beta)}, "
+            f"{_fmt(self.theta_gamma)})"
         )
+
+
+def _initial_log_theta(value: Bandwidth, name: str) -> torch.Tensor:
+    """Log θ as a float32 0-d tensor, or (k,) for one bandwidth per axis or channel."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return torch.tensor(check_positive(value, name)).log()
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+    arr = np.asarray(value, dtype=np.float64) if not isinstance(value, bool) else None
+    if arr is None or arr.ndim > 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a positive number or a sequence of them; got {value!r}")
+    if not (np.isfinite(arr).all() and (arr > 0).all()):
+        raise ValueError(f"{name} must be finite and positive; got {arr.tolist()!r}")
+    return torch.from_numpy(np.log(arr)).float()
+
+
+def _values(log_theta: torch.Tensor) -> float | tuple[float, ...]:
+    theta = log_theta.detach().exp()
+    return float(theta) if theta.dim() == 0 else tuple(float(t) for t in theta)
+
+
+def _fmt(value: float | tuple[float, ...]) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:.4g}" for v in value) + ")"
+    return f"{value:.4g}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -701,56 +853,76 @@ class DenseCRF(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
-def refine(image_hw3_uint8: np.ndarray, probs_lhw: np.ndarray, **params: Any) -> np.ndarray:
-    """Dense-CRF post-processing of one image's label probabilities (numpy in, numpy out).
+def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
+    """Dense-CRF post-processing of one image's or volume's label probabilities (numpy).
 
     Runs :func:`dense_crf` with ``logits = log(probs)`` (clipped at 1e-8) on CPU in float32.
+    The reference is channels-last like an image file, ``(*S, C)``, or ``(*S)`` for a single
+    channel (a grey image, one MRI modality); an RGB image (H, W, 3) must be uint8 (0–255),
+    other references may have any real dtype, in the units of ``theta_beta``.
 
     Args:
-        image_hw3_uint8: the RGB image, uint8.
-        probs_lhw: per-label probabilities, summing to 1 over the label axis.
-        **params: keyword arguments of :func:`dense_crf` (``iters``, ``theta_alpha``, ...).
+        image: the reference: an RGB image (H, W, 3) uint8, or any (*S) / (*S, C) array.
+        probs: per-label probabilities, summing to 1 over the label axis (axis 0).
+        **params: keyword arguments of :func:`dense_crf` (``iters``, ``theta_alpha``,
+            ``spacing``, ...).
 
     Returns:
         Refined probabilities Q, float32, summing to 1 over labels.
 
     Shape:
-        image_hw3_uint8: (H, W, 3)
-        probs_lhw:       (L, H, W)
-        return:          (L, H, W)
+        image:  (H, W, 3) RGB, or (*S) or (*S, C) with 1 <= len(S) <= 3
+        probs:  (L, *S)
+        return: (L, *S)
 
     Example:
         >>> img = np.zeros((8, 8, 3), np.uint8)
         >>> refine(img, np.full((2, 8, 8), 0.5, np.float32), filter="exact").shape
         (2, 8, 8)
+        >>> refine(np.zeros((4, 5, 6)), np.full((2, 4, 5, 6), 0.5), spacing=(2, 1, 1)).shape
+        (2, 4, 5, 6)
     """
-    image = np.asarray(image_hw3_uint8)
-    probs = np.asarray(probs_lhw)
-    if image.dtype != np.uint8:
-        raise TypeError(f"image must be uint8 (H, W, 3) RGB; got dtype {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
-        raise ValueError(f"image must be (H, W, 3) RGB; got shape {image.shape}")
+    image = np.asarray(image)
+    probs = np.asarray(probs)
     if not np.issubdtype(probs.dtype, np.floating):
-        raise TypeError(f"probs must be floating-point (L, H, W) probabilities; got {probs.dtype}")
-    if probs.ndim != 3 or probs.size == 0:
-        raise ValueError(f"probs must be (L, H, W); got shape {probs.shape}")
-    if probs.shape[1:] != image.shape[:2]:
+        raise TypeError(f"probs must be floating-point (L, *S) probabilities; got {probs.dtype}")
+    if not 2 <= probs.ndim <= 4 or probs.size == 0:
         raise ValueError(
-            f"probs (L, H, W) {probs.shape} must match the image (H, W, 3) {image.shape} in H and W"
+            f"probs must be (L, *S) with 1 to 3 spatial dims, e.g. (L, H, W) or (L, D, H, W); "
+            f"got shape {probs.shape}"
         )
+    if image.dtype == np.bool_ or not (
+        np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
+    ):
+        raise TypeError(f"image must be a real-valued array; got dtype {image.dtype}")
+    space = probs.shape[1:]
+    if image.shape == space:
+        channels_last = image[..., None]
+    elif image.shape[:-1] == space and image.ndim == probs.ndim:
+        channels_last = image
+    else:
+        raise ValueError(
+            f"probs (L, *S) {probs.shape} must match the image (*S, C) or (*S) {image.shape} in "
+            f"its spatial size {space}"
+        )
+    if channels_last.ndim == 3 and channels_last.shape[-1] == 3 and image.dtype != np.uint8:
+        raise TypeError(f"image must be uint8 (H, W, 3) RGB; got dtype {image.dtype}")
     if probs.shape[0] < 2:
         raise ValueError(f"probs must have at least 2 labels; got shape {probs.shape}")
     if not np.isfinite(probs).all() or probs.min() < 0:
         raise ValueError("probs must be finite and non-negative")
+    if not np.isfinite(channels_last.astype(np.float64, copy=False)).all():
+        raise ValueError("image must be finite; found NaN/inf values")
     sums = probs.sum(axis=0, dtype=np.float64)
     worst = float(sums.flat[np.abs(sums - 1.0).argmax()])
     if abs(worst - 1.0) > 1e-3:
         raise ValueError(
-            f"probs must sum to 1 over the label axis (axis 0 of (L, H, W)), within 1e-3; "
-            f"the worst pixel sums to {worst:.6g}"
+            f"probs must sum to 1 over the label axis (axis 0 of (L, *S)), within 1e-3; "
+            f"the worst point sums to {worst:.6g}"
         )
     logits = torch.from_numpy(np.log(np.clip(probs.astype(np.float32), 1e-8, None)))[None]
-    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
+    channels_first = np.moveaxis(channels_last, -1, 0).astype(np.float32)
+    ref = torch.from_numpy(np.ascontiguousarray(channels_first))[None]
     with torch.no_grad():
-        q = dense_crf(logits, img, **params).softmax(dim=1)[0]
+        q = dense_crf(logits, ref, **params).softmax(dim=1)[0]
     return q.numpy().astype(np.float32, copy=False)
