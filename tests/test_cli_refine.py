@@ -108,3 +108,108 @@ def test_refine_errors(tmp_path, capsys):
     assert main(["refine", str(tmp_path), npy, "-o", out]) == 2
     assert "all files or all folders" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# volumes: .npy and NIfTI
+# ------------------------------------------------------------------------------------------
+
+VOL = ["--iters", "3", "--theta-alpha", "6", "--theta-beta", "25", "--theta-gamma", "2"]
+
+
+def _volume_case(tmp_path, shape=(6, 10, 12), channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int64)
+    labels[:, :, shape[2] // 2 :] = 1
+    means = rng.uniform(20, 120, (2, channels))
+    ref = means[labels] + rng.normal(0, 6, (*shape, channels))  # (*S, C)
+    logits = 1.2 * np.eye(2)[labels] + rng.normal(0, 1.0, (*shape, 2))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return ref.astype(np.float32), np.moveaxis(probs, -1, 0).astype(np.float32), labels
+
+
+def test_refine_npy_volume_matches_python_api_in_every_layout(tmp_path, capsys):
+    ref, probs, labels = _volume_case(tmp_path, channels=2)
+    np.save(tmp_path / "probs.npy", probs)
+    np.save(tmp_path / "gt.npy", labels)
+    expected = refine(ref, probs, iters=3, theta_alpha=6.0, theta_beta=25.0, theta_gamma=2.0,
+                      spacing=(2.0, 1.0, 1.0)).argmax(0)  # fmt: skip
+    for name, arr in (("last", ref), ("first", np.moveaxis(ref, -1, 0))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        out = tmp_path / f"out_{name}.npy"
+        argv = [str(tmp_path / f"{name}.npy"), str(tmp_path / "probs.npy"), "-o", str(out)]
+        argv += [*VOL, "--spacing", "2,1,1", "--ground-truth", str(tmp_path / "gt.npy"), "--json"]
+        assert main(["refine", *argv]) == 0
+        row = json.loads(capsys.readouterr().out)["files"][0]
+        written = np.load(out)
+        assert written.dtype == np.uint8
+        np.testing.assert_array_equal(written, expected)
+        assert row["shape"] == [6, 10, 12] and row["channels"] == 2
+        assert row["spacing"] == [2.0, 1.0, 1.0] and len(row["dice_after"]) == 2
+        assert row["accuracy_after"] >= row["accuracy_before"]
+    # one channel without its axis, and a label volume with --confidence
+    np.save(tmp_path / "grey.npy", ref[..., 0])
+    np.save(tmp_path / "labels.npy", probs.argmax(0).astype(np.int16))
+    out = tmp_path / "out_labels.npy"
+    argv = [str(tmp_path / "grey.npy"), str(tmp_path / "labels.npy"), "-o", str(out), *VOL]
+    assert main(["refine", *argv, "--confidence", "0.6"]) == 0
+    assert np.load(out).shape == (6, 10, 12)
+
+
+def test_refine_nifti_round_trip_keeps_affine_and_reads_spacing(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    ref, probs, labels = _volume_case(tmp_path, shape=(8, 9, 5))
+    affine = np.array([[0.0, -1.0, 0, 40], [2.0, 0, 0, -12], [0, 0, 1.5, 7], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(ref[..., 0], affine)  # zooms (2, 1, 1.5) from the affine
+    image.header["descrip"] = b"deepcrf test"
+    nib.save(image, tmp_path / "ref.nii.gz")
+    np.save(tmp_path / "probs.npy", probs)
+    for suffix in (".nii.gz", ".nii"):
+        out = tmp_path / f"labels{suffix}"
+        argv = [str(tmp_path / "ref.nii.gz"), str(tmp_path / "probs.npy"), "-o", str(out)]
+        assert main(["refine", *argv, *VOL, "--json"]) == 0
+        row = json.loads(capsys.readouterr().out)["files"][0]
+        assert row["spacing"] == [2.0, 1.0, 1.5]
+        written = nib.load(out)
+        np.testing.assert_allclose(written.affine, affine)
+        assert written.header["descrip"].tobytes().startswith(b"deepcrf test")
+        assert written.get_data_dtype() == np.uint8
+        expected = refine(ref[..., 0], probs, iters=3, theta_alpha=6.0, theta_beta=25.0,
+                          theta_gamma=2.0, spacing=(2.0, 1.0, 1.5)).argmax(0)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    # a label NIfTI as PROBS (whole numbers) and as ground truth
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine), tmp_path / "gt.nii")
+    out = tmp_path / "from_labels.nii.gz"
+    argv = [str(tmp_path / "ref.nii.gz"), str(tmp_path / "gt.nii"), "-o", str(out), *VOL]
+    assert main(["refine", *argv, "--ground-truth", str(tmp_path / "gt.nii")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_refine_volume_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    ref, probs, _ = _volume_case(tmp_path)
+    np.save(tmp_path / "ref.npy", ref[..., 0])
+    np.save(tmp_path / "probs.npy", probs)
+    np.save(tmp_path / "small.npy", probs[:, :, :5])
+    base = [str(tmp_path / "ref.npy"), str(tmp_path / "probs.npy")]
+    cases = [
+        ([str(tmp_path / "ref.npy"), str(tmp_path / "small.npy"), "-o", str(tmp_path / "o.npy")],
+         "does not match the probabilities' spatial shape"),
+        ([*base, "-o", str(tmp_path / "o.png")], "-o for a volume must end in"),
+        ([*base, "-o", str(tmp_path / "ref.npy")], "is one of the inputs; refusing to overwrite"),
+        ([*base, "-o", str(tmp_path / "o.npy"), "--spacing", "1,0,1"], "spacing must be finite"),
+        ([*base, "-o", str(tmp_path / "o.npy"), "--spacing", "1,1"], "one length per spatial"),
+        ([*base, "-o", str(tmp_path / "o.npy"), "--theta-beta", "3,4"], "theta_beta must be"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(["refine", *argv]) == 2, message
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "ref.npy"), ref[..., 0])  # untouched
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(ref[:, :, :5, 0], np.eye(4)), tmp_path / "other.nii.gz")
+    argv = [str(tmp_path / "other.nii.gz"), str(tmp_path / "probs.npy"), "-o", "x.nii.gz"]
+    assert main(["refine", *argv]) == 2
+    assert "does not match the probabilities' spatial shape" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "nibabel", None)
+    assert main(["refine", *argv]) == 2
+    assert 'pip install "deepcrf[medical]"' in capsys.readouterr().err

@@ -387,3 +387,25 @@ def test_metrics_cpu_cuda_agree():
     assert torch.equal(gpu.matrix.cpu(), cpu.matrix)
     for width in (0, 1, 5):
         assert torch.equal(boundary_band(target.cuda(), width).cpu(), boundary_band(target, width))
+
+
+def test_dice_and_band_accuracy_on_volumes():
+    from deepcrf.metrics import band_accuracy, dice_scores, surface_band
+
+    target = np.zeros((4, 6, 10), np.int64)
+    target[:, :, 5:] = 1
+    pred = target.copy()
+    pred[:, :, 4] = 1  # one wrong column of voxels next to the boundary
+    dice = dice_scores(pred, target, 3)
+    assert dice[0] == pytest.approx(2 * 96 / (96 + 120)) and dice[2] is None
+    assert dice_scores(torch.from_numpy(target), torch.from_numpy(target), 2) == [1.0, 1.0]
+    band = surface_band(target, 1.0)
+    assert band[:, :, 3:7].all() and not band[:, :, :3].any() and not band[:, :, 7:].any()
+    # Spacing is physical: with 2-unit voxels along x the 1.0 band is the boundary pair only.
+    assert surface_band(target, 1.0, spacing=(1, 1, 2))[:, :, 3].sum() == 0
+    assert band_accuracy(pred, target, 1.0) == pytest.approx(0.75)
+    assert np.isnan(band_accuracy(pred, np.zeros_like(target), 1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        dice_scores(pred[0], target, 2)
+    with pytest.raises(ValueError, match="spacing must be 3 positive"):
+        surface_band(target, 1.0, spacing=(1, 1))

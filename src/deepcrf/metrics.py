@@ -27,6 +27,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -429,3 +430,93 @@ class TrimapAccuracy:
             raise ValueError("TrimapAccuracy(num_classes=None) keeps no confusion matrices")
         pairs = zip(self.band_widths, self.matrices, strict=True)
         return {w: float(cm.compute()["miou"]) for w, cm in pairs}
+
+
+# ------------------------------------------------------------------------------------------
+# volumes (and any N-d label map): Dice and accuracy near boundaries in physical units
+# ------------------------------------------------------------------------------------------
+
+
+def _as_numpy_labels(x: object, name: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be a non-empty integer label map; got {arr.dtype}{arr.shape}")
+    return arr
+
+
+def dice_scores(
+    pred: object, target: object, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> list[float | None]:
+    """Dice per class, 2|P ∩ T| / (|P| + |T|), over all points; None when the class is absent.
+
+    Args:
+        pred: predicted class ids (numpy array or tensor).
+        target: ground-truth class ids; ``ignore_index`` points count nowhere.
+        num_classes: number of classes C.
+        ignore_index: void label.
+
+    Shape:
+        pred, target: any shape, the same (e.g. (D, H, W))
+        return: C entries
+
+    Example:
+        >>> dice_scores(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 2)
+        [0.6666666666666666, 0.8]
+    """
+    p, t = _as_numpy_labels(pred, "pred"), _as_numpy_labels(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape")
+    valid = t != ignore_index
+    p, t = p[valid], t[valid]
+    out: list[float | None] = []
+    for c in range(num_classes):
+        a, b = p == c, t == c
+        total = int(a.sum()) + int(b.sum())
+        out.append(2.0 * int((a & b).sum()) / total if total else None)
+    return out
+
+
+def surface_band(
+    target: object, width: float, spacing: Iterable[float] | None = None
+) -> np.ndarray:
+    """Points within Euclidean distance ``width`` (physical units) of a label boundary.
+
+    Boundary points are both points of every pair of axis neighbours with different labels
+    (the border of the array is not a boundary); distances use the voxel ``spacing`` per axis
+    (default 1), so on a volume with thick slices the band is thinner in slices across.
+
+    Shape:
+        target: (*S) integer, any number of dims
+        return: (*S) bool
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    t = _as_numpy_labels(target, "target")
+    if not (np.isfinite(width) and width >= 0):
+        raise ValueError(f"width must be a finite non-negative distance; got {width!r}")
+    sampling = None if spacing is None else [float(s) for s in spacing]
+    if sampling is not None and (len(sampling) != t.ndim or min(sampling) <= 0):
+        raise ValueError(f"spacing must be {t.ndim} positive voxel sizes; got {spacing!r}")
+    edge = np.zeros(t.shape, bool)
+    for axis in range(t.ndim):
+        lo = [slice(None)] * t.ndim
+        hi = [slice(None)] * t.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        diff = t[tuple(lo)] != t[tuple(hi)]
+        edge[tuple(lo)] |= diff
+        edge[tuple(hi)] |= diff
+    if not edge.any():
+        return edge
+    return distance_transform_edt(~edge, sampling=sampling) <= width
+
+
+def band_accuracy(
+    pred: object, target: object, width: float, spacing: Iterable[float] | None = None
+) -> float:
+    """Accuracy within :func:`surface_band` (the 3-D analogue of the trimap); NaN if empty."""
+    p, t = _as_numpy_labels(pred, "pred"), _as_numpy_labels(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape")
+    band = surface_band(t, width, spacing)
+    total = int(band.sum())
+    return float("nan") if total == 0 else int((p[band] == t[band]).sum()) / total
