@@ -803,7 +803,7 @@ class DenseCRF(nn.Module):
             said = ", ".join(f"{k} {100 * v:.0f} %" for k, v in bad.items())
             warnings.warn(
                 f"DenseCRF: the permutohedral lattice's kernels are off the exact Gaussians "
-                f"on this image (row sums by {said} on average; narrow kernels come out too "
+                f"on this input (row sums by {said} on average; narrow kernels come out too "
                 "small): Q and the bandwidth gradients are off with them. Wider bandwidths "
                 f"(θα={_fmt(self.theta_alpha)}, "
                 f"θβ={_fmt(self.theta_beta)}, θγ={_fmt(self.theta_gamma)} now) or filter='exact' "
