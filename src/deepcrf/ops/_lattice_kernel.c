@@ -419,6 +419,7 @@ typedef struct {
     DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe_##SUF, x->d)                                  \
     DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe2_##SUF, 2)                                    \
     DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe3_##SUF, 3)                                    \
+    DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe4_##SUF, 4)                                    \
     DEFINE_BUILD_STRIPE(T, SUF, ROUND, build_stripe5_##SUF, 5)                                    \
                                                                                                   \
     void *lattice_build_##SUF(const T *features, int64_t n, int64_t n_real, int d,                \
@@ -429,6 +430,7 @@ typedef struct {
                              inv_dp1_in, entry_weight};                                           \
         range_fn stripe = d == 2   ? build_stripe2_##SUF                                          \
                           : d == 3 ? build_stripe3_##SUF                                          \
+                          : d == 4 ? build_stripe4_##SUF                                          \
                           : d == 5 ? build_stripe5_##SUF                                          \
                                    : build_stripe_##SUF;                                          \
         return build_lattice(n, n_real, d, nthreads, stripe, &x, entry_vertex,                    \
