@@ -193,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.shape, args.repeats = "16x32x32", 1
+    with tempfile.TemporaryDirectory() as tmp:
+        return _drive(args, Path(tmp))
+
+
+def _drive(args: argparse.Namespace, tmp: Path) -> int:
     shape = args.shape
-    tmp = tempfile.TemporaryDirectory()
-    case = Path(tmp.name) / "case.npz"
+    case = tmp / "case.npz"
     made = _spawn(["--make-case", shape, str(case)])
     if "error" in made:
         raise SystemExit(f"making the case failed: {made['error']}")
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     results, ref, ref_labels = [], None, None
     for impl in [i for i in args.impls.split(",") if i]:
-        out = Path(tmp.name) / f"{impl}.npy"
+        out = tmp / f"{impl}.npy"
         res = _spawn(["--worker", impl, str(case), str(args.iters), str(args.repeats), str(out)])
         res["impl"] = impl
         results.append(res)

@@ -438,3 +438,23 @@ def test_set_unary_energy_with_features_matches_pydensecrf(pyd):
         d.setUnaryEnergy(u, f)
         qs.append(np.array(d.inference(0)))
     np.testing.assert_allclose(qs[1], qs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_volume_features_match_installed_pydensecrf(pyd, channels):
+    # A 3-D volume through pydensecrf's generic N-d path (d = 3 + C): same Q.
+    rng = np.random.default_rng(5)
+    shape = (7, 9, 11)
+    vol = rng.uniform(0, 100, (*shape, channels)).astype(np.float32)
+    unary = rng.uniform(0, 3, (3, int(np.prod(shape)))).astype(np.float32)
+    feats_b = create_pairwise_bilateral((2.0, 4.0, 4.0), (30.0,) * channels, vol, chdim=3)
+    feats_g = create_pairwise_gaussian((1.0, 2.0, 2.0), shape)
+    assert feats_b.shape == (3 + channels, unary.shape[1])
+    outs = []
+    for module in (pyd, dcrf):
+        crf = module.DenseCRF(unary.shape[1], 3)
+        crf.setUnaryEnergy(unary)
+        crf.addPairwiseEnergy(feats_g, compat=3.0)
+        crf.addPairwiseEnergy(feats_b, compat=5.0)
+        outs.append(np.array(crf.inference(5)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=2e-4)
