@@ -7,6 +7,7 @@ than a traceback from deep inside a kernel.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,3 +69,46 @@ def check_positive(value: float, name: str) -> float:
     if not (v > 0.0) or v == float("inf"):
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return v
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation may use on ``device``, or None when unknown.
+
+    ``DEEPCRF_MEMORY_LIMIT_MB`` caps it (a user limit, e.g. on a shared machine); on CPU it is
+    otherwise Linux's MemAvailable, on CUDA the device's free memory.
+    """
+    limit = os.environ.get("DEEPCRF_MEMORY_LIMIT_MB", "").strip()
+    user = None
+    if limit:
+        try:
+            user = int(float(limit) * 2**20)
+        except ValueError:
+            raise ValueError(f"DEEPCRF_MEMORY_LIMIT_MB must be a number; got {limit!r}") from None
+    system = None
+    if device.type == "cuda":
+        system = int(torch.cuda.mem_get_info(device)[0])
+    elif device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        system = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            system = None
+    known = [v for v in (user, system) if v is not None]
+    return min(known) if known else None
+
+
+def check_memory(needed: int, what: str, advice: str, device: torch.device) -> None:
+    """Raise MemoryError naming the estimate when ``needed`` bytes exceed what is available."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"{what} needs about {_size(needed)} of memory but {_size(free)} are available "
+            f"(DEEPCRF_MEMORY_LIMIT_MB or the system's): {advice}"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"

@@ -650,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError, MemoryError) as err:
         print(f"deepcrf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ImportError as err:

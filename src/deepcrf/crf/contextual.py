@@ -490,7 +490,9 @@ class ContextualCRF(nn.Module):
         )
 
     def _check_features(self, features: torch.Tensor) -> None:
-        check_tensor(features, "features", ndim=4, layout="(B, C, h, w)", floating=True)
+        check_tensor(
+            features, "features", ndim=4, layout="(B, C, h, w)", floating=True, finite=True
+        )
         if features.shape[1] != self.in_channels:
             raise ValueError(
                 f"features must have C = in_channels = {self.in_channels} "

@@ -37,10 +37,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_positive, check_tensor
+from .._checks import check_memory, check_positive, check_tensor
 from ..ops import workspace
 from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
-from ..ops.meanfield import KernelOp, Normalization, PairwiseTerm, build_term, row_sum_error
+from ..ops.meanfield import (
+    KernelOp,
+    Normalization,
+    PairwiseTerm,
+    build_term,
+    estimate_peak_bytes,
+    row_sum_error,
+)
 from ..ops.meanfield import mean_field as engine_mean_field
 
 FilterMethod = Literal["lattice", "exact"]
@@ -118,7 +125,9 @@ def _check_spacing(spacing: Spacing, dims: int) -> tuple[float, ...] | None:
     return out
 
 
-def _check_weight(value: Scalar, name: str, num_labels: int) -> Scalar:
+def _check_weight(
+    value: Scalar, name: str, num_labels: int, allow_negative: bool = False
+) -> Scalar:
     if isinstance(value, torch.Tensor):
         shapes = ((), (num_labels,), (num_labels, num_labels))
         if tuple(value.shape) not in shapes:
@@ -128,11 +137,22 @@ def _check_weight(value: Scalar, name: str, num_labels: int) -> Scalar:
             )
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} must be finite")
-        return value
-    v = float(value)
-    if not np.isfinite(v):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return v
+        lowest = float(value.detach().min())
+    else:
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be a number or a tensor; got {value!r}")
+        try:
+            lowest = value = float(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a number or a tensor; got {value!r}") from err
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if lowest < 0 and not allow_negative:
+        raise ValueError(
+            f"{name} must be >= 0 (a kernel weight; negative rewards different labels on "
+            f"similar points); got {lowest:g}. Pass allow_negative_weights=True if meant"
+        )
+    return value
 
 
 def _is_colour(image: torch.Tensor) -> bool:
@@ -182,6 +202,13 @@ def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
                 raise ValueError(
                     f"image must hold colour values in [0, 255] (un-normalised RGB); got range "
                     f"[{lo:.3g}, {hi:.3g}]"
+                )
+            if 0.0 < hi <= 1.0:
+                # θβ is in 0-255 colour units: a [0, 1] image would make every colour
+                # difference 255 times too small and the bilateral kernel colour-blind.
+                raise ValueError(
+                    f"image looks like RGB scaled to [0, 1] (range [{lo:.3g}, {hi:.3g}]); the "
+                    "colour bandwidth θβ is in 0-255 units: pass image * 255 (or uint8)"
                 )
 
 
@@ -279,6 +306,7 @@ def dense_crf(
     filter: FilterMethod = "lattice",
     checkpoint: bool = False,
     spacing: Spacing = None,
+    allow_negative_weights: bool = False,
 ) -> torch.Tensor:
     """Refine logits with ``iters`` mean-field steps of a fully connected CRF; returns log Q.
 
@@ -325,6 +353,8 @@ def dense_crf(
         spacing: the grid step per spatial axis in physical units (a volume's voxel size,
             e.g. millimetres), one number for all axes or k of them; None = 1. Position
             features are index·spacing/θ, so θα and θγ are physical lengths.
+        allow_negative_weights: accept kernel weights below 0 (rejected by default: a
+            negative weight pulls neighbours apart, almost always a sign slip).
 
     Returns:
         Refined logits, log Q (log-probabilities; ``.softmax(1)`` gives Q).
@@ -357,8 +387,8 @@ def dense_crf(
     ]
     voxel = _check_spacing(spacing, dims)
     weights = [
-        _check_weight(w_bilateral, "w_bilateral", num_labels),
-        _check_weight(w_gaussian, "w_gaussian", num_labels),
+        _check_weight(w_bilateral, "w_bilateral", num_labels, allow_negative_weights),
+        _check_weight(w_gaussian, "w_gaussian", num_labels, allow_negative_weights),
     ]
     if compat is not None:
         check_tensor(compat, "compat", ndim=2, layout="(L, L)", floating=True, finite=True)
@@ -367,6 +397,12 @@ def dense_crf(
                 f"compat must be (L, L) = ({num_labels}, {num_labels}) for logits "
                 f"{tuple(logits.shape)}; got {tuple(compat.shape)}"
             )
+
+    tensors = [logits, image, compat, *thetas, *weights]
+    training = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )
+    _check_cost(logits, image, iters, filter, training)
 
     out_dtype = logits.dtype
     # Half precision is not accurate enough for kernel row sums over ~10⁵ pixels: compute in
@@ -387,6 +423,49 @@ def dense_crf(
             voxel,
         )
     return out.to(out_dtype)
+
+
+# Points above which filter="exact" (O(N²) per kernel and iteration) warns of its cost.
+EXACT_WARN_POINTS = 4096
+# Measured cost of the exact filter: ~0.7 ns per (point pair, label) on one core.
+_EXACT_NS_PER_PAIR_LABEL = 0.7
+# Below this estimate the memory check is skipped (it reads /proc/meminfo).
+_MEMORY_CHECK_BYTES = 32 * 2**20
+
+
+class ExactFilterWarning(UserWarning):
+    """``filter="exact"`` on so many points that it will take very long (O(N²))."""
+
+
+def _check_cost(
+    logits: torch.Tensor, image: torch.Tensor, iters: int, method: str, training: bool
+) -> None:
+    """Fail before a call that cannot fit in memory; warn before a very slow exact filter."""
+    b, num_labels = logits.shape[:2]
+    n = logits[0, 0].numel()
+    dims = logits.dim() - 2
+    if method == "exact" and n > EXACT_WARN_POINTS and iters > 0:
+        pairs = float(n) * n
+        seconds = pairs * 2 * (iters + 1) * num_labels * b * _EXACT_NS_PER_PAIR_LABEL * 1e-9
+        warnings.warn(
+            f"filter='exact' is O(N²): {n} points make {pairs:.2g} pairs per kernel and "
+            f"iteration, roughly {seconds:.0f} s on one CPU core; filter='lattice' is O(N)",
+            ExactFilterWarning,
+            stacklevel=3,
+        )
+    itemsize = 8 if logits.dtype == torch.float64 else 4
+    needed = estimate_peak_bytes(
+        b * n, num_labels, (dims + image.shape[1], dims), iters, training=training,
+        itemsize=itemsize,
+    )  # fmt: skip
+    if needed > _MEMORY_CHECK_BYTES and method == "lattice":
+        check_memory(
+            needed,
+            f"dense_crf on {b} x {n} points x {num_labels} labels",
+            "tile the input (e.g. halves or quarters with some overlap), use fewer labels or "
+            "a smaller batch, or checkpoint=True when training",
+            logits.device,
+        )
 
 
 def crf_terms(
@@ -628,6 +707,7 @@ class DenseCRF(nn.Module):
         normalization: ``"symmetric"``, ``"before"``, ``"after"`` or ``"none"``.
         exclude_self: drop the j = i term of the kernels.
         checkpoint: recompute iterations in the backward to bound memory.
+        allow_negative_weights: accept negative initial kernel weights (rejected by default).
 
     Shape:
         logits: (B, L, *S)  unary scores, higher = more likely; 1 to 3 spatial dims
@@ -658,6 +738,7 @@ class DenseCRF(nn.Module):
         normalization: Normalization = "symmetric",
         exclude_self: bool = False,
         checkpoint: bool = False,
+        allow_negative_weights: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
@@ -691,11 +772,12 @@ class DenseCRF(nn.Module):
         self.normalization = normalization
         self.exclude_self = bool(exclude_self)
         self.checkpoint = bool(checkpoint)
+        self.allow_negative_weights = bool(allow_negative_weights)
         self._accuracy_checked = False
 
         self._register("compat", self._initial_compat(compat_init), "compat" in learn)
         for name, value in (("w_bilateral", w_bilateral), ("w_gaussian", w_gaussian)):
-            v = float(_check_weight(float(value), name, num_labels))
+            v = float(_check_weight(value, name, num_labels, allow_negative_weights))
             self._register(name, self._initial_weight(v), "weights" in learn)
         for name, value in (
             ("theta_alpha", theta_alpha),
@@ -782,6 +864,8 @@ class DenseCRF(nn.Module):
             filter=self.filter,
             checkpoint=self.checkpoint,
             spacing=spacing,
+            # Learned weights go where the loss takes them; fixed ones were checked above.
+            allow_negative_weights=self.allow_negative_weights or "weights" in self.learnable,
         )
 
     def _check_lattice_accuracy(self, image: torch.Tensor, spacing: Spacing) -> None:

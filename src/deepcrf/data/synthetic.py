@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._atomic import atomic_path
+from .._atomic import atomic_path, current_umask
 from .palette import write_label_png
 
 __all__ = [
@@ -633,9 +633,7 @@ def write_voc(
     try:
         build(staging)
         # mkdtemp makes the folder private (0700); give it the user's usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        staging.chmod(0o777 & ~current_umask())
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename needs the name free on every platform
         os.replace(staging, out)
