@@ -130,3 +130,111 @@ def test_exact_filter_warns_of_its_quadratic_cost():
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error", ExactFilterWarning)
         dense_crf(small_logits, small_image, iters=1, filter="exact")
+
+
+# ------------------------------------------------------------------------------------------
+# deepcrf refine: outputs never clobber inputs or earlier results; folders go on past a bad file
+# ------------------------------------------------------------------------------------------
+
+
+def _refine_case(folder, stem="a", h=16, w=20, labels=2, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
+    probs = rng.random((labels, h, w)).astype(np.float32)
+    np.save(folder / f"{stem}.npy", probs / probs.sum(0))
+    return folder / f"{stem}.png", folder / f"{stem}.npy"
+
+
+def test_refine_never_overwrites_an_input_or_an_existing_output(tmp_path, capsys):
+    image, probs = _refine_case(tmp_path)
+    before = image.read_bytes()
+    assert main(["refine", str(image), str(probs), "-o", str(image), "--overwrite"]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err and image.read_bytes() == before
+    out = tmp_path / "out.png"
+    out.write_bytes(b"precious")
+    assert main(["refine", str(image), str(probs), "-o", str(out)]) == 2
+    assert "exist already" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert main(["refine", str(image), str(probs), "-o", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refine_output_format_follows_the_extension(tmp_path, capsys):
+    image, probs = _refine_case(tmp_path)
+    assert main(["refine", str(image), str(probs), "-o", str(tmp_path / "out.jpg")]) == 2
+    assert "one of .png, .npy" in capsys.readouterr().err
+    assert not (tmp_path / "out.jpg").exists()
+    assert main(["refine", str(image), str(probs), "-o", str(tmp_path / "out.npy")]) == 0
+    labels = np.load(tmp_path / "out.npy")
+    assert labels.shape == (16, 20) and labels.dtype == np.uint8
+    (tmp_path / "dir").mkdir()
+    assert main(["refine", str(image), str(probs), "-o", str(tmp_path / "dir")]) == 2
+    assert "is a folder: name the output file" in capsys.readouterr().err
+
+
+def test_refine_checks_ground_truth_before_writing(tmp_path, capsys):
+    from deepcrf.data.palette import write_label_png
+
+    image, probs = _refine_case(tmp_path)
+    write_label_png(tmp_path / "gt.png", np.zeros((5, 5), np.uint8))
+    out = tmp_path / "out.png"
+    argv = [str(image), str(probs), "-o", str(out), "--ground-truth", str(tmp_path / "gt.png")]
+    assert main(["refine", *argv]) == 2
+    assert "ground truth" in capsys.readouterr().err and not out.exists()
+
+
+def test_refine_folder_reports_each_failure_and_goes_on(tmp_path, capsys):
+    import json
+
+    for i in range(6):
+        _refine_case(tmp_path / "in", stem=f"im{i}", seed=i)
+    np.save(tmp_path / "in" / "im4.npy", np.full((2, 3, 3), 0.5, np.float32))  # wrong size
+    out = tmp_path / "out"
+    argv = ["refine", str(tmp_path / "in"), str(tmp_path / "in"), "-o", str(out), "--json"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert len(summary["files"]) == 5 and len(summary["failed"]) == 1
+    assert summary["failed"][0]["image"].endswith("im4.png") and "im4" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == [f"im{i}.png" for i in (0, 1, 2, 3, 5)]
+    fast = tmp_path / "fast"
+    assert main([*argv[:3], "-o", str(fast), "--fail-fast"]) == 2
+    assert sorted(p.name for p in fast.iterdir()) == [f"im{i}.png" for i in range(4)]
+    assert main([*argv[:3], "-o", str(tmp_path / "in" / "im0.png")]) == 2
+    assert "names a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labels", [256, 300])
+def test_many_labels_are_never_wrapped_or_written_as_ignore(tmp_path, capsys, labels):
+    image, probs = _refine_case(tmp_path, labels=labels)
+    p = np.load(probs)
+    p[:] = 0.1 / (labels - 1)
+    p[labels - 10] = 0.9  # argmax = labels - 10 (246 or 290) everywhere
+    np.save(probs, p)
+    assert main(["refine", str(image), str(probs), "-o", str(tmp_path / "o.png")]) == 2
+    assert "a PNG label map holds labels 0-254" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+    argv = ["refine", str(image), str(probs), "-o", str(tmp_path / "o.npy"), "--iters", "1"]
+    assert main(argv) == 0
+    written = np.load(tmp_path / "o.npy")
+    assert written.dtype == (np.uint8 if labels <= 256 else np.uint16)
+    assert (written == labels - 10).all()
+
+
+def test_sixteen_bit_grey_image_is_scaled_not_clipped(tmp_path, capsys):
+    from PIL import Image
+
+    from deepcrf.data.palette import read_image, read_image_info
+
+    ramp = np.linspace(0, 65535, 16 * 20).reshape(16, 20).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a.png")  # 16-bit greyscale PNG
+    arr, note = read_image_info(tmp_path / "a.png")
+    assert arr.dtype == np.float32 and "scaled to 0-255" in note
+    np.testing.assert_allclose(arr[..., 0], ramp / 257.0, rtol=1e-5)
+    u8 = read_image(tmp_path / "a.png")
+    assert u8.dtype == np.uint8 and u8.min() == 0 and u8.max() == 255 and (u8 < 255).mean() > 0.9
+    _, probs = _refine_case(tmp_path, stem="b")
+    assert main(["refine", str(tmp_path / "a.png"), str(probs), "-o", str(tmp_path / "o.png")]) == 0
+    assert "16-bit) image: scaled to 0-255" in capsys.readouterr().err

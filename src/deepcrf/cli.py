@@ -28,6 +28,7 @@ def _subcommand(adder: _Adder) -> _Adder:
 # === refine ===
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 _PROBS_SUFFIXES = (".npy", ".png")
+_OUTPUT_SUFFIXES = (".png", ".npy")
 
 
 @_subcommand
@@ -55,7 +56,11 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         help="RGB image file or folder of images, or a reference volume (.npy, .nii, .nii.gz)",
     )  # fmt: skip
     p.add_argument("probs", nargs="?", help=".npy (L, H, W) probabilities or label PNG, or folder")
-    p.add_argument("-o", "--output", help="output palette PNG (a folder when inputs are folders)")
+    p.add_argument(
+        "-o", "--output",
+        help="output labels: a palette .png (up to 255 labels) or a .npy; a folder when the "
+             "inputs are folders; volumes: .npy, .nii or .nii.gz",
+    )  # fmt: skip
     p.add_argument(
         "--confidence", type=float, default=0.7,
         help="label-PNG input: probability of the given label, the rest shared evenly "
@@ -101,6 +106,14 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "--ground-truth", metavar="LABELS",
         help="label PNG (or folder) to report pixel accuracy before/after (255 ignored)",
     )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace output files that exist already (never an input)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fail-fast", action="store_true",
+        help="folders: stop at the first file that fails (default: report it, go on, exit 1)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -140,7 +153,20 @@ def _refine_pairs(args: argparse.Namespace) -> list[tuple]:
     if not image.is_dir():
         if probs.suffix.lower() not in _PROBS_SUFFIXES:
             raise ValueError(f"PROBS must be a .npy or .png file; got {probs}")
+        if out.is_dir():
+            raise ValueError(
+                f"-o {out} is a folder: name the output file (.png or .npy), or give folders "
+                "for IMAGE and PROBS"
+            )
+        if out.suffix.lower() not in _OUTPUT_SUFFIXES:
+            raise ValueError(
+                f"-o {out}: the output format follows the extension, one of "
+                f"{', '.join(_OUTPUT_SUFFIXES)} (labels as a palette PNG or a .npy array); got "
+                f"{out.suffix or 'none'}"
+            )
         return [(image, probs, out, gt)]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} is a file; with folders for IMAGE and PROBS it names a folder")
 
     def by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
         # Earlier suffixes win when a stem has several files (probabilities .npy over .png).
@@ -249,11 +275,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import numpy as np
     from tqdm.auto import tqdm
-
-    from deepcrf.crf.dense import refine
-    from deepcrf.data.palette import read_image, read_label_png, write_label_png
 
     if args.demo_input:
         files = _refine_demo_input(args.demo_input)
@@ -279,34 +301,22 @@ def _run_refine(args: argparse.Namespace) -> int:
     if args.spacing is not None:
         raise ValueError("--spacing is for volumes (.npy/.nii/.nii.gz references)")
     pairs = _refine_pairs(args)
-    results = []
+    _check_refine_outputs(pairs, args.overwrite)
+    results, failures = [], []
     start = time.perf_counter()
     bar = tqdm(pairs, desc="refine", unit="image", disable=args.no_progress or len(pairs) < 2)
-    for image_path, probs_path, out_path, gt_path in bar:
-        t0 = time.perf_counter()
-        image = read_image(image_path)
-        probs = _refine_probs(probs_path, image.shape[0], image.shape[1], args)
+    for pair in bar:
         try:
-            q = refine(image, probs, **params)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{probs_path}: {err}") from err
-        before, after = probs.argmax(0), q.argmax(0)
-        write_label_png(out_path, after.astype(np.uint8))
-        row: dict[str, object] = {
-            "image": str(image_path), "probs": str(probs_path), "output": str(out_path),
-            "height": image.shape[0], "width": image.shape[1], "num_labels": probs.shape[0],
-            "changed_fraction": float((before != after).mean()),
-            "seconds": time.perf_counter() - t0,
-        }  # fmt: skip
-        if gt_path is not None:
-            gt = read_label_png(gt_path)
-            if gt.shape != after.shape:
-                raise ValueError(f"ground truth {gt_path} is {gt.shape}; expected {after.shape}")
-            valid = gt != 255
-            row["accuracy_before"] = float((before == gt)[valid].mean())
-            row["accuracy_after"] = float((after == gt)[valid].mean())
-        results.append(row)
-    summary = {"files": results, "params": params, "seconds": time.perf_counter() - start}
+            results.append(_refine_one(*pair, args, params))
+        except (FileNotFoundError, ValueError, TypeError, MemoryError) as err:
+            if args.fail_fast or len(pairs) == 1:
+                raise
+            failures.append({"image": str(pair[0]), "probs": str(pair[1]), "error": str(err)})
+            print(f"deepcrf refine: {pair[0].name}: failed: {err}", file=sys.stderr)
+    summary = {
+        "files": results, "failed": failures, "params": params,
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -318,7 +328,87 @@ def _run_refine(args: argparse.Namespace) -> int:
                 f"{row['output']}: {row['changed_fraction']:.2%} of pixels changed{acc} "
                 f"({row['seconds']:.2f} s)"
             )
-    return 0
+        if failures:
+            print(f"{len(failures)} of {len(pairs)} file(s) failed (listed above on stderr)")
+    return 1 if failures else 0
+
+
+def _check_refine_outputs(pairs: list[tuple], overwrite: bool) -> None:
+    """Before anything is written: no output is an input; existing outputs need --overwrite."""
+    inputs = {p.resolve() for pair in pairs for p in (pair[0], pair[1], pair[3]) if p is not None}
+    clash = [pair[2] for pair in pairs if pair[2].resolve() in inputs]
+    if clash:
+        raise ValueError(f"output {clash[0]} is one of the inputs; refusing to overwrite it")
+    existing = [str(pair[2]) for pair in pairs if pair[2].exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to "
+            "replace them, or choose another -o"
+        )
+    for pair in pairs:
+        if pair[2].is_dir():
+            raise ValueError(f"output {pair[2]} is a folder")
+
+
+def _refine_one(
+    image_path: object,
+    probs_path: object,
+    out_path: object,
+    gt_path: object,
+    args: argparse.Namespace,
+    params: dict,
+) -> dict:
+    """Refine one image: every input is read and checked before the output is written."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from deepcrf._atomic import atomic_path
+    from deepcrf.crf.dense import refine
+    from deepcrf.data.palette import read_image_info, read_label_png, write_label_png
+
+    t0 = time.perf_counter()
+    image, note = read_image_info(image_path)
+    if note:
+        print(f"deepcrf refine: {image_path}: {note}", file=sys.stderr)
+    probs = _refine_probs(probs_path, image.shape[0], image.shape[1], args)
+    gt = None
+    if gt_path is not None:
+        gt = read_label_png(gt_path)
+        if gt.shape != image.shape[:2]:
+            raise ValueError(f"ground truth {gt_path} is {gt.shape}; expected {image.shape[:2]}")
+    out = Path(str(out_path))
+    num_labels = probs.shape[0]
+    if out.suffix.lower() == ".png" and num_labels > 255:
+        raise ValueError(
+            f"{probs_path} has {num_labels} labels: a PNG label map holds labels 0-254 (255 "
+            "means 'ignore' in VOC); write a .npy instead (uint16)"
+        )
+    try:
+        q = refine(image, probs, **params)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{probs_path}: {err}") from err
+    before, after = probs.argmax(0), q.argmax(0)
+    if out.suffix.lower() == ".png":
+        write_label_png(out, after.astype(np.uint8))
+    else:
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, after.astype(np.uint8 if num_labels <= 256 else np.uint16))
+    row: dict[str, object] = {
+        "image": str(image_path), "probs": str(probs_path), "output": str(out),
+        "height": image.shape[0], "width": image.shape[1], "num_labels": num_labels,
+        "changed_fraction": float((before != after).mean()),
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    if note:
+        row["note"] = note
+    if gt is not None:
+        valid = gt != 255
+        row["accuracy_before"] = float((before == gt)[valid].mean())
+        row["accuracy_after"] = float((after == gt)[valid].mean())
+    return row
 
 
 def _is_volume_input(path: str) -> bool:
@@ -392,6 +482,10 @@ def _run_refine_volume(args: argparse.Namespace, params: dict) -> int:
     inputs = [ref_path, probs_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
     if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
         raise ValueError(f"-o {out} is one of the inputs; refusing to overwrite it")
+    if out.is_dir():
+        raise ValueError(f"-o {out} is a folder: name the output file")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"-o {out} exists already: pass --overwrite to replace it")
     t0 = time.perf_counter()
     probs = _volume_probs(str(probs_path), args)
     space = tuple(probs.shape[1:])

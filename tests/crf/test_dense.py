@@ -519,8 +519,9 @@ def test_refine_numpy_helper():
         refine(img, probs * 2)
     with pytest.raises(ValueError, match=r"must match the image"):
         refine(img[:5], probs)
-    with pytest.raises(TypeError, match=r"image must be uint8"):
-        refine(img.astype(np.float32), probs)
+    np.testing.assert_allclose(refine(img.astype(np.float32), probs, iters=3, **PARAMS), out)
+    with pytest.raises(ValueError, match=r"looks like RGB scaled to \[0, 1\]"):
+        refine(img.astype(np.float32) / 255, probs)
 
 
 @pytest.mark.gpu

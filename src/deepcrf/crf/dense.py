@@ -942,11 +942,12 @@ def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
 
     Runs :func:`dense_crf` with ``logits = log(probs)`` (clipped at 1e-8) on CPU in float32.
     The reference is channels-last like an image file, ``(*S, C)``, or ``(*S)`` for a single
-    channel (a grey image, one MRI modality); an RGB image (H, W, 3) must be uint8 (0–255),
-    other references may have any real dtype, in the units of ``theta_beta``.
+    channel (a grey image, one MRI modality); an RGB image (H, W, 3) holds 0–255 colours
+    (uint8, or float — a [0, 1] float image is refused), other references may have any real
+    dtype, in the units of ``theta_beta``.
 
     Args:
-        image: the reference: an RGB image (H, W, 3) uint8, or any (*S) / (*S, C) array.
+        image: the reference: an RGB image (H, W, 3) in 0–255, or any (*S) / (*S, C) array.
         probs: per-label probabilities, summing to 1 over the label axis (axis 0).
         **params: keyword arguments of :func:`dense_crf` (``iters``, ``theta_alpha``,
             ``spacing``, ...).
@@ -989,8 +990,6 @@ def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
             f"probs (L, *S) {probs.shape} must match the image (*S, C) or (*S) {image.shape} in "
             f"its spatial size {space}"
         )
-    if channels_last.ndim == 3 and channels_last.shape[-1] == 3 and image.dtype != np.uint8:
-        raise TypeError(f"image must be uint8 (H, W, 3) RGB; got dtype {image.dtype}")
     if probs.shape[0] < 2:
         raise ValueError(f"probs must have at least 2 labels; got shape {probs.shape}")
     if not np.isfinite(probs).all() or probs.min() < 0:

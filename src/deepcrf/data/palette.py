@@ -76,9 +76,28 @@ def write_label_png(path: str | os.PathLike[str], labels: np.ndarray) -> None:
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as ``(H, W, 3)`` uint8 RGB.
 
+    A 16-bit (or 32-bit integer) greyscale image is scaled to 0–255 (÷257 for 16 bits) and
+    rounded, not clipped (PIL's own conversion clips everything above 255 to white).
+
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is corrupt or not an image.
+    """
+    arr, _ = read_image_info(path)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.dtype != np.uint8 else arr
+
+
+def read_image_info(path: str | os.PathLike[str]) -> tuple[np.ndarray, str | None]:
+    """Read an image as ``(H, W, 3)`` RGB in 0–255, with a note when it was rescaled.
+
+    8-bit images come back as uint8 and no note. A 16-bit greyscale PNG/TIFF (PIL modes
+    ``I;16*`` and ``I``) comes back as float32 scaled to 0–255 by 255/65535, keeping its
+    precision, with a note that says so; a float (``F``) image is refused, since its range
+    is unknown.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is corrupt, not an image, or a float image.
     """
     p = Path(path)
     if not p.is_file():
@@ -86,10 +105,22 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(p) as im:
             im.load()
+            mode = im.mode
+            if mode.startswith("I;16") or mode == "I":
+                raw = np.array(im).astype(np.float64)
+                note = f"{mode} ({'16' if mode != 'I' else '32'}-bit) image: scaled to 0-255"
+                top = 65535.0 if mode != "I" or raw.max(initial=0) <= 65535 else 2.0**31 - 1
+                grey = (raw * (255.0 / top)).astype(np.float32)
+                return np.repeat(grey[..., None], 3, axis=2), f"{note} (x 255/{top:.0f})"
+            if mode == "F":
+                raise ValueError(
+                    f"image {p} holds floating-point pixels (mode F) of unknown range; save it "
+                    "as 8- or 16-bit"
+                )
             arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {p} (corrupt or not an image): {err}") from err
-    return arr
+    return arr, None
 
 
 def colorize(labels: np.ndarray) -> np.ndarray:
