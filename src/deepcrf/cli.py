@@ -704,9 +704,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if args.volume:
-        from pathlib import Path
+    from pathlib import Path
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; the demo writes a folder of results")
+    if args.volume:
         from deepcrf.engine.volume_demo import run_volume_demo
 
         run_volume_demo(Path(args.out) / "volume", quick=args.quick)
@@ -752,8 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"deepcrf {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"deepcrf {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
 
 

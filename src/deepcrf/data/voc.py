@@ -163,6 +163,46 @@ class SegmentationFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             )
         return image, labels
 
+    def check(self) -> list[str]:
+        """Check every item once: readable, image and labels of one size, labels in range.
+
+        Reads each label map fully and each image's header (not its pixels), so a whole VOC
+        split takes seconds. Returns one line per bad file (empty when all are good), so that
+        a run can refuse to start with a single report instead of failing at the step that
+        first samples the file.
+        """
+        from PIL import Image
+
+        problems = []
+        for image_path, label_path in zip(self.image_paths, self.label_paths, strict=True):
+            try:
+                with Image.open(image_path) as im:
+                    width, height = im.size
+                    im.verify()
+                if label_path.suffix.lower() == ".mat":
+                    from .sbd import read_sbd_mat
+
+                    labels = read_sbd_mat(label_path)
+                else:
+                    labels = read_label_png(label_path)
+            except (OSError, SyntaxError, ValueError) as err:
+                problems.append(f"{image_path.name} / {label_path.name}: unreadable ({err})")
+                continue
+            if labels.shape != (height, width):
+                problems.append(
+                    f"{label_path}: labels are {labels.shape[0]}x{labels.shape[1]} (HxW), its "
+                    f"image {image_path.name} is {height}x{width}"
+                )
+                continue
+            bad = (labels >= self.num_classes) & (labels != IGNORE_INDEX)
+            if bad.any():
+                values = sorted(set(np.unique(labels[bad]).tolist()))[:8]
+                problems.append(
+                    f"{label_path}: labels {values} outside [0, {self.num_classes}) and not "
+                    f"{IGNORE_INDEX} (ignore), in {int(bad.sum())} pixels"
+                )
+        return problems
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.names)
         if not -n <= index < n:

@@ -13,14 +13,19 @@ best one in ``RUN/best``::
     RUN/best/config.json, RUN/best/model.safetensors
 
 Every file is written through :func:`deepcrf._atomic.atomic_path` (temp file + rename), so a
-killed process never leaves a half-written file. Because the resume state is a single file, a
-kill between two renames cannot pair weights of one step with an optimiser of another: resume
-reads only ``state.safetensors``, which is always self-consistent. Loading never unpickles:
-tensors come from safetensors, everything else from JSON.
+killed process never leaves a half-written file. Each ``.safetensors`` file carries a SHA-256
+of its tensors (names, dtypes, shapes and bytes, in name order) in its own metadata
+(``sha256``), so the check does not depend on another file written at another moment; every
+load verifies it and a damaged, truncated or altered file raises :class:`CheckpointError`
+naming the file (files from before the hash load unverified). Because the resume state is a
+single file, a kill between two renames cannot pair weights of one step with an optimiser of
+another: resume reads only ``state.safetensors``, which is always self-consistent. Loading
+never unpickles: tensors come from safetensors, everything else from JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -40,6 +45,58 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, truncated or altered (the message names the file)."""
+
+
+def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a checkpoint's ``.safetensors`` file and verify its content hash.
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        CheckpointError: the file cannot be parsed (truncated, overwritten) or its tensors do
+            not match the hash written with them (bit flips, partial copies).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint file {p} is damaged or truncated ({err}); restore it from a copy "
+            "or retrain"
+        ) from err
+    expected = meta.get("sha256")
+    if expected is not None and content_hash(tensors) != expected:
+        raise CheckpointError(
+            f"checkpoint file {p} is damaged: its tensors do not match the SHA-256 written with "
+            "them (changed bytes); restore it from a copy or retrain"
+        )
+    return tensors, meta
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    meta = {**meta, "sha256": content_hash(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata={k: str(v) for k, v in meta.items()})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,10 +151,8 @@ def save_checkpoint(
             raise ValueError(f"state step {state_meta.get('step')} != config step {step}")
         tensors = {**dict(state_tensors or {}), **{f"model.{k}": v for k, v in weights.items()}}
         meta = {**header, "step": step, "state": json.dumps({**header, **state_meta})}
-        with atomic_path(out / STATE_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    with atomic_path(out / MODEL_FILE) as tmp:
-        save_file(weights, str(tmp), metadata={"format": FORMAT, "step": step})
+        _write_safetensors(out / STATE_FILE, tensors, meta)
+    _write_safetensors(out / MODEL_FILE, weights, {"format": FORMAT, "step": step})
     write_json(out / CONFIG_FILE, {**header, **config})
     return out
 
@@ -135,8 +190,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = _resolve(path)
     try:
         config = json.loads((p / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p / CONFIG_FILE} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{p / CONFIG_FILE} is damaged (not valid JSON): {err}") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{p / CONFIG_FILE} is not a deepcrf checkpoint config")
     _check_model_config(config)
@@ -179,12 +234,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> int | None:
     Returns:
         The step stored in the file's metadata, or ``None``.
     """
-    from safetensors import safe_open
-
     p = _resolve(path)
-    with safe_open(str(p / MODEL_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-    assign_weights(model, load_file(str(p / MODEL_FILE)), str(p / MODEL_FILE))
+    tensors, meta = read_safetensors(p / MODEL_FILE)
+    assign_weights(model, tensors, str(p / MODEL_FILE))
     step = meta.get("step", "")
     return int(step) if step.isdigit() else None
 
@@ -300,17 +352,73 @@ def load_training_state(
         FileNotFoundError: no resume state in ``path``.
         ValueError: the file is not a deepcrf resume state.
     """
-    from safetensors import safe_open
-
     p = Path(path) / STATE_FILE
     if not p.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint with training state in {p.parent}")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_safetensors(p)
     if meta.get("format") != FORMAT or "state" not in meta:
         raise ValueError(f"{p} is not a deepcrf resume state")
-    state = json.loads(meta["state"])
-    tensors = load_file(str(p))
+    try:
+        state = json.loads(meta["state"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint file {p} is damaged: its state is not JSON") from err
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     others = {k: v for k, v in tensors.items() if not k.startswith("model.")}
     return weights, others, state
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: never overwritten by accident, verified before a resume.
+# --------------------------------------------------------------------------------------------
+
+#: What a run writes into its directory (and an --overwrite removes): nothing else is touched.
+RUN_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "best")
+
+
+def prepare_run_dir(
+    path: str | os.PathLike[str], *, resume: bool, overwrite: bool, main_process: bool = True
+) -> Path:
+    """Check (and for ``overwrite`` clear) the run directory before training starts.
+
+    * a path that is a file is refused;
+    * a fresh run (no ``resume``) into a directory that holds a run already is refused unless
+      ``overwrite``, which first deletes that run's files (:data:`RUN_FILES`: its checkpoints
+      and ``best/``, so that ``best/`` always belongs to the run beside it) and nothing else;
+    * a resume verifies every checkpoint file of the run (content hashes) first, so that a
+      damaged file fails now and by name instead of being kept or trained over.
+
+    Raises:
+        ValueError: the cases above (:class:`CheckpointError` for a damaged file).
+    """
+    import shutil
+
+    run = Path(path)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run} is a file; a run directory is a folder")
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out; --overwrite replaces it: pick one")
+    present = [n for n in RUN_FILES if (run / n).exists()]
+    if resume:
+        for sub in (run, run / "best"):
+            for name in (MODEL_FILE, STATE_FILE):
+                if (sub / name).is_file():
+                    read_safetensors(sub / name)
+        return run
+    if present and not overwrite:
+        step = ""
+        try:
+            step = f" (step {json.loads((run / CONFIG_FILE).read_text()).get('step')})"
+        except (OSError, ValueError):
+            pass
+        raise ValueError(
+            f"--out {run} holds a run already{step}: continue it with --resume, or pass "
+            "--overwrite to replace it (deletes its checkpoints and best/)"
+        )
+    if present and main_process:
+        for name in present:
+            target = run / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    return run

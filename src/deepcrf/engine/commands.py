@@ -87,6 +87,7 @@ _TRAIN_FLAGS = {
     "amp": "train.amp",
     "freeze_backbone": "train.freeze_backbone",
     "checkpoint_every": "train.checkpoint_every",
+    "checkpoint_minutes": "train.checkpoint_minutes",
     "val_every": "train.val_every",
     "init": "train.init",
 }
@@ -114,6 +115,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out from its last checkpoint (same settings)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (deletes its checkpoints and best/ first); without it "
+        "an existing run is never overwritten",
+    )
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="do not check every dataset file before the first step",
     )
     p.add_argument("--model", help="registered model name (config model.name; default small)")
     p.add_argument("--num-classes", type=int, help="number of classes (default 21)")
@@ -156,6 +168,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="keep backbone.* fixed (joint / piecewise stages)",
     )
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        help="also checkpoint every M minutes of training (default 10; Ctrl-C / SIGTERM "
+        "checkpoint too)",
+    )
     p.add_argument("--val-every", type=int, help="validate every N steps (and at the end)")
     p.add_argument("--init", help="initialise weights from this run (e.g. stage 1 for stage 2)")
     p.add_argument(
@@ -201,7 +219,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = build_train_config(args)
     try:
-        result = train_run(config, args.out, resume=args.resume, progress=not args.quiet)
+        result = train_run(
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            check_data=not args.skip_data_check,
+            progress=not args.quiet,
+        )
     except FloatingPointError as err:
         print(f"deepcrf train: error: {err}", file=sys.stderr)
         return 1
@@ -332,6 +357,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="image file or folder of images")
     p.add_argument("--checkpoint", required=True, help="run directory or RUN/best")
     p.add_argument("--out", "-o", required=True, help="output folder for the label PNGs")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace label PNGs that exist already in --out"
+    )
     _add_inference_flags(p)
     _common(p)
     p.set_defaults(func=run_predict)
@@ -364,6 +392,7 @@ def run_predict(args: argparse.Namespace) -> int:
         postprocess = dense_postprocess(used)
     written = predict_files(
         model, inputs, args.out, use_crf=not args.no_model_crf, postprocess=postprocess,
+        overwrite=args.overwrite,
         scales=[float(s) for s in settings["scales"]], flip=settings["flip"], device=device,
         progress=not args.quiet,
     )  # fmt: skip

@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...] | str, Any]]] = {
         "freeze_backbone": ((bool,), False),
         "grad_clip": ((float, _NONE), None),
         "checkpoint_every": ((int,), 0),
+        "checkpoint_minutes": ((float, _NONE), 10.0),
         "val_every": ((int,), 0),
         "val_max_images": ((int, _NONE), None),
         "init": ((str, _NONE), None),

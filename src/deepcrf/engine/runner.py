@@ -7,18 +7,24 @@ JSON-able dict, so the CLI only parses flags and prints.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import init_from_env, is_main_process, launched_by_torchrun, rank_and_world
+from .distributed import (
+    barrier,
+    init_from_env,
+    is_main_process,
+    launched_by_torchrun,
+    rank_and_world,
+)
 from .evaluation import evaluate, predict_logits
 from .train import fit
 
@@ -85,7 +91,7 @@ def init_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     file = p / ckpt.MODEL_FILE if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"init checkpoint not found: {file}")
-    tensors = load_file(str(file))
+    tensors, _ = ckpt.read_safetensors(file)
     own = model.state_dict()
     wrapped = not any(k in tensors for k in own) and hasattr(model, "model")
     renamed = {f"model.{k}": v for k, v in tensors.items()} if wrapped else dict(tensors)
@@ -140,16 +146,27 @@ def class_names(num_classes: int) -> list[str] | None:
     return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else None
 
 
+class UntrainedBackboneWarning(UserWarning):
+    """A VGG-16 model is about to be trained from random weights (no ImageNet file, no init)."""
+
+
 def train_run(
     config: Mapping[str, Any],
     out: str | os.PathLike[str],
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    check_data: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing checkpoints to ``out``; the CLI's ``train``.
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) this process joins the process group first.
+    Before the first step: ``out`` must not hold another run (unless ``overwrite``; a resume
+    verifies its files), every training and validation file is checked once
+    (:meth:`deepcrf.data.voc.SegmentationFiles.check`, one report of every bad file; off
+    with ``check_data=False``), and a VGG-16 model without ``model.pretrained`` or
+    ``train.init`` warns (:class:`UntrainedBackboneWarning`).
 
     Returns:
         ``{"run_dir", "steps", "start_step", "final_loss", "losses", "seconds", "best_miou",
@@ -157,10 +174,35 @@ def train_run(
     """
     t = config["train"]
     device = init_from_env(t["device"]) if launched_by_torchrun() else resolve_device(t["device"])
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
+    ckpt.prepare_run_dir(out, resume=resume, overwrite=overwrite, main_process=rank == 0)
+    barrier()
     train_set = _dataset(config, config["data"]["train_split"], _train_transform(config["data"]))
     val_split = config["data"]["val_split"]
     val_set = _dataset(config, val_split, None) if val_split else None
+    if check_data:
+        problems = [p for ds in (train_set, val_set) if ds is not None for p in ds.check()]
+        if problems:
+            shown = "\n  ".join(problems[:50])
+            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+            raise ValueError(
+                f"{len(problems)} bad file(s) in the dataset (checked before training; "
+                f"--skip-data-check skips this):\n  {shown}{more}"
+            )
+    name = config["model"]["name"]
+    if (
+        not name.startswith("small")
+        and config["model"]["pretrained"] is None
+        and t["init"] is None
+        and not resume
+    ):
+        warnings.warn(
+            f"training {name} (VGG-16) from RANDOM weights: no --pretrained (local torchvision "
+            "VGG-16 file) and no --init. The papers start from ImageNet weights; from scratch "
+            "the results will be far below theirs",
+            UntrainedBackboneWarning,
+            stacklevel=2,
+        )
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(t["seed"])
     model = build_model(config)
@@ -196,6 +238,9 @@ def train_run(
         run_dir=out,
         config=stored,
         checkpoint_every=t["checkpoint_every"],
+        checkpoint_seconds=(
+            None if t["checkpoint_minutes"] is None else 60.0 * float(t["checkpoint_minutes"])
+        ),
         resume=resume,
         val_dataset=val_set,
         val_every=t["val_every"],
@@ -404,8 +449,12 @@ def predict_files(
     flip: bool = False,
     device: torch.device,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Segment each image and write ``OUT/<stem>.png`` (VOC palette PNG, written atomically).
+
+    Before anything runs: ``OUT`` must be a folder (or not exist), no output may be one of the
+    inputs, and outputs that exist already need ``overwrite``.
 
     Returns:
         ``[{"input", "output", "height", "width", "labels": sorted label ids present}]``.
@@ -413,10 +462,23 @@ def predict_files(
     from ..data.palette import read_image, write_label_png
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; predictions go into a folder")
     stems = [p.stem for p in inputs]
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise ValueError(f"several inputs would write the same output name: {dup}")
+    targets = [out / f"{p.stem}.png" for p in inputs]
+    sources = {p.resolve() for p in inputs}
+    clash = [t for t in targets if t.resolve() in sources]
+    if clash:
+        raise ValueError(f"output {clash[0]} would overwrite an input image; choose another --out")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{len(existing)} output file(s) exist already ({', '.join(existing[:3])}"
+            f"{' ...' if len(existing) > 3 else ''}): pass --overwrite to replace them"
+        )
     model.to(device).eval()
     written = []
     for path in tqdm(inputs, desc="predict", unit="img", disable=not progress):
@@ -426,6 +488,11 @@ def predict_files(
             model, image.to(device), use_crf=use_crf, scales=scales, flip=flip,
             postprocess=postprocess,
         )  # fmt: skip
+        if logits.shape[1] > 255:
+            raise ValueError(
+                f"the model has {logits.shape[1]} classes: a PNG label map holds 0-254 (255 = "
+                "ignore)"
+            )
         labels = logits.argmax(1)[0].to("cpu", torch.int64).numpy().astype(np.uint8)
         target = out / f"{path.stem}.png"
         if is_main_process():

@@ -275,6 +275,7 @@ def fit(
     run_dir: str | os.PathLike[str] | None = None,
     config: Mapping[str, Any] | None = None,
     checkpoint_every: int = 0,
+    checkpoint_seconds: float | None = 600.0,
     resume: bool = False,
     val_dataset: Any = None,
     val_every: int = 0,
@@ -320,6 +321,10 @@ def fit(
         config: JSON-able run config stored in ``config.json``; must contain
             ``model = {"name", "num_classes", "kwargs"}`` for :func:`load_checkpoint`.
         checkpoint_every: also checkpoint every this many steps (0 = only at the end).
+        checkpoint_seconds: also checkpoint when this much wall time has passed since the last
+            checkpoint (default 10 minutes; None = off). With ``run_dir``, SIGINT (Ctrl-C) and
+            SIGTERM also checkpoint, at the end of the current step, before the run stops with
+            :class:`TrainingInterrupted`; a second signal stops at once (files stay whole).
         resume: continue from the checkpoint in ``run_dir`` (must exist, same hyper-parameters).
         val_dataset: evaluate on it every ``val_every`` steps and at the end; the best mIoU is
             kept in ``RUN/best``.
@@ -430,13 +435,16 @@ def fit(
         pin_memory=dev.type == "cuda",
     )
     t0 = time.perf_counter()
+    last_save = time.monotonic()
     current_lr = lr
+    stop = _SignalCheckpoint(enabled=run_dir is not None)
     bar = tqdm(
         total=steps, initial=start, desc=f"train ({stage})", unit="step",
         disable=not progress or not is_main_process(), dynamic_ncols=True,
     )  # fmt: skip
     model.train()
     try:
+        stop.install()
         batches = iter(loader)
         for step in range(start, steps):
             image, labels = _next_batch(batches)
@@ -470,11 +478,17 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{current_lr:.2e}")
             is_last = done == steps
-            if (
+            save_now = run_dir is not None and (
                 is_last
-                or (val_every and done % val_every == 0)
-                or (checkpoint_every and done % checkpoint_every == 0)
-            ):
+                or bool(checkpoint_every and done % checkpoint_every == 0)
+                or _agreed(
+                    stop.signal is not None
+                    or (checkpoint_seconds is not None
+                        and time.monotonic() - last_save >= checkpoint_seconds),
+                    world,
+                )
+            )  # fmt: skip
+            if is_last or (val_every and done % val_every == 0) or save_now:
                 broadcast_buffers(model)  # every rank validates / rank 0 saves one model
             if val_dataset is not None and (is_last or (val_every and done % val_every == 0)):
                 best = _validate(
@@ -490,13 +504,15 @@ def fit(
                     hyper,
                 )
                 model.train()
-            if run_dir is not None and (
-                is_last or (checkpoint_every and done % checkpoint_every == 0)
-            ):
+            if save_now:
                 _save(run_dir, model, opt, scaler, config, hyper, done, losses, history, best)
+                last_save = time.monotonic()
+            if stop.signal is not None and not is_last:
+                raise TrainingInterrupted(stop.signal, done, steps, run_dir)
             if callback is not None:
                 callback(done, value)
     finally:
+        stop.uninstall()
         bar.close()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
@@ -510,6 +526,70 @@ def fit(
         "val": history,
         "best_miou": None if best == -math.inf else best,
     }
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint it can resume from."""
+
+    def __init__(self, signum: int, step: int, steps: int, run_dir: Any) -> None:
+        import signal as _signal
+
+        name = _signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} after step {step} of {steps}; checkpoint saved in "
+            f"{run_dir}: continue with `deepcrf train --out {run_dir} --resume`"
+        )
+        self.step = step
+
+
+class _SignalCheckpoint:
+    """SIGINT/SIGTERM set a flag: checkpoint at the end of the step, then stop.
+
+    A second signal gets the previous handler (Ctrl-C twice stops at once). Main thread only;
+    the handlers are restored after the run.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+
+        if not self.enabled:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signal is not None:  # the second signal: do what the first would have done
+            previous = self._previous.get(signum)
+            self.uninstall()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signum)
+            return
+        self.signal = signum
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """``flag`` on any rank (time and signals differ per process; every rank must save)."""
+    if world <= 1:
+        return flag
+    return any(all_gather_object(bool(flag)))
 
 
 def _next_batch(batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
