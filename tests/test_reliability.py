@@ -238,3 +238,206 @@ def test_sixteen_bit_grey_image_is_scaled_not_clipped(tmp_path, capsys):
     _, probs = _refine_case(tmp_path, stem="b")
     assert main(["refine", str(tmp_path / "a.png"), str(probs), "-o", str(tmp_path / "o.png")]) == 0
     assert "16-bit) image: scaled to 0-255" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# training runs: never overwritten, checkpointed on signals, resumable bit for bit
+# ------------------------------------------------------------------------------------------
+
+SPEC = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
+STEPS = 8
+FIT = dict(steps=STEPS, batch_size=2, lr=0.02, progress=False, seed=3, config=SPEC)
+KILL_POINTS = sorted(np.random.default_rng(16).choice(np.arange(1, STEPS - 1), 5, replace=False))
+
+
+def _small():
+    from deepcrf import models
+
+    torch.manual_seed(0)
+    return models.create("small", 21, width=4, hidden=8)
+
+
+@pytest.fixture(scope="module")
+def voc_set(tmp_path_factory):
+    from deepcrf.data.transforms import train_transform
+    from deepcrf.data.voc import VOCSegmentation
+    from tests.fakevoc import make_fake_voc
+
+    root = make_fake_voc(tmp_path_factory.mktemp("voc"))
+    return root, VOCSegmentation(root, "train", transform=train_transform(24))
+
+
+@pytest.fixture(scope="module")
+def straight(voc_set, tmp_path_factory):
+    from deepcrf.engine import fit
+
+    model = _small()
+    fit(model, voc_set[1], run_dir=tmp_path_factory.mktemp("straight"), **FIT)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigint_checkpoints_and_resume_is_bit_identical_at_five_points(voc_set, straight, tmp_path):
+    import signal
+
+    from deepcrf.engine import fit
+    from deepcrf.engine.train import TrainingInterrupted
+
+    assert len(KILL_POINTS) == 5
+    for k in KILL_POINTS:
+        run = tmp_path / f"k{k}"
+
+        def interrupt(step, loss, k=k):
+            if step == k:  # Ctrl-C while step k + 1 runs: it completes, is saved, then stop
+                os.kill(os.getpid(), signal.SIGINT)
+
+        with pytest.raises(
+            TrainingInterrupted, match=rf"SIGINT after step {k + 1} of {STEPS}.*--resume"
+        ):
+            fit(_small(), voc_set[1], run_dir=run, callback=interrupt, **FIT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        torch.manual_seed(999)  # a new process's RNG state: resume must restore its own
+        resumed = _small()
+        out = fit(resumed, voc_set[1], run_dir=run, resume=True, **FIT)
+        assert out["start_step"] == k + 1
+        _same(straight, resumed.state_dict())
+
+
+_KILLER = """
+import os, signal, sys, torch
+from deepcrf import models
+from deepcrf.data.transforms import train_transform
+from deepcrf.data.voc import VOCSegmentation
+from deepcrf.engine import fit
+root, run, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = models.create("small", 21, width=4, hidden=8)
+spec = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
+def die(step, loss):
+    if step == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+fit(model, VOCSegmentation(root, "train", transform=train_transform(24)), steps=8, batch_size=2,
+    lr=0.02, progress=False, seed=3, config=spec, run_dir=run, checkpoint_every=2, callback=die)
+"""
+
+
+def test_kill_9_then_resume_is_bit_identical_at_five_points(voc_set, straight, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deepcrf.engine import fit
+
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in KILL_POINTS:
+        run = tmp_path / f"k{k}"
+        proc = subprocess.run(
+            [sys.executable, str(script), str(voc_set[0]), str(run), str(k)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        resumed = _small()
+        if k < 2:  # killed before its first checkpoint: nothing to resume, nothing half-written
+            assert not (run / "config.json").exists() and not list(run.glob("*.tmp"))
+            fit(resumed, voc_set[1], run_dir=run, **FIT)
+        else:
+            assert json.loads((run / "config.json").read_text())["step"] == k // 2 * 2
+            out = fit(resumed, voc_set[1], run_dir=run, resume=True, **FIT)
+            assert out["start_step"] == k // 2 * 2
+        _same(straight, resumed.state_dict())
+
+
+TRAIN = ["--crop-size", "24", "--batch-size", "2", "--quiet", "--max-steps", "2",
+         "--set", "model.kwargs.width=4", "--set", "model.kwargs.hidden=8"]  # fmt: skip
+
+
+def _train(data, run, *extra):
+    return main(["train", "--data", str(data), "--out", str(run), *TRAIN, *extra])
+
+
+def test_existing_run_is_never_overwritten_without_consent(voc_set, tmp_path, capsys):
+    data = voc_set[0]
+    run = tmp_path / "run"
+    assert _train(data, run, "--val-split", "val") == 0
+    weights = (run / "model.safetensors").read_bytes()
+    assert (run / "best" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert _train(data, run) == 2
+    err = capsys.readouterr().err
+    assert "holds a run already (step 2)" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "model.safetensors").read_bytes() == weights
+    (run / "notes.txt").write_text("mine")
+    assert _train(data, run, "--overwrite", "--seed", "5") == 0
+    assert not (run / "best").exists()  # best/ of the old run does not stay beside the new one
+    assert (run / "notes.txt").read_text() == "mine"  # nothing but the run's own files deleted
+    assert (run / "model.safetensors").read_bytes() != weights
+    (tmp_path / "file").write_text("x")
+    assert _train(data, tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_bad_dataset_files_are_all_reported_before_the_first_step(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.fakevoc import make_fake_voc
+
+    data = make_fake_voc(tmp_path / "voc", n_train=4)
+    names = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    labels = data / "SegmentationClass"
+    Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(labels / f"{names[1]}.png")
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(labels / f"{names[2]}.png")  # RGB
+    Image.fromarray(np.full((48, 64), 40, np.uint8), mode="L").save(labels / f"{names[3]}.png")
+    assert _train(data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "3 bad file(s) in the dataset" in err
+    assert f"{names[1]}.png: labels are 10x10" in err
+    assert f"{names[2]}.png" in err and "mode RGB" in err
+    assert "labels [40] outside [0, 21)" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_damaged_checkpoints_fail_by_name_and_never_exit_zero(voc_set, tmp_path, capsys):
+    data = voc_set[0]
+    run = tmp_path / "run"
+    assert _train(data, run) == 0
+    model_file, state_file = run / "model.safetensors", run / "state.safetensors"
+    good_model, good_state = model_file.read_bytes(), state_file.read_bytes()
+    # bit flips inside the weights: evaluate and resume both refuse, naming the file
+    flipped = bytearray(good_model)
+    for pos in range(len(flipped) - 200, len(flipped), 37):
+        flipped[pos] ^= 0x10
+    model_file.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--quiet"]) == 2
+    assert "model.safetensors is damaged" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 2  # a finished run too
+    assert "model.safetensors is damaged" in capsys.readouterr().err
+    # truncated files: a clear error, no SafetensorError traceback
+    model_file.write_bytes(good_model[: len(good_model) // 2])
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--quiet"]) == 2
+    assert "damaged or truncated" in capsys.readouterr().err
+    model_file.write_bytes(good_model)
+    state_file.write_bytes(good_state[:100])
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert "state.safetensors is damaged or truncated" in capsys.readouterr().err
+    state_file.write_bytes(good_state)
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0  # intact again
+
+
+def test_vgg_model_without_pretrained_weights_warns(voc_set, tmp_path):
+    from deepcrf.engine.runner import UntrainedBackboneWarning
+
+    argv = ["--model", "deeplab_largefov", "--set", "model.kwargs={}", "--max-steps", "1"]
+    with pytest.warns(UntrainedBackboneWarning, match="RANDOM weights.*--pretrained"):
+        rc = main(["train", "--data", str(voc_set[0]), "--out", str(tmp_path / "r"), *TRAIN[:5],
+                   *argv, "--skip-data-check", "--crop-size", "8"])  # fmt: skip
+    assert rc == 0
