@@ -441,3 +441,34 @@ def test_vgg_model_without_pretrained_weights_warns(voc_set, tmp_path):
         rc = main(["train", "--data", str(voc_set[0]), "--out", str(tmp_path / "r"), *TRAIN[:5],
                    *argv, "--skip-data-check", "--crop-size", "8"])  # fmt: skip
     assert rc == 0
+
+
+def test_out_that_is_a_file_and_predictions_over_inputs(voc_set, tmp_path, capsys, umask_022):
+    data = voc_set[0]
+    run = tmp_path / "run"
+    assert _train(data, run) == 0
+    for name in ("config.json", "model.safetensors", "state.safetensors"):
+        assert _mode(run / name) == 0o644, name
+    (tmp_path / "file").write_text("x")
+    images = data / "JPEGImages"
+    predict = ["predict", str(images), "--checkpoint", str(run), "--quiet"]
+    assert main([*predict, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; predictions go into a folder" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    # PNG inputs predicted into their own folder would be replaced by label maps: refused.
+    from PIL import Image
+
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(pngs / "a.png")
+    before = (pngs / "a.png").read_bytes()
+    assert main(["predict", str(pngs), "--checkpoint", str(run), "--out", str(pngs), "--quiet",
+                 "--overwrite"]) == 2  # fmt: skip
+    assert "would overwrite an input image" in capsys.readouterr().err
+    assert (pngs / "a.png").read_bytes() == before
+    out = tmp_path / "pred"
+    assert main([*predict, "--out", str(out)]) == 0
+    assert main([*predict, "--out", str(out)]) == 2
+    assert "exist already" in capsys.readouterr().err
+    assert main([*predict, "--out", str(out), "--overwrite"]) == 0

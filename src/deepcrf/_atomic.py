@@ -23,13 +23,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    # mkstemp creates 0600; a file the user asked for gets the mode any other tool would give
-    # it (0666 less the umask, 0644 under 022), so that others on shared storage can read it.
-    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600 (and some writers replace the file with their own): the result
+        # gets the mode any other tool would give it (0666 less the umask, 0644 under 022), so
+        # that others on shared storage can read it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
