@@ -493,6 +493,12 @@ class ContextualCRF(nn.Module):
         check_tensor(
             features, "features", ndim=4, layout="(B, C, h, w)", floating=True, finite=True
         )
+        dtype = self.unary_net[0].weight.dtype
+        if features.dtype != dtype:
+            raise TypeError(
+                f"features must have the module's dtype {dtype}; got {features.dtype} (convert "
+                f"the features with .to({dtype}) or the module with .to({features.dtype}))"
+            )
         if features.shape[1] != self.in_channels:
             raise ValueError(
                 f"features must have C = in_channels = {self.in_channels} "

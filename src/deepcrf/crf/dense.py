@@ -516,7 +516,8 @@ def bilateral_term(
     Shape:
         image: (B, C, *S) the reference, floating
     """
-    return build_term(
+    return _named_build(
+        "the bilateral kernel (theta_alpha, theta_beta, spacing)",
         _bilateral_features(image, theta_alpha, theta_beta, spacing),
         _one(image),
         normalization=normalization,
@@ -541,13 +542,22 @@ def spatial_term(
     Shape:
         image: (B, C, *S)
     """
-    return build_term(
+    return _named_build(
+        "the spatial kernel (theta_gamma, spacing)",
         _spatial_features(image, theta_gamma, spacing),
         _one(image),
         normalization=normalization,
         exclude_self=exclude_self,
         method=filter,
     )
+
+
+def _named_build(what: str, features: torch.Tensor, coef: torch.Tensor, **kw: Any) -> PairwiseTerm:
+    """:func:`build_term`, its feature errors (bandwidths too small) naming the arguments."""
+    try:
+        return build_term(features, coef, **kw)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
 
 
 def lattice_error(
@@ -842,12 +852,14 @@ class DenseCRF(nn.Module):
         ``spacing`` is the voxel size per spatial axis (physical units, default 1), the units
         of θα and θγ.
         """
+        check_tensor(logits, "logits", layout="(B, L, *S)")
         if logits.dim() >= 2 and logits.shape[1] != self.num_labels:
             raise ValueError(
                 f"logits must have {self.num_labels} labels (B, {self.num_labels}, *S); got "
                 f"{tuple(logits.shape)}"
             )
         if self.filter == "lattice" and self.training and not self._accuracy_checked:
+            _check_inputs(logits, image)  # (dense_crf checks them again; only this once)
             self._check_lattice_accuracy(image, spacing)
         return dense_crf(
             logits,
@@ -909,12 +921,21 @@ class DenseCRF(nn.Module):
 
 def _initial_log_theta(value: Bandwidth, name: str) -> torch.Tensor:
     """Log θ as a float32 0-d tensor, or (k,) for one bandwidth per axis or channel."""
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a positive number or a sequence of them; got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
         return torch.tensor(check_positive(value, name)).log()
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-    arr = np.asarray(value, dtype=np.float64) if not isinstance(value, bool) else None
-    if arr is None or arr.ndim > 1 or arr.size == 0:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be a positive number or a sequence of them; got {value!r}"
+        ) from err
+    if arr.ndim == 0:
+        return torch.tensor(check_positive(float(arr), name)).log()
+    if arr.ndim > 1 or arr.size == 0:
         raise ValueError(f"{name} must be a positive number or a sequence of them; got {value!r}")
     if not (np.isfinite(arr).all() and (arr > 0).all()):
         raise ValueError(f"{name} must be finite and positive; got {arr.tolist()!r}")

@@ -147,6 +147,28 @@ def _csr(
         return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
 
 
+def _check_precision(features: torch.Tensor, feature_scale: float) -> None:
+    """Refuse features whose lattice coordinates would lose integer precision.
+
+    The elevated coordinates are about |f|·scale·(d + 1); rounding them to lattice points
+    needs them below 2^22 in float32 (2^50 in float64), else the simplex ranks and the keys
+    come out wrong (and index out of range) instead of merely inaccurate.
+    """
+    if features.numel() == 0:
+        return
+    d = features.shape[-1]
+    if features.device.type == "cpu":
+        top = float(np.abs(features.detach().numpy()).max())
+    else:
+        top = float(features.detach().abs().max())
+    limit = 2.0**22 if features.dtype == torch.float32 else 2.0**50
+    if top * feature_scale * (d + 1) >= limit:
+        raise ValueError(
+            f"features reach {top:.3g} (after dividing by the bandwidths): too large for the "
+            f"lattice's {features.dtype} coordinates; use larger bandwidths (or float64)"
+        )
+
+
 class PermutohedralLattice:
     """A permutohedral lattice built once for a batch of feature sets, filtered many times.
 
@@ -218,6 +240,7 @@ class PermutohedralLattice:
             feature_scale, self.output_scale = 1.0, pydensecrf_output_scale(d)
         else:
             feature_scale, self.output_scale = _native_scales(d)
+        _check_precision(features, feature_scale)
         self._kernel = self._pick_kernel(features, feature_scale, backend)
         with torch.no_grad():
             if self._kernel is None:

@@ -215,14 +215,19 @@ class _Pairwise:
     def _label_map(compat: Any, nlabels: int) -> tuple[str, torch.Tensor]:
         # pydensecrf: a Python or numpy number is a Potts weight; anything else must be a
         # float32 array (a typed buffer: other dtypes raise ValueError, non-buffers TypeError)
-        if isinstance(compat, (Number, np.number)):
-            return "potts", torch.tensor(float(np.float32(compat)))
+        if isinstance(compat, (Number, np.number)):  # True is 1, as in pydensecrf
+            value = float(np.float32(compat)) if np.isfinite(float(compat)) else float("nan")
+            if not np.isfinite(value):
+                raise ValueError(f"compat must be finite (a float32 number); got {compat!r}")
+            return "potts", torch.tensor(value)
         if not isinstance(compat, np.ndarray):
             raise TypeError(
                 "compat must be a number (Potts), or a float32 numpy vector (diagonal) or "
                 f"matrix, as in pydensecrf; got {type(compat).__name__}"
             )
         arr = compat
+        if arr.dtype == np.float32 and not np.isfinite(arr).all():
+            raise ValueError("compat must be finite; the array holds NaN/inf")
         if arr.dtype != np.float32:
             raise ValueError(
                 f"compat arrays must be float32 (as pydensecrf requires); got dtype {arr.dtype}. "
@@ -363,13 +368,25 @@ class DenseCRF:
                 "looks transposed"
             )
         arr = _float32_matrix(arr, "features", (None, self._nvar))
-        self._add(arr.T, compat, kernel, normalization)
+        self._add(arr.T, compat, kernel, normalization, "features (too large)")
 
-    def _add(self, features: np.ndarray, compat: Any, kernel: Any, normalization: Any) -> None:
-        """Append a term; ``features`` (N, D) float32, finite."""
-        term = _Pairwise(
-            features, compat, _kernel_type(kernel), _normalization(normalization), self._nlabel
-        )
+    def _add(
+        self,
+        features: np.ndarray,
+        compat: Any,
+        kernel: Any,
+        normalization: Any,
+        scales: str = "features",
+    ) -> None:
+        """Append a term; ``features`` (N, D) float32, finite; ``scales`` names their source."""
+        try:
+            term = _Pairwise(
+                features, compat, _kernel_type(kernel), _normalization(normalization), self._nlabel
+            )
+        except ValueError as err:
+            if "features reach" not in str(err):
+                raise
+            raise ValueError(f"{scales}: {err}") from err
         self._pairwise.append(term)
 
     # ------------------------------------------------------------------ inference
@@ -490,12 +507,18 @@ class DenseCRF2D(DenseCRF):
 
     @staticmethod
     def _pair(value: Any, name: str, count: int) -> list[np.float32]:
-        items = [value] * count if isinstance(value, Number) else list(value)
-        if len(items) != count:
+        try:
+            items = [value] * count if isinstance(value, Number) else list(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a number or {count} numbers; got {value!r}") from None
+        if len(items) != count or isinstance(value, (str, bytes)):
             raise ValueError(f"{name} must be a number or {count} numbers; got {value!r}")
         out = []
         for item in items:
-            v = np.float32(item)
+            try:
+                v = np.float32(item)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must hold numbers; got {value!r}") from None
             if not (v > 0) or not np.isfinite(v):
                 raise ValueError(f"{name} must be finite and positive; got {value!r}")
             out.append(v)
@@ -517,7 +540,7 @@ class DenseCRF2D(DenseCRF):
             normalization: normalisation constant.
         """
         sx, sy = self._pair(sxy, "sxy", 2)
-        self._add(self._grid_features(sx, sy, 0), compat, kernel, normalization)
+        self._add(self._grid_features(sx, sy, 0), compat, kernel, normalization, "sxy too small")
 
     def addPairwiseBilateral(
         self,
@@ -576,4 +599,4 @@ class DenseCRF2D(DenseCRF):
         for c in range(3):  # float32 colour / srgb, as densecrf (in place: no temporaries)
             grid[..., 2 + c] = rgbim[..., c]
             grid[..., 2 + c] /= channel_scales[c]
-        self._add(features, compat, kernel, normalization)
+        self._add(features, compat, kernel, normalization, "sxy or srgb too small")
