@@ -52,6 +52,16 @@ def _as_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.
     return list(x)
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (it then casts between dtypes itself)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 def _check_graph(
     unary: torch.Tensor,
     edges: torch.Tensor | Sequence[torch.Tensor],
@@ -494,7 +504,7 @@ class ContextualCRF(nn.Module):
             features, "features", ndim=4, layout="(B, C, h, w)", floating=True, finite=True
         )
         dtype = self.unary_net[0].weight.dtype
-        if features.dtype != dtype:
+        if features.dtype != dtype and not _autocast(features.device.type):
             raise TypeError(
                 f"features must have the module's dtype {dtype}; got {features.dtype} (convert "
                 f"the features with .to({dtype}) or the module with .to({features.dtype}))"
