@@ -198,3 +198,23 @@ def test_write_report(tmp_path):
     for key in ("results", "report", "plot"):
         assert out[key].read_bytes() == again[key].read_bytes(), key
     assert out["overlays"][0].read_bytes() == again["overlays"][0].read_bytes()
+
+
+def test_overlay_draws_outlines_over_grey_and_a_legend(tmp_path):
+    from deepcrf.data.palette import voc_palette
+    from deepcrf.engine.report import _overlay
+
+    image = np.zeros((10, 12, 3), np.uint8)
+    image[..., 1] = 200  # a green picture: its colour must not show through
+    labels = np.zeros((10, 12), np.int64)
+    labels[2:8, 3:9] = 2
+    out = _overlay(image, labels, 0.55).astype(int)
+    grey = out[0, 0]
+    assert grey[0] == grey[1] == grey[2]  # background: grey, untinted
+    assert (out[2, 5] == voc_palette()[2]).all()  # the region's outline: its class colour
+    inside = out[5, 5]
+    assert not (inside == voc_palette()[2]).all() and inside[0] != inside[1]  # a light tint
+    images, gts = _fake_images()
+    paths = write_overlays(tmp_path, images, gts, {"a": gts}, class_names=["bg", "one", "two"])
+    with Image.open(paths[0]) as im:
+        assert im.height > 250  # room for the legend row

@@ -333,6 +333,7 @@ def run_demo(
         ``{"rows": [...], "skipped": [(name, reason)], "files": {...}, "seconds": float}``.
     """
     from ..data.synthetic import SyntheticSegmentation
+    from ..data.synthetic import class_names as synthetic_class_names
     from . import report
 
     cfg = (settings or (QUICK if quick else FULL)).check()
@@ -375,6 +376,7 @@ def run_demo(
         meta=meta,
         intro=_intro(cfg),
         notes=notes,
+        class_names=synthetic_class_names(cfg.num_classes),
     )
     log("")
     log(files["table"])

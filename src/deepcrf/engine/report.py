@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import atomic_path
-from ..data.palette import colorize
+from ..data.palette import colorize, voc_palette
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -243,13 +243,51 @@ def _versus(
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
+    """Labels over a grey copy of the image: a light tint inside each region, its outline solid.
+
+    The image is shown in grey so that class colours cannot be confused with the picture's own
+    colours; background (label 0) is left untinted and unoutlined, ignore (255) is outlined.
+    """
+    img = image.astype(np.float32)
+    grey = (0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2])[..., None]
+    base = np.repeat(0.85 * grey, 3, axis=2)
     color = colorize(labels).astype(np.float32)
-    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * color
-    # Background (label 0, black in the VOC palette) is shown as the image, dimmed a little, so
-    # that only objects are tinted.
-    bg = (labels == 0)[..., None]
-    blend = np.where(bg, 0.8 * image.astype(np.float32), blend)
+    objects = (labels != 0)[..., None]
+    blend = np.where(objects, (1.0 - 0.5 * alpha) * base + 0.5 * alpha * color, base)
+    edge = _outline(labels) & (labels != 0)
+    blend[edge] = color[edge]
     return np.clip(blend, 0, 255).astype(np.uint8)
+
+
+def _outline(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label, thickened by one pixel inward."""
+    edge = np.zeros(labels.shape, bool)
+    diff_y = labels[1:] != labels[:-1]
+    diff_x = labels[:, 1:] != labels[:, :-1]
+    edge[1:] |= diff_y
+    edge[:-1] |= diff_y
+    edge[:, 1:] |= diff_x
+    edge[:, :-1] |= diff_x
+    return edge
+
+
+def _legend(fig: Any, labels: Sequence[int], names: Sequence[str] | None) -> None:
+    """A row of colour swatches with class names under the panels."""
+    from matplotlib.patches import Patch
+
+    palette = voc_palette()
+    handles = [
+        Patch(
+            facecolor=palette[k] / 255.0,
+            edgecolor="black",
+            label=(names[k] if names is not None and k < len(names) else f"class {k}")
+            if k != 255
+            else "ignore",
+        )
+        for k in labels
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7,
+               frameon=False, handlelength=1.2)  # fmt: skip
 
 
 def _save_figure(fig: Any, path: Path, dpi: int) -> None:
@@ -270,20 +308,23 @@ def write_overlays(
     alpha: float = 0.55,
     prefix: str = "overlay",
     dpi: int = 100,
+    class_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """One PNG per image: image | ground truth | each model's labels blended over the image.
+    """One PNG per image: image | ground truth | each model's labels, with a class legend.
 
-    Each model panel's title gives its pixel accuracy on that image.  Ignored (255) pixels of
-    the ground truth are not counted.
+    Labels are drawn over a grey copy of the image as outlines in the class colour with a
+    light tint inside (background untinted). Each model panel's title gives its pixel accuracy
+    on that image; ignored (255) pixels of the ground truth are not counted.
 
     Args:
         out_dir: folder for ``{prefix}_{i:02d}.png``.
         images: RGB images in 0-255.
         labels: ground truth, 255 = ignore.
         predictions: row name -> predicted labels of the same images, in display order.
-        alpha: opacity of the label colours over object pixels.
+        alpha: strength of the tint inside object regions (outlines are solid).
         prefix: file name prefix.
         dpi: resolution of the saved figures.
+        class_names: names for the legend, indexed by label (default ``class k``).
 
     Shape:
         images:      (N, H, W, 3) uint8 (or float in 0-255)
@@ -317,7 +358,7 @@ def write_overlays(
         gt = labels[i]
         valid = gt != 255
         # Room above the panels for two-line titles (model name, accuracy).
-        fig = Figure(figsize=(1.9 * len(columns), 2.6))
+        fig = Figure(figsize=(1.9 * len(columns), 2.9))
         axes = fig.subplots(1, len(columns), squeeze=False)[0]
         panels = [image, _overlay(image, np.where(valid, gt, 0), alpha)]
         titles = ["image", "ground truth"]
@@ -330,7 +371,14 @@ def write_overlays(
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(title, fontsize=7)
             ax.set_axis_off()
-        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.8, wspace=0.05)
+        shown = sorted(
+            set(np.unique(gt).tolist()).union(
+                *(np.unique(np.asarray(p)[i]).tolist() for p in predictions.values())
+            )
+            - {0}
+        )
+        _legend(fig, [0, *shown], class_names)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.12, top=0.8, wspace=0.05)
         path = out / f"{prefix}_{i:02d}.png"
         _save_figure(fig, path, dpi)
         paths.append(path)
@@ -393,6 +441,7 @@ def write_report(
     intro: str = "",
     notes: Sequence[str] = (),
     tolerance: float = 0.0,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.json``, ``report.md``, the overlay PNGs and the trimap plot to ``out_dir``.
 
@@ -409,6 +458,7 @@ def write_report(
         intro: a Markdown paragraph placed under the title.
         notes: extra Markdown bullet points (how the numbers were obtained, caveats).
         tolerance: see :func:`compare_to_baseline`.
+        class_names: class names for the overlays' legend.
 
     Returns:
         ``{"results": Path, "report": Path, "plot": Path, "overlays": [Path, ...],
@@ -424,7 +474,9 @@ def write_report(
     if images is not None:
         if labels is None or predictions is None:
             raise ValueError("images needs labels and predictions to draw overlays")
-        overlays = write_overlays(out / "overlays", images, labels, predictions)
+        overlays = write_overlays(
+            out / "overlays", images, labels, predictions, class_names=class_names
+        )
     table = format_table(rows)
     lines = ["# deepcrf demo report", ""]
     if intro:
