@@ -142,3 +142,30 @@ def test_bad_arguments():
         models.create("small_gcrf", 3, pretrained="vgg.pth")
     with pytest.raises(ValueError, match=r"image must be \(B, 3, H, W\)"):
         _tiny()(torch.rand(1, 4, 16, 16, dtype=torch.float64))
+
+
+def test_image_resolution_gcrf_follows_colour_edges():
+    # Solved on the image grid with colour in the embeddings: smoothing stops at a colour edge.
+    torch.manual_seed(0)
+    model = models.create("small_gcrf", 2, width=4, hidden=8, embedding_dim=3)
+    assert model.resolution == "image" and model.crf.radius == 2
+    model.eval()
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 255.0  # a sharp vertical colour edge
+    unary = torch.zeros(1, 2, 16, 16)
+    unary[:, 0, :, :8], unary[:, 1, :, 8:] = 1.0, 1.0
+    unary[:, :, 5, 3] = torch.tensor([0.0, 0.6])  # one noisy pixel inside the left region
+    emb = torch.cat([torch.zeros(1, 3, 16, 16), image / model.colour_scale], dim=1)
+    with torch.no_grad():
+        x = model.crf(unary, emb)
+    assert x[0, 0, 5, 3] > x[0, 1, 5, 3]  # the noisy pixel is smoothed away
+    assert (x[0].argmax(0)[:, :8] == 0).all() and (x[0].argmax(0)[:, 8:] == 1).all()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 24, 32) * 255).shape == (1, 2, 24, 32)
+    with pytest.raises(ValueError, match="resolution must be 'features' or 'image'"):
+        models.create("small_gcrf", 2, width=4, hidden=8, resolution="pixels")
+    with pytest.raises(ValueError, match="num_scales must be 1"):
+        models.create("small_gcrf", 2, width=4, hidden=8, resolution="image", num_scales=2)
+    paper = models.create("small_gcrf", 2, width=4, hidden=8, resolution="features")
+    beta = paper.crf.log_pairwise_weight.detach().exp().item()
+    assert paper.crf.radius == 1 and beta == pytest.approx(0.1)
