@@ -149,10 +149,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="number of optimiser steps (default 1000)",
     )
     p.add_argument("--batch-size", type=int, help="images per step and process (default 8)")
-    p.add_argument("--lr", type=float, help="base learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, help="base learning rate (default 0.003)")
     p.add_argument("--crf-lr", type=float, help="learning rate of crf.* parameters")
     p.add_argument("--head-lr", type=float, help="learning rate of the classifier head")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimiser (default sgd)")
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        help="optimiser (default adam, no weight decay: what trains the default small model; "
+        "the paper configs set sgd)",
+    )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument(
