@@ -164,7 +164,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-"""The full demo (64-92 s wall on two idle CPU cores in session 6; docs/demo.md)."""
+"""The full demo (70-80 s wall on two idle CPU cores in session 7; docs/demo.md)."""
 
 QUICK = DemoSettings(
     n_train=256,
