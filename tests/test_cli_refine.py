@@ -1,6 +1,7 @@
 """`deepcrf refine`: files, folders, label-PNG input, demo input, JSON summary, errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,23 @@ def test_refine_volume_errors_name_the_problem(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "nibabel", None)
     assert main(["refine", *argv]) == 2
     assert 'pip install "deepcrf[medical]"' in capsys.readouterr().err
+
+
+def test_refine_folders_of_volumes(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    refs, probs_dir, out = tmp_path / "refs", tmp_path / "probs", tmp_path / "out"
+    refs.mkdir()
+    probs_dir.mkdir()
+    for i in range(3):
+        ref, probs, _ = _volume_case(tmp_path, shape=(5, 6, 7), seed=i)
+        nib.save(nib.Nifti1Image(ref[..., 0], np.diag([2.0, 1.0, 1.0, 1.0])), refs / f"v{i}.nii.gz")
+        np.save(probs_dir / f"v{i}.npy", probs if i != 1 else probs[:, :3])  # v1 is broken
+    argv = ["refine", str(refs), str(probs_dir), "-o", str(out), *VOL, "--json", "--no-progress"]
+    assert main(argv) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert [Path(r["output"]).name for r in summary["files"]] == ["v0.nii.gz", "v2.nii.gz"]
+    assert summary["files"][0]["spacing"] == [2.0, 1.0, 1.0]
+    assert len(summary["failed"]) == 1 and "v1" in summary["failed"][0]["image"]
+    assert sorted(p.name for p in out.iterdir()) == ["v0.nii.gz", "v2.nii.gz"]
+    assert main(argv) == 2  # outputs exist now
+    assert "exist already" in capsys.readouterr().err

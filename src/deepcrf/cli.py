@@ -296,18 +296,18 @@ def _run_refine(args: argparse.Namespace) -> int:
         "w_gaussian": args.w_gaussian, "normalization": args.normalization,
         "exclude_self": args.exclude_self, "filter": args.filter,
     }  # fmt: skip
-    if args.image is not None and _is_volume_input(args.image):
-        return _run_refine_volume(args, params)
-    if args.spacing is not None:
+    volumes = args.image is not None and _is_volume_input(args.image)
+    if args.spacing is not None and not volumes:
         raise ValueError("--spacing is for volumes (.npy/.nii/.nii.gz references)")
-    pairs = _refine_pairs(args)
+    pairs = _volume_pairs(args) if volumes else _refine_pairs(args)
+    one = _refine_volume_one if volumes else _refine_one
     _check_refine_outputs(pairs, args.overwrite)
     results, failures = [], []
     start = time.perf_counter()
     bar = tqdm(pairs, desc="refine", unit="image", disable=args.no_progress or len(pairs) < 2)
     for pair in bar:
         try:
-            results.append(_refine_one(*pair, args, params))
+            results.append(one(*pair, args, params))
         except (FileNotFoundError, ValueError, TypeError, MemoryError) as err:
             if args.fail_fast or len(pairs) == 1:
                 raise
@@ -324,8 +324,9 @@ def _run_refine(args: argparse.Namespace) -> int:
             acc = ""
             if "accuracy_after" in row:
                 acc = f", accuracy {row['accuracy_before']:.4f} -> {row['accuracy_after']:.4f}"
+            unit = "voxels" if volumes else "pixels"
             print(
-                f"{row['output']}: {row['changed_fraction']:.2%} of pixels changed{acc} "
+                f"{row['output']}: {row['changed_fraction']:.2%} of {unit} changed{acc} "
                 f"({row['seconds']:.2f} s)"
             )
         if failures:
@@ -412,11 +413,18 @@ def _refine_one(
 
 
 def _is_volume_input(path: str) -> bool:
+    """A volume file, or a folder holding volumes and no 2-D images."""
     from pathlib import Path
 
     from deepcrf.data.volume import VOLUME_SUFFIXES, volume_suffix
 
-    return not Path(path).is_dir() and volume_suffix(path) in VOLUME_SUFFIXES
+    p = Path(path)
+    if not p.is_dir():
+        return volume_suffix(p) in VOLUME_SUFFIXES
+    files = [f for f in p.iterdir() if f.is_file()]
+    has_volumes = any(volume_suffix(f) in VOLUME_SUFFIXES for f in files)
+    has_images = any(f.suffix.lower() in _IMAGE_SUFFIXES for f in files)
+    return has_volumes and not has_images
 
 
 def _volume_probs(path: str, args: argparse.Namespace) -> object:
@@ -458,38 +466,82 @@ def _volume_probs(path: str, args: argparse.Namespace) -> object:
     return probs
 
 
-def _run_refine_volume(args: argparse.Namespace, params: dict) -> int:
-    """``deepcrf refine`` on a volume: .npy/NIfTI reference, label volume out."""
-    import json
-    import time
+def _volume_pairs(args: argparse.Namespace) -> list[tuple]:
+    """(reference, probs, output, ground truth or None) for volume files or folders of them.
+
+    Folders are matched by name without the volume suffix (``a.nii.gz`` ↔ ``a.npy``); outputs
+    are ``OUT/<name>`` with the reference's suffix (``.nii.gz`` for NIfTI references).
+    """
     from pathlib import Path
+
+    from deepcrf.data.volume import VOLUME_SUFFIXES, volume_suffix
+
+    if args.probs is None or args.output is None:
+        raise ValueError("refine needs REFERENCE, PROBS and -o OUT")
+    ref, probs, out = Path(args.image), Path(args.probs), Path(args.output)
+    gt = Path(args.ground_truth) if args.ground_truth else None
+    for path, what in ((ref, "REFERENCE"), (probs, "PROBS"), (gt, "--ground-truth")):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if ref.is_dir() != probs.is_dir() or (gt is not None and gt.is_dir() != ref.is_dir()):
+        raise ValueError("REFERENCE, PROBS (and --ground-truth) must be all files or all folders")
+    if not ref.is_dir():
+        if out.is_dir():
+            raise ValueError(f"-o {out} is a folder: name the output file")
+        if volume_suffix(out) not in VOLUME_SUFFIXES:
+            raise ValueError(f"-o for a volume must end in {', '.join(VOLUME_SUFFIXES)}; got {out}")
+        return [(ref, probs, out, gt)]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} is a file; with folders of volumes it names a folder")
+
+    def by_name(folder: Path) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for f in sorted(folder.iterdir()):
+            suffix = volume_suffix(f)
+            if f.is_file() and suffix in VOLUME_SUFFIXES:
+                found.setdefault(f.name[: -len(suffix)], f)
+        return found
+
+    refs, probs_files = by_name(ref), by_name(probs)
+    if not refs:
+        raise FileNotFoundError(f"no volumes ({', '.join(VOLUME_SUFFIXES)}) in folder {ref}")
+    missing = sorted(set(refs) - set(probs_files))
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} volume(s) in {ref} have no probabilities with the same name in "
+            f"{probs}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    gts = by_name(gt) if gt is not None else {}
+    if gt is not None and set(refs) - set(gts):
+        raise FileNotFoundError(f"--ground-truth folder {gt} lacks labels for some volumes")
+    pairs = []
+    for name, path in refs.items():
+        suffix = ".nii.gz" if volume_suffix(path) in (".nii", ".nii.gz") else ".npy"
+        pairs.append((path, probs_files[name], out / f"{name}{suffix}", gts.get(name)))
+    return pairs
+
+
+def _refine_volume_one(
+    ref_path: object,
+    probs_path: object,
+    out: object,
+    gt_path: object,
+    args: argparse.Namespace,
+    params: dict,
+) -> dict:
+    """Refine one volume: every input is read and checked before the output is written."""
+    import time
 
     import numpy as np
 
     from deepcrf.crf.dense import refine
-    from deepcrf.data.volume import VOLUME_SUFFIXES, read_volume, volume_suffix
+    from deepcrf.data.volume import read_volume
     from deepcrf.data.volume import write_label_volume as write
 
-    if args.probs is None or args.output is None:
-        raise ValueError("refine needs REFERENCE, PROBS and -o OUT")
-    ref_path, probs_path, out = Path(args.image), Path(args.probs), Path(args.output)
-    gt_path = Path(args.ground_truth) if args.ground_truth else None
-    for path, what in ((ref_path, "REFERENCE"), (probs_path, "PROBS"), (gt_path, "--ground-truth")):
-        if path is not None and not path.exists():
-            raise FileNotFoundError(f"{what} not found: {path}")
-    if volume_suffix(out) not in VOLUME_SUFFIXES:
-        raise ValueError(f"-o for a volume must end in {', '.join(VOLUME_SUFFIXES)}; got {out}")
-    inputs = [ref_path, probs_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
-    if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
-        raise ValueError(f"-o {out} is one of the inputs; refusing to overwrite it")
-    if out.is_dir():
-        raise ValueError(f"-o {out} is a folder: name the output file")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"-o {out} exists already: pass --overwrite to replace it")
     t0 = time.perf_counter()
     probs = _volume_probs(str(probs_path), args)
     space = tuple(probs.shape[1:])
-    reference = read_volume(ref_path, spatial_dims=len(space))
+    reference = read_volume(str(ref_path), spatial_dims=len(space))
     ref = reference.data
     nifti = reference.nifti is not None
     shape = ", ".join(map(str, space))
@@ -505,10 +557,10 @@ def _run_refine_volume(args: argparse.Namespace, params: dict) -> int:
         )
     spacing = args.spacing if args.spacing is not None else reference.spacing
     gt = None
-    if args.ground_truth:
-        gt = read_volume(args.ground_truth).data
+    if gt_path is not None:
+        gt = read_volume(str(gt_path)).data
         if gt.shape != space:
-            raise ValueError(f"ground truth {args.ground_truth} is {gt.shape}; expected {space}")
+            raise ValueError(f"ground truth {gt_path} is {gt.shape}; expected {space}")
     ref_f = channels_last.astype(np.float32)
     if ref_f.ndim == len(space) + 1 and ref_f.shape[-1] == 1:
         ref_f = ref_f[..., 0]
@@ -533,15 +585,7 @@ def _run_refine_volume(args: argparse.Namespace, params: dict) -> int:
         row["accuracy_after"] = float((after == truth).mean())
         row["dice_before"] = dice_scores(before, truth, probs.shape[0])
         row["dice_after"] = dice_scores(after, truth, probs.shape[0])
-    if args.json:
-        print(json.dumps({"files": [row], "params": params}, indent=2))
-    else:
-        acc = ""
-        if gt is not None:
-            acc = f", accuracy {row['accuracy_before']:.4f} -> {row['accuracy_after']:.4f}"
-        changed = f"{row['changed_fraction']:.2%} of voxels changed"
-        print(f"{out}: {changed}{acc} ({row['seconds']:.2f} s)")
-    return 0
+    return row
 
 
 # === end refine ===
