@@ -458,3 +458,31 @@ def test_cpu_cuda_agree():
         unary.cuda(), [e.cuda() for e in edges], [z.cuda() for z in pairwise], labels.cuda()
     )
     torch.testing.assert_close(lg.cpu(), lc, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_piecewise_loss_learns_only_what_the_unaries_do_not_say():
+    from deepcrf.crf.contextual import piecewise_loss
+
+    g = torch.Generator().manual_seed(0)
+    unary = torch.randn(2, 6, 3, generator=g, requires_grad=True)
+    edges = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    labels = torch.tensor([[0, 1, 2, 1, 0, 2], [2, 2, 1, 0, 255, 1]])
+    zero = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    # Zero tables: each edge's softmax over K² of z_p + z_q is the product of the two unaries'
+    # softmaxes, so the edge terms are the unaries' own negative log-likelihoods again.
+    res = piecewise_loss(unary, edges, zero, labels, reduction="sum", residual=True)
+    log_p = unary.log_softmax(-1)
+    node = -log_p.gather(-1, labels.clamp(max=2)[..., None]).squeeze(-1)
+    valid = labels != 255
+    edge_terms = (node[:, edges[0]] + node[:, edges[1]]) * (valid[:, edges[0]] & valid[:, edges[1]])
+    expected = (node * valid).sum() + edge_terms.sum()
+    torch.testing.assert_close(res, expected)
+    # The tables' loss sends no gradient into the unaries: only the unary term does.
+    (g_res,) = torch.autograd.grad(res, unary)
+    plain_unary_only = piecewise_loss(unary, edges[:, :0], zero[:, :0], labels, reduction="sum")
+    (g_unary,) = torch.autograd.grad(plain_unary_only, unary)
+    torch.testing.assert_close(g_res, g_unary)
+    crf = ContextualCRF(4, 3, hidden_channels=8, residual_pairwise=True)
+    feats = torch.randn(1, 4, 5, 5)
+    loss = crf.piecewise_loss(feats, torch.randint(0, 3, (1, 5, 5)))
+    assert loss.ndim == 0 and torch.isfinite(loss)

@@ -245,6 +245,8 @@ class ContextualSegNet(FeatMapNet):
         pairwise_weight: multiplier on pairwise messages at inference (1 = as trained).
         pairwise_mode: ``"full"`` tables (the paper) or their ``"interaction"`` part at
             inference (see :func:`deepcrf.crf.contextual.mean_field`).
+        residual_pairwise: train the pairwise tables on the unaries' residual (not in the
+            paper; :func:`deepcrf.crf.contextual.piecewise_loss`).
         label_mode: ``"majority"`` or ``"nearest"`` node labels for the piecewise loss.
         dense_crf: ``None`` or a dense-CRF module ``forward(logits, image) -> logits`` applied
             after upsampling when ``use_crf`` (e.g. from
@@ -277,6 +279,7 @@ class ContextualSegNet(FeatMapNet):
         iters: int = 3,
         pairwise_weight: float = 1.0,
         pairwise_mode: str = "full",
+        residual_pairwise: bool = False,
         label_mode: str = "majority",
         dense_crf: nn.Module | None = None,
     ) -> None:
@@ -303,6 +306,7 @@ class ContextualSegNet(FeatMapNet):
             iters=iters,
             pairwise_weight=pairwise_weight,
             pairwise_mode=pairwise_mode,
+            residual_pairwise=residual_pairwise,
         )
         self.dense_crf = dense_crf
 
