@@ -137,19 +137,27 @@ def _floats(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
+def _refine_paths(args: argparse.Namespace, what: str) -> tuple:
+    """(reference, probs, output, ground truth or None): present, all files or all folders."""
+    from pathlib import Path
+
+    if args.image is None or args.probs is None or args.output is None:
+        raise ValueError(f"refine needs {what}, PROBS and -o OUT (or --demo-input DIR)")
+    ref, probs, out = Path(args.image), Path(args.probs), Path(args.output)
+    gt = Path(args.ground_truth) if args.ground_truth else None
+    for path, name in ((ref, what), (probs, "PROBS"), (gt, "--ground-truth")):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{name} not found: {path}")
+    if ref.is_dir() != probs.is_dir() or (gt is not None and gt.is_dir() != ref.is_dir()):
+        raise ValueError(f"{what}, PROBS (and --ground-truth) must be all files or all folders")
+    return ref, probs, out, gt
+
+
 def _refine_pairs(args: argparse.Namespace) -> list[tuple]:
     """(image, probs, output, ground truth or None) paths, matched by stem for folders."""
     from pathlib import Path
 
-    if args.image is None or args.probs is None or args.output is None:
-        raise ValueError("refine needs IMAGE, PROBS and -o OUT (or --demo-input DIR)")
-    image, probs, out = Path(args.image), Path(args.probs), Path(args.output)
-    gt = Path(args.ground_truth) if args.ground_truth else None
-    for path, what in ((image, "IMAGE"), (probs, "PROBS"), (gt, "--ground-truth")):
-        if path is not None and not path.exists():
-            raise FileNotFoundError(f"{what} not found: {path}")
-    if image.is_dir() != probs.is_dir() or (gt is not None and gt.is_dir() != image.is_dir()):
-        raise ValueError("IMAGE, PROBS (and --ground-truth) must be all files or all folders")
+    image, probs, out, gt = _refine_paths(args, "IMAGE")
     if not image.is_dir():
         if probs.suffix.lower() not in _PROBS_SUFFIXES:
             raise ValueError(f"PROBS must be a .npy or .png file; got {probs}")
@@ -476,15 +484,7 @@ def _volume_pairs(args: argparse.Namespace) -> list[tuple]:
 
     from deepcrf.data.volume import VOLUME_SUFFIXES, volume_suffix
 
-    if args.probs is None or args.output is None:
-        raise ValueError("refine needs REFERENCE, PROBS and -o OUT")
-    ref, probs, out = Path(args.image), Path(args.probs), Path(args.output)
-    gt = Path(args.ground_truth) if args.ground_truth else None
-    for path, what in ((ref, "REFERENCE"), (probs, "PROBS"), (gt, "--ground-truth")):
-        if path is not None and not path.exists():
-            raise FileNotFoundError(f"{what} not found: {path}")
-    if ref.is_dir() != probs.is_dir() or (gt is not None and gt.is_dir() != ref.is_dir()):
-        raise ValueError("REFERENCE, PROBS (and --ground-truth) must be all files or all folders")
+    ref, probs, out, gt = _refine_paths(args, "REFERENCE")
     if not ref.is_dir():
         if out.is_dir():
             raise ValueError(f"-o {out} is a folder: name the output file")
