@@ -69,12 +69,14 @@ _LAYOUTS = {1: "(B, L, X)", 2: "(B, L, H, W)", 3: "(B, L, D, H, W)"}
 # ------------------------------------------------------------------------------------------
 
 
-def _check_bandwidth(value: Bandwidth, name: str, length: int, per: str) -> Scalar:
+def _check_bandwidth(value: Bandwidth, name: str, length: int | None, per: str) -> Scalar:
     """A positive bandwidth: a float, or a (length,) tensor (one per spatial axis or channel).
 
     Sequences and arrays become float64 tensors; tensors keep their dtype and autograd graph.
+    ``length=None`` accepts any non-empty length (a layer that learns them before it has
+    seen its input).
     """
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be a number or a sequence of numbers; got {value!r}")
     if isinstance(value, (int, float, np.integer, np.floating)):
         return check_positive(value, name)
@@ -83,12 +85,15 @@ def _check_bandwidth(value: Bandwidth, name: str, length: int, per: str) -> Scal
             value = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as err:
             raise TypeError(
-                f"{name} must be a number or a sequence of {length} numbers (one per {per}); "
-                f"got {value!r}"
+                f"{name} must be a number or a sequence of numbers (one per {per}); got {value!r}"
             ) from err
-    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != length):
+    bad_length = value.dim() == 1 and (
+        value.shape[0] == 0 if length is None else value.shape[0] != length
+    )
+    if value.dim() > 1 or bad_length:
+        wanted = "" if length is None else f" ({length},)"
         raise ValueError(
-            f"{name} must be a scalar or have one value per {per} ({length},); got shape "
+            f"{name} must be a scalar or have one value per {per}{wanted}; got shape "
             f"{tuple(value.shape)}"
         )
     if value.is_complex() or value.dtype == torch.bool:
@@ -921,25 +926,10 @@ class DenseCRF(nn.Module):
 
 def _initial_log_theta(value: Bandwidth, name: str) -> torch.Tensor:
     """Log θ as a float32 0-d tensor, or (k,) for one bandwidth per axis or channel."""
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise TypeError(f"{name} must be a positive number or a sequence of them; got {value!r}")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return torch.tensor(check_positive(value, name)).log()
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"{name} must be a positive number or a sequence of them; got {value!r}"
-        ) from err
-    if arr.ndim == 0:
-        return torch.tensor(check_positive(float(arr), name)).log()
-    if arr.ndim > 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a positive number or a sequence of them; got {value!r}")
-    if not (np.isfinite(arr).all() and (arr > 0).all()):
-        raise ValueError(f"{name} must be finite and positive; got {arr.tolist()!r}")
-    return torch.from_numpy(np.log(arr)).float()
+    theta = _check_bandwidth(value, name, None, "axis or channel")
+    if isinstance(theta, torch.Tensor):
+        return theta.detach().cpu().to(torch.float64).log().float()
+    return torch.tensor(theta).log()
 
 
 def _values(log_theta: torch.Tensor) -> float | tuple[float, ...]:
