@@ -465,7 +465,7 @@ def test_out_that_is_a_file_and_predictions_over_inputs(voc_set, tmp_path, capsy
     before = (pngs / "a.png").read_bytes()
     assert main(["predict", str(pngs), "--checkpoint", str(run), "--out", str(pngs), "--quiet",
                  "--overwrite"]) == 2  # fmt: skip
-    assert "would overwrite an input image" in capsys.readouterr().err
+    assert "is one of the inputs; refusing to overwrite it" in capsys.readouterr().err
     assert (pngs / "a.png").read_bytes() == before
     out = tmp_path / "pred"
     assert main([*predict, "--out", str(out)]) == 0

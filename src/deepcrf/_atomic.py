@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -43,3 +43,32 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_outputs(
+    outputs: Iterable[str | os.PathLike[str]],
+    inputs: Iterable[str | os.PathLike[str]],
+    *,
+    overwrite: bool,
+) -> None:
+    """Check the outputs before anything is written.
+
+    None may be an input or a folder, and without ``overwrite`` none may exist already.
+
+    Raises:
+        ValueError: naming the first offending output (and how many exist already).
+    """
+    outs = [Path(o) for o in outputs]
+    sources = {Path(i).resolve() for i in inputs}
+    for out in outs:
+        if out.resolve() in sources:
+            raise ValueError(f"output {out} is one of the inputs; refusing to overwrite it")
+        if out.is_dir():
+            raise ValueError(f"output {out} is a folder")
+    existing = [str(o) for o in outs if o.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to "
+            "replace them, or write elsewhere"
+        )

@@ -344,20 +344,10 @@ def _run_refine(args: argparse.Namespace) -> int:
 
 def _check_refine_outputs(pairs: list[tuple], overwrite: bool) -> None:
     """Before anything is written: no output is an input; existing outputs need --overwrite."""
-    inputs = {p.resolve() for pair in pairs for p in (pair[0], pair[1], pair[3]) if p is not None}
-    clash = [pair[2] for pair in pairs if pair[2].resolve() in inputs]
-    if clash:
-        raise ValueError(f"output {clash[0]} is one of the inputs; refusing to overwrite it")
-    existing = [str(pair[2]) for pair in pairs if pair[2].exists()]
-    if existing and not overwrite:
-        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise ValueError(
-            f"{len(existing)} output file(s) exist already ({shown}): pass --overwrite to "
-            "replace them, or choose another -o"
-        )
-    for pair in pairs:
-        if pair[2].is_dir():
-            raise ValueError(f"output {pair[2]} is a folder")
+    from deepcrf._atomic import check_outputs
+
+    inputs = [p for pair in pairs for p in (pair[0], pair[1], pair[3]) if p is not None]
+    check_outputs([pair[2] for pair in pairs], inputs, overwrite=overwrite)
 
 
 def _refine_one(

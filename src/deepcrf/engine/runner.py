@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._atomic import check_outputs
 from . import checkpoint as ckpt
 from .distributed import (
     barrier,
@@ -468,17 +469,7 @@ def predict_files(
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise ValueError(f"several inputs would write the same output name: {dup}")
-    targets = [out / f"{p.stem}.png" for p in inputs]
-    sources = {p.resolve() for p in inputs}
-    clash = [t for t in targets if t.resolve() in sources]
-    if clash:
-        raise ValueError(f"output {clash[0]} would overwrite an input image; choose another --out")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise ValueError(
-            f"{len(existing)} output file(s) exist already ({', '.join(existing[:3])}"
-            f"{' ...' if len(existing) > 3 else ''}): pass --overwrite to replace them"
-        )
+    check_outputs([out / f"{p.stem}.png" for p in inputs], inputs, overwrite=overwrite)
     model.to(device).eval()
     written = []
     for path in tqdm(inputs, desc="predict", unit="img", disable=not progress):
