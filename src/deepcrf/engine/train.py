@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .distributed import (
     all_gather_object,
+    all_reduce_sum,
     barrier,
     broadcast_buffers,
     is_main_process,
@@ -589,7 +590,8 @@ def _agreed(flag: bool, world: int) -> bool:
     """``flag`` on any rank (time and signals differ per process; every rank must save)."""
     if world <= 1:
         return flag
-    return any(all_gather_object(bool(flag)))
+    # One int64 all-reduce per step (not a pickled object gather).
+    return int(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.int64))) > 0
 
 
 def _next_batch(batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
