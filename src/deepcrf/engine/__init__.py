@@ -9,7 +9,8 @@ The names the demo and the CLI use::
     tune_dense_crf(model, dataset, *, num_classes, ...) -> {"best": {...}, "trials": [...]}
 
 Names resolve on first access (PEP 562), so that ``deepcrf --help``, which declares the
-subcommands' flags from :mod:`deepcrf.engine.commands`, does not import torch.
+subcommands' flags in :mod:`deepcrf.cli` (reading :mod:`deepcrf.engine.config`), does not
+import torch.
 """
 
 from __future__ import annotations

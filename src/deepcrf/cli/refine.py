@@ -1,38 +1,19 @@
-"""The ``deepcrf`` command: one entry point with subcommands (``python -m deepcrf`` too).
-
-Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its flags (every flag
-has help text) and ``_run_<name>(args) -> int`` does the work, importing heavy modules lazily so
-that ``deepcrf --help`` is instant.
-"""
+"""``deepcrf refine``: the dense CRF over image/probability files, folders and volumes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
 
-_Adder = Callable[[argparse._SubParsersAction], None]
-_REGISTRY: list[_Adder] = []
+from deepcrf.cli._shared import floats
 
-
-def _subcommand(adder: _Adder) -> _Adder:
-    _REGISTRY.append(adder)
-    return adder
-
-
-# ---------------------------------------------------------------------------------------------
-# Subcommands are added below this line, one section each (refine, data, train, evaluate,
-# predict, tune-crf, benchmark, demo).
-# ---------------------------------------------------------------------------------------------
-
-# === refine ===
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 _PROBS_SUFFIXES = (".npy", ".png")
 _OUTPUT_SUFFIXES = (".png", ".npy")
 
 
-@_subcommand
-def _add_refine(sub: argparse._SubParsersAction) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
+    """Declare ``deepcrf refine``."""
     p = sub.add_parser(
         "refine",
         help="dense-CRF post-processing of a segmentation (image + probabilities -> labels)",
@@ -72,22 +53,22 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--iters", type=int, default=5, help="mean-field iterations (default 5)")
     p.add_argument(
-        "--theta-alpha", type=_floats, default=80.0,
+        "--theta-alpha", type=floats, default=80.0,
         help="bilateral spatial bandwidth, pixels or --spacing units; one value or one per "
              "axis, comma-separated (pydensecrf sxy; default 80)",
     )  # fmt: skip
     p.add_argument(
-        "--theta-beta", type=_floats, default=13.0,
+        "--theta-beta", type=floats, default=13.0,
         help="bilateral colour bandwidth, 0-255 units for RGB, else the reference's units; one "
              "value or one per channel, comma-separated (pydensecrf srgb; default 13)",
     )  # fmt: skip
     p.add_argument(
-        "--theta-gamma", type=_floats, default=3.0,
+        "--theta-gamma", type=floats, default=3.0,
         help="smoothness-kernel bandwidth, pixels or --spacing units; one or one per axis "
              "(default 3)",
     )  # fmt: skip
     p.add_argument(
-        "--spacing", type=_floats, default=None,
+        "--spacing", type=floats, default=None,
         help="volumes: voxel size per axis, comma-separated (default: the NIfTI header's, "
              "else 1); the bandwidths θα and θγ are then in these units",
     )  # fmt: skip
@@ -120,21 +101,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "--demo-input", metavar="DIR",
         help="write a synthetic image, noisy probabilities and ground truth to DIR, then exit",
     )  # fmt: skip
-    p.set_defaults(func=_run_refine)
-
-
-def _floats(text: str) -> float | tuple[float, ...]:
-    """One number, or comma-separated numbers (one per axis or channel)."""
-    parts = [t for t in text.replace(" ", "").split(",") if t]
-    try:
-        values = tuple(float(t) for t in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number or comma-separated numbers; got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}")
-    return values[0] if len(values) == 1 else values
+    p.set_defaults(func=run)
 
 
 def _refine_paths(args: argparse.Namespace, what: str) -> tuple:
@@ -279,7 +246,8 @@ def _refine_demo_input(folder: str) -> dict[str, str]:
             "ground_truth": str(out / "labels.png")}  # fmt: skip
 
 
-def _run_refine(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``deepcrf refine``: check every pair first, then refine them one by one."""
     import json
     import time
 
@@ -576,222 +544,3 @@ def _refine_volume_one(
         row["dice_before"] = dice_scores(before, truth, probs.shape[0])
         row["dice_after"] = dice_scores(after, truth, probs.shape[0])
     return row
-
-
-# === end refine ===
-
-
-# === data ===
-@_subcommand
-def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "data",
-        help="make datasets: `deepcrf data synth --out DIR` writes the built-in synthetic set",
-        description="Dataset utilities.",
-    )
-    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    s = data_sub.add_parser(
-        "synth",
-        help="write the built-in synthetic segmentation dataset in PASCAL VOC layout",
-        description=(
-            "Write the deterministic synthetic dataset (deepcrf.data.synthetic) as a VOC "
-            "2012-style tree (JPEGImages/*.jpg, SegmentationClass/*.png, "
-            "ImageSets/Segmentation/*.txt), so "
-            "that train/evaluate/tune-crf can run on it with --data DIR."
-        ),
-    )
-    s.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    s.add_argument("--n-train", type=int, default=512, help="images in the train split")
-    s.add_argument("--n-val", type=int, default=128, help="images in the val split")
-    s.add_argument(
-        "--n-tune", type=int, default=64, help="images in the held-out tune split (0: none)"
-    )
-    s.add_argument(
-        "--size", type=int, nargs="+", default=[96], metavar="PX",
-        help="image size in pixels: one value (square) or H W",
-    )  # fmt: skip
-    s.add_argument("--seed", type=int, default=0, help="base seed (same seed, same images)")
-    s.add_argument("--num-classes", type=int, default=6, help="classes including background (2-8)")
-    s.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the images")
-    s.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
-    s.set_defaults(func=_run_data_synth)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-
-
-def _run_data_synth(args: argparse.Namespace) -> int:
-    from deepcrf.data.synthetic import class_names, write_voc
-
-    if len(args.size) not in (1, 2):
-        raise ValueError(f"--size takes one value or two (H W); got {args.size}")
-    size = (args.size[0], args.size[-1])
-    try:
-        out = write_voc(
-            args.out,
-            n_train=args.n_train,
-            n_val=args.n_val,
-            n_tune=args.n_tune,
-            size=size,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            jpeg_quality=args.jpeg_quality,
-            force=args.force,
-        )
-    except FileExistsError as err:
-        raise ValueError(str(err)) from err
-    total = args.n_train + args.n_val + args.n_tune
-    names = ", ".join(class_names(args.num_classes))
-    print(f"wrote {total} images of {size[0]}x{size[1]} px to {out} (classes: {names})")
-    print(f"use it with: --data {out} --num-classes {args.num_classes}")
-    return 0
-
-
-# === end data ===
-
-
-# === train ===
-@_subcommand
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
-    from deepcrf.engine.commands import add_train
-
-    add_train(sub)
-
-
-# === end train ===
-
-
-# === evaluate ===
-@_subcommand
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
-    from deepcrf.engine.commands import add_evaluate
-
-    add_evaluate(sub)
-
-
-# === end evaluate ===
-
-
-# === predict ===
-@_subcommand
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
-    from deepcrf.engine.commands import add_predict
-
-    add_predict(sub)
-
-
-# === end predict ===
-
-
-# === tune-crf ===
-@_subcommand
-def _add_tune_crf(sub: argparse._SubParsersAction) -> None:
-    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
-    from deepcrf.engine.commands import add_tune_crf
-
-    add_tune_crf(sub)
-
-
-# === end tune-crf ===
-
-
-# === benchmark ===
-@_subcommand
-def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    # Flags and action live in deepcrf.engine.commands (stdlib-only at import time).
-    from deepcrf.engine.commands import add_benchmark
-
-    add_benchmark(sub)
-
-
-# === end benchmark ===
-
-
-# === demo ===
-@_subcommand
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="train a small CNN on built-in data, compare every CRF, write a report",
-        description=(
-            "Train the small stride-8 CNN from scratch on the built-in synthetic dataset, then "
-            "evaluate on the same validation images the CNN alone, + dense CRF (DeepLab v1), "
-            "CRF-as-RNN, + learned bandwidths, the Deep Gaussian CRF and the contextual CRF "
-            "(those present in this installation). Prints a table and writes results.json, "
-            "report.md, trimap.png and overlays/*.png to --out. No download, CPU is enough."
-        ),
-    )
-    p.add_argument(
-        "--quick", action="store_true",
-        help="a short real run: fewer images and steps (about 35 s instead of 1-2 minutes)",
-    )  # fmt: skip
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument(
-        "--volume", action="store_true",
-        help="instead: the dense CRF on built-in 3-D volumes (1 and 2 modalities, thick "
-             "slices): voxel classifier vs CRF vs learned CRF by Dice and boundary accuracy, "
-             "with slice pictures, written to OUT/volume (about 2 minutes; --quick: 15 s)",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; the demo writes a folder of results")
-    if args.volume:
-        from deepcrf.engine.volume_demo import run_volume_demo
-
-        run_volume_demo(Path(args.out) / "volume", quick=args.quick)
-        return 0
-    from deepcrf.engine.demo import run_demo
-
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
-    return 0
-
-
-# === end demo ===
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with one subparser per subcommand."""
-    from deepcrf import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="deepcrf",
-        description="Deep structured models (CNN + CRF) for semantic segmentation.",
-    )
-    parser.add_argument("--version", action="version", version=f"deepcrf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for adder in _REGISTRY:
-        adder(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, MemoryError) as err:
-        print(f"deepcrf {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ImportError as err:
-        if "pip install" not in str(err):  # an optional extra that is not installed
-            raise
-        print(f"deepcrf {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"deepcrf {args.command}: {err or 'interrupted'}", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
