@@ -93,7 +93,8 @@ def test_train_json_and_defaults(tmp_path, fake_voc, capsys):
     out = _json(capsys)
     assert out["steps"] == 1 and len(out["losses"]) == 1 and out["world_size"] == 1
     config = json.loads((run / "config.json").read_text())
-    assert config["run"]["data"]["crop_size"] == 128 and config["run"]["train"]["batch_size"] == 8
+    assert config["run"]["data"]["crop_size"] == 128 and config["fit"]["batch_size"] == 8
+    assert "batch_size" not in config["run"]["train"]  # the settings are stored once, as "fit"
 
 
 def test_predict_folder_and_single_image_with_dense_crf(trained, tmp_path, capsys):
@@ -256,7 +257,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, fake_voc):
         assert torch.equal(a[key], b[key]), key
     config = json.loads((killed / "config.json").read_text())
     assert config["step"] == steps
-    assert np.isfinite(config["run"]["train"]["lr"])
+    assert np.isfinite(config["fit"]["lr"])
 
 
 def test_resume_rejects_config_flag(trained, capsys):

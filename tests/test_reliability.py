@@ -13,6 +13,7 @@ import torch
 from deepcrf.cli import main
 from deepcrf.crf.contextual import ContextualCRF
 from deepcrf.crf.dense import DenseCRF, ExactFilterWarning, dense_crf
+from deepcrf.engine.config import TrainSettings
 
 
 @pytest.fixture
@@ -246,7 +247,8 @@ def test_sixteen_bit_grey_image_is_scaled_not_clipped(tmp_path, capsys):
 
 SPEC = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
 STEPS = 8
-FIT = dict(steps=STEPS, batch_size=2, lr=0.02, progress=False, seed=3, config=SPEC)
+SETTINGS = TrainSettings(steps=STEPS, batch_size=2, lr=0.02, seed=3)
+FIT = dict(progress=False, config=SPEC)
 KILL_POINTS = sorted(np.random.default_rng(16).choice(np.arange(1, STEPS - 1), 5, replace=False))
 
 
@@ -272,7 +274,7 @@ def straight(voc_set, tmp_path_factory):
     from deepcrf.engine import fit
 
     model = _small()
-    fit(model, voc_set[1], run_dir=tmp_path_factory.mktemp("straight"), **FIT)
+    fit(model, voc_set[1], SETTINGS, run_dir=tmp_path_factory.mktemp("straight"), **FIT)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -299,11 +301,11 @@ def test_sigint_checkpoints_and_resume_is_bit_identical_at_five_points(voc_set, 
         with pytest.raises(
             TrainingInterrupted, match=rf"SIGINT after step {k + 1} of {STEPS}.*--resume"
         ):
-            fit(_small(), voc_set[1], run_dir=run, callback=interrupt, **FIT)
+            fit(_small(), voc_set[1], SETTINGS, run_dir=run, callback=interrupt, **FIT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
         torch.manual_seed(999)  # a new process's RNG state: resume must restore its own
         resumed = _small()
-        out = fit(resumed, voc_set[1], run_dir=run, resume=True, **FIT)
+        out = fit(resumed, voc_set[1], SETTINGS, run_dir=run, resume=True, **FIT)
         assert out["start_step"] == k + 1
         _same(straight, resumed.state_dict())
 
@@ -313,7 +315,7 @@ import os, signal, sys, torch
 from deepcrf import models
 from deepcrf.data.transforms import train_transform
 from deepcrf.data.voc import VOCSegmentation
-from deepcrf.engine import fit
+from deepcrf.engine import TrainSettings, fit
 root, run, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = models.create("small", 21, width=4, hidden=8)
@@ -321,8 +323,9 @@ spec = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hi
 def die(step, loss):
     if step == k:
         os.kill(os.getpid(), signal.SIGKILL)
-fit(model, VOCSegmentation(root, "train", transform=train_transform(24)), steps=8, batch_size=2,
-    lr=0.02, progress=False, seed=3, config=spec, run_dir=run, checkpoint_every=2, callback=die)
+settings = TrainSettings(steps=8, batch_size=2, lr=0.02, seed=3)
+fit(model, VOCSegmentation(root, "train", transform=train_transform(24)), settings,
+    progress=False, config=spec, run_dir=run, checkpoint_every=2, callback=die)
 """
 
 
@@ -348,10 +351,10 @@ def test_kill_9_then_resume_is_bit_identical_at_five_points(voc_set, straight, t
         resumed = _small()
         if k < 2:  # killed before its first checkpoint: nothing to resume, nothing half-written
             assert not (run / "config.json").exists() and not list(run.glob("*.tmp"))
-            fit(resumed, voc_set[1], run_dir=run, **FIT)
+            fit(resumed, voc_set[1], SETTINGS, run_dir=run, **FIT)
         else:
             assert json.loads((run / "config.json").read_text())["step"] == k // 2 * 2
-            out = fit(resumed, voc_set[1], run_dir=run, resume=True, **FIT)
+            out = fit(resumed, voc_set[1], SETTINGS, run_dir=run, resume=True, **FIT)
             assert out["start_step"] == k // 2 * 2
         _same(straight, resumed.state_dict())
 

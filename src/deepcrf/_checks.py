@@ -7,11 +7,13 @@ than a traceback from deep inside a kernel.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy load on first use: the CLI's --help imports this module
+    import torch
 
 
 def check_tensor(
@@ -37,6 +39,8 @@ def check_tensor(
         finite: require every element to be finite (no NaN/inf).
         nonempty: require every dimension to have a positive size.
     """
+    import torch
+
     desc = f" {layout}" if layout else ""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{desc}; got {type(x).__name__}")
@@ -56,6 +60,9 @@ def check_tensor(
 
 
 def _all_finite(x: torch.Tensor) -> bool:
+    import numpy as np
+    import torch
+
     # CPU float32/64 through numpy: single-threaded, so no OpenMP region is opened whose idle
     # workers would then spin on the cores the compiled lattice kernel is about to use.
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
@@ -64,11 +71,49 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def check_positive(value: float, name: str) -> float:
-    """Check that a scalar hyper-parameter is a finite positive number."""
-    v = float(value)
-    if not (v > 0.0) or v == float("inf"):
+    """Check that a scalar hyper-parameter is a finite positive number; return it as float."""
+    return check_number(value, name, positive=True)
+
+
+def check_number(
+    value: object, name: str, *, positive: bool = False, minimum: float | None = None
+) -> float:
+    """A finite real number (not a bool or a string), ``> 0`` or ``>= minimum`` if asked."""
+    if isinstance(value, bool | str | bytes) or not _is_real(value):
+        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    v = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if positive and not v > 0.0:
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}; got {value!r}")
     return v
+
+
+def check_int(value: object, name: str, *, minimum: int | None = None) -> int:
+    """A whole number (an int or an integral numpy scalar; not a bool or a float) ``>= minimum``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    v = int(value.__index__())  # type: ignore[union-attr]
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {v}")
+    return v
+
+
+def check_choice(value: object, name: str, choices: Collection[str]) -> str:
+    """One of ``choices`` (strings), named in the message when it is not."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _is_real(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, complex)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -86,6 +131,8 @@ def available_memory(device: torch.device) -> int | None:
             raise ValueError(f"DEEPCRF_MEMORY_LIMIT_MB must be a number; got {limit!r}") from None
     system = None
     if device.type == "cuda":
+        import torch
+
         system = int(torch.cuda.mem_get_info(device)[0])
     elif device.type == "cpu":
         try:

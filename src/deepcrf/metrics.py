@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ._checks import check_tensor
 
 IGNORE_INDEX = 255
+"""The label of pixels that are not scored or trained on (VOC's object boundaries, "unsure")."""
 
 
 def _as_int(value: object) -> int | None:

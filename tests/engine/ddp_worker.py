@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from deepcrf import models
 from deepcrf.data.transforms import train_transform
 from deepcrf.data.voc import VOCSegmentation
-from deepcrf.engine import evaluate, fit
+from deepcrf.engine import TrainSettings, evaluate, fit
 from deepcrf.engine.distributed import init_from_env, rank_and_world, shutdown
 
 
@@ -27,7 +27,7 @@ def main(voc: str, out: str) -> None:
     # Different initial weights per rank: DDP must broadcast rank 0's.
     torch.manual_seed(100 + rank)
     model = models.create("small", 21, width=4, hidden=8)
-    result = fit(model, train, steps=2, batch_size=1, device=device, progress=False)
+    result = fit(model, train, TrainSettings(steps=2, batch_size=1), device=device, progress=False)
     metrics = evaluate(model, val, num_classes=21, device=device, progress=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(Path(out) / f"rank{rank}.safetensors"))

@@ -7,14 +7,12 @@ from torch import nn
 from deepcrf import models
 from deepcrf.data.transforms import train_transform
 from deepcrf.data.voc import VOCSegmentation
-from deepcrf.engine import fit, load_checkpoint
+from deepcrf.engine import TrainSettings, fit, load_checkpoint
 from deepcrf.engine.train import (
     _param_groups,
     _Stream,
     _StreamSampler,
     cross_entropy,
-    lr_factor,
-    poly_lr,
 )
 
 SPEC = {"model": {"name": "small", "num_classes": 21, "kwargs": {"width": 4, "hidden": 8}}}
@@ -33,7 +31,7 @@ def train_set(fake_voc):
 def test_fit_trains_and_returns_losses(train_set):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = fit(model, train_set, steps=3, batch_size=2, lr=0.01, progress=False)
+    out = fit(model, train_set, TrainSettings(steps=3, batch_size=2, lr=0.01), progress=False)
     assert len(out["losses"]) == 3 and all(math.isfinite(x) for x in out["losses"])
     assert out["start_step"] == 0 and out["seconds"] > 0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
@@ -43,8 +41,8 @@ def test_fit_trains_and_returns_losses(train_set):
 
 def test_fit_is_deterministic(train_set):
     a, b = _model(), _model()
-    fit(a, train_set, steps=2, batch_size=2, progress=False, seed=3)
-    fit(b, train_set, steps=2, batch_size=2, progress=False, seed=3)
+    fit(a, train_set, TrainSettings(steps=2, batch_size=2, seed=3), progress=False)
+    fit(b, train_set, TrainSettings(steps=2, batch_size=2, seed=3), progress=False)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
 
@@ -66,17 +64,17 @@ def test_resume_is_bit_identical(train_set, tmp_path, optimizer):
     # N steps straight vs K steps, "kill", resume to N: the weights must be exactly equal
     # (after step 1 SGD already has momentum buffers and Adam moments to restore).
     n, k = 3, 1
-    kwargs = dict(
-        steps=n, batch_size=2, lr=0.02, optimizer=optimizer, progress=False, seed=7, config=SPEC
-    )
+    settings = TrainSettings(steps=n, batch_size=2, lr=0.02, optimizer=optimizer, seed=7)
+    kwargs = dict(progress=False, config=SPEC)
     straight = _model()
-    fit(straight, train_set, run_dir=tmp_path / "a", **kwargs)
+    fit(straight, train_set, settings, run_dir=tmp_path / "a", **kwargs)
 
     killed = _model()
     with pytest.raises(_Stop):
         fit(
             killed,
             train_set,
+            settings,
             run_dir=tmp_path / "b",
             checkpoint_every=k,
             callback=_stop_at(k),
@@ -85,7 +83,7 @@ def test_resume_is_bit_identical(train_set, tmp_path, optimizer):
     # Disturb the global RNGs as a new process would have them: resume must restore them.
     torch.manual_seed(12345)
     resumed = _model()
-    out = fit(resumed, train_set, run_dir=tmp_path / "b", resume=True, **kwargs)
+    out = fit(resumed, train_set, settings, run_dir=tmp_path / "b", resume=True, **kwargs)
     assert out["start_step"] == k and len(out["losses"]) == n
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -95,14 +93,19 @@ def test_resume_is_bit_identical(train_set, tmp_path, optimizer):
 
 
 def test_resume_rejects_changed_settings(train_set, tmp_path):
-    fit(_model(), train_set, steps=1, batch_size=1, progress=False, run_dir=tmp_path, config=SPEC)
+    fit(
+        _model(),
+        train_set,
+        TrainSettings(steps=1, batch_size=1),
+        progress=False,
+        run_dir=tmp_path,
+        config=SPEC,
+    )
     with pytest.raises(ValueError, match=r"different settings.*lr"):
         fit(
             _model(),
             train_set,
-            steps=1,
-            batch_size=1,
-            lr=0.5,
+            TrainSettings(steps=1, batch_size=1, lr=0.5),
             progress=False,
             run_dir=tmp_path,
             config=SPEC,
@@ -113,7 +116,13 @@ def test_resume_rejects_changed_settings(train_set, tmp_path):
 def test_resume_without_checkpoint(train_set, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         fit(
-            _model(), train_set, steps=1, progress=False, run_dir=tmp_path, config=SPEC, resume=True
+            _model(),
+            train_set,
+            TrainSettings(steps=1),
+            progress=False,
+            run_dir=tmp_path,
+            config=SPEC,
+            resume=True,
         )
 
 
@@ -137,28 +146,32 @@ def test_stream_positions_cover_epochs_and_ranks(train_set):
 
 
 def test_step_schedule():
-    assert [lr_factor(t, 6000, "step", 0.9, 2000, 0.1) for t in (0, 1999, 2000, 4000)] == [
+    step = TrainSettings(steps=6000, lr_policy="step", lr_step=2000, lr_gamma=0.1)
+    assert [step.lr_factor(t) for t in (0, 1999, 2000, 4000)] == [
         1.0, 1.0, 0.1, pytest.approx(0.01)]  # fmt: skip
 
 
 def test_poly_schedule():
-    assert lr_factor(50, 100, "poly", 0.9, 1, 1.0) == pytest.approx(0.5**0.9)
-    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
-    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
-    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
+    poly = TrainSettings(steps=100, poly_power=0.9)
+    assert poly.lr_factor(0) == 1.0
+    assert poly.lr_factor(50) == pytest.approx(0.5**0.9)
+    assert poly.lr_factor(100) == 0.0
+    assert TrainSettings(steps=100, poly_power=0.0).lr_factor(99) == 1.0  # CRF-as-RNN: constant
 
 
 def test_param_groups_rates_and_stages():
     model = models.create("small", 21, width=4, hidden=8, crf="dense-learnable")
     groups, frozen = _param_groups(
         model,
-        stage="joint",
-        lr=0.001,
-        crf_lr=0.1,
-        head_lr=0.01,
-        weight_decay=5e-4,
-        crf_weight_decay=0.0,
-        freeze_backbone=False,
+        TrainSettings(
+            stage="joint",
+            lr=0.001,
+            crf_lr=0.1,
+            head_lr=0.01,
+            weight_decay=5e-4,
+            crf_weight_decay=0.0,
+            freeze_backbone=False,
+        ),
     )
     by_name = {g["name"]: g for g in groups}
     assert by_name["crf"]["lr"] == 0.1 and by_name["crf"]["weight_decay"] == 0.0
@@ -166,24 +179,28 @@ def test_param_groups_rates_and_stages():
     assert not frozen
     groups, frozen = _param_groups(
         model,
-        stage="unary",
-        lr=0.001,
-        crf_lr=0.1,
-        head_lr=None,
-        weight_decay=5e-4,
-        crf_weight_decay=0.0,
-        freeze_backbone=False,
+        TrainSettings(
+            stage="unary",
+            lr=0.001,
+            crf_lr=0.1,
+            head_lr=None,
+            weight_decay=5e-4,
+            crf_weight_decay=0.0,
+            freeze_backbone=False,
+        ),
     )
     assert "crf" not in {g["name"] for g in groups} and frozen
     groups, frozen = _param_groups(
         model,
-        stage="joint",
-        lr=0.001,
-        crf_lr=None,
-        head_lr=None,
-        weight_decay=5e-4,
-        crf_weight_decay=0.0,
-        freeze_backbone=True,
+        TrainSettings(
+            stage="joint",
+            lr=0.001,
+            crf_lr=None,
+            head_lr=None,
+            weight_decay=5e-4,
+            crf_weight_decay=0.0,
+            freeze_backbone=True,
+        ),
     )
     assert "backbone" not in {g["name"] for g in groups}
 
@@ -193,11 +210,16 @@ def test_joint_stage_trains_crf_and_unary_stage_does_not(train_set):
         "small", 21, width=4, hidden=8, crf="dense-learnable", crf_kwargs={"iters": 2}
     )
     crf_before = {k: v.clone() for k, v in model.crf.state_dict().items()}
-    fit(model, train_set, stage="unary", steps=1, batch_size=1, progress=False)
+    fit(model, train_set, TrainSettings(stage="unary", steps=1, batch_size=1), progress=False)
     for k, v in model.crf.state_dict().items():
         assert torch.equal(v, crf_before[k]), k
     assert all(p.requires_grad for p in model.crf.parameters())  # flags restored
-    fit(model, train_set, stage="joint", steps=1, batch_size=1, crf_lr=0.5, progress=False)
+    fit(
+        model,
+        train_set,
+        TrainSettings(stage="joint", steps=1, batch_size=1, crf_lr=0.5),
+        progress=False,
+    )
     assert any(not torch.equal(v, crf_before[k]) for k, v in model.crf.state_dict().items())
 
 
@@ -218,13 +240,16 @@ def test_piecewise_stage_uses_piecewise_loss(train_set):
     fit(
         model,
         train_set,
-        stage="piecewise",
-        steps=3,
-        batch_size=1,
-        lr=0.1,
-        momentum=0.0,
-        weight_decay=0.0,
-        poly_power=0.0,
+        TrainSettings(
+            stage="piecewise",
+            steps=3,
+            batch_size=1,
+            lr=0.1,
+            optimizer="sgd",
+            momentum=0.0,
+            weight_decay=0.0,
+            poly_power=0.0,
+        ),
         progress=False,
     )
     # Gradient descent on (w - 3)^2 from 1 with lr 0.1: w <- w + 0.2 (3 - w), three times.
@@ -237,25 +262,25 @@ def test_piecewise_stage_uses_piecewise_loss(train_set):
 def test_bad_arguments(train_set):
     model = _model()
     with pytest.raises(ValueError, match="stage must be one of"):
-        fit(model, train_set, stage="nope", steps=1)
+        fit(model, train_set, TrainSettings(stage="nope", steps=1))
     with pytest.raises(ValueError, match="needs a model with a CRF"):
-        fit(model, train_set, stage="joint", steps=1)
+        fit(model, train_set, TrainSettings(stage="joint", steps=1))
     with pytest.raises(ValueError, match="piecewise_loss"):
-        fit(model, train_set, stage="piecewise", steps=1)
+        fit(model, train_set, TrainSettings(stage="piecewise", steps=1))
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        fit(model, train_set, steps=0)
+        fit(model, train_set, TrainSettings(steps=0))
     with pytest.raises(ValueError, match="empty"):
-        fit(model, [], steps=1)
+        fit(model, [], TrainSettings(steps=1))
     with pytest.raises(ValueError, match="run_dir needs config"):
-        fit(model, train_set, steps=1, run_dir="x")
+        fit(model, train_set, TrainSettings(steps=1), run_dir="x")
     with pytest.raises(ValueError, match="must contain model"):
-        fit(model, train_set, steps=1, run_dir="x", config={"step": 1})
+        fit(model, train_set, TrainSettings(steps=1), run_dir="x", config={"step": 1})
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        fit(model, train_set, steps=1, run_dir="x", config={**SPEC, "bad": object()})
+        fit(model, train_set, TrainSettings(steps=1), run_dir="x", config={**SPEC, "bad": object()})
     with pytest.raises(ValueError, match="val_kwargs"):
-        fit(model, train_set, steps=1, val_dataset=train_set)
+        fit(model, train_set, TrainSettings(steps=1), val_dataset=train_set)
     with pytest.raises(ValueError, match="lr_policy"):
-        fit(model, train_set, steps=1, lr_policy="cosine")
+        fit(model, train_set, TrainSettings(steps=1, lr_policy="cosine"))
 
 
 def test_uncropped_images_of_different_sizes_error(fake_voc, tmp_path):
@@ -266,7 +291,7 @@ def test_uncropped_images_of_different_sizes_error(fake_voc, tmp_path):
     big = VOCSegmentation(fake_voc, "train")
     mixed = torch.utils.data.ConcatDataset([small, big])
     with pytest.raises(ValueError, match="differ in size"):
-        fit(_model(), mixed, steps=1, batch_size=4, progress=False)
+        fit(_model(), mixed, TrainSettings(steps=1, batch_size=4), progress=False)
 
 
 def test_cross_entropy_ignores_void_and_checks_classes():
@@ -287,7 +312,13 @@ def test_amp_training_on_cuda_and_cpu_cuda_evaluation_agree(train_set, fake_voc)
     from deepcrf.engine import evaluate
 
     model = _model()
-    out = fit(model, train_set, steps=2, batch_size=2, device="cuda", amp=True, progress=False)
+    out = fit(
+        model,
+        train_set,
+        TrainSettings(steps=2, batch_size=2, amp=True),
+        device="cuda",
+        progress=False,
+    )
     assert all(math.isfinite(x) for x in out["losses"])
     val = VOCSegmentation(fake_voc, "val")
     on_cpu = evaluate(model, val, num_classes=21, device="cpu", progress=False)
@@ -314,7 +345,7 @@ def test_worker_processes_see_the_same_samples(train_set):
 
 
 def test_cpu_mixed_precision_trains(train_set):
-    out = fit(_model(), train_set, steps=2, batch_size=2, amp=True, progress=False)
+    out = fit(_model(), train_set, TrainSettings(steps=2, batch_size=2, amp=True), progress=False)
     assert all(math.isfinite(x) for x in out["losses"])
 
 
@@ -328,4 +359,4 @@ def test_diverging_loss_raises(train_set):
             return image[:, :1].expand(-1, 21, -1, -1) * self.w * float("inf")
 
     with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
-        fit(Exploding(), train_set, steps=2, batch_size=1, progress=False)
+        fit(Exploding(), train_set, TrainSettings(steps=2, batch_size=1), progress=False)

@@ -241,19 +241,16 @@ def test_vgg16_contextual_builds():
 
 def test_engine_piecewise_stage_trains():
     from deepcrf.data.synthetic import SyntheticSegmentation
-    from deepcrf.engine.train import fit
+    from deepcrf.engine import TrainSettings, fit
 
     data = SyntheticSegmentation("train", n=8, size=48, num_classes=3, seed=0)
     model = models.create("small_contextual", 3, width=4, branch_channels=8, hidden_channels=16)
     out = fit(
         model,
         data,
-        stage="piecewise",
-        steps=12,
-        batch_size=4,
-        lr=3e-3,
-        optimizer="adam",
-        weight_decay=0.0,
+        TrainSettings(
+            stage="piecewise", steps=12, batch_size=4, lr=3e-3, optimizer="adam", weight_decay=0.0
+        ),
         progress=False,
     )
     losses = out["losses"]

@@ -99,14 +99,17 @@ def test_gradients_reach_every_branch_and_crf_names():
 
 def test_small_gcrf_trains_in_engine():
     from deepcrf.data import SyntheticSegmentation
-    from deepcrf.engine.train import fit
+    from deepcrf.engine import TrainSettings, fit
 
     torch.manual_seed(0)
     model = models.create("small_gcrf", 3, width=4, hidden=8, embedding_dim=4, embedding_hidden=8)
     data = SyntheticSegmentation("train", n=4, size=32, num_classes=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = fit(
-        model, data, stage="joint", steps=3, batch_size=2, lr=0.01, crf_lr=0.1, progress=False
+        model,
+        data,
+        TrainSettings(stage="joint", steps=3, batch_size=2, lr=0.01, crf_lr=0.1),
+        progress=False,
     )
     assert len(out["losses"]) == 3 and all(math.isfinite(v) for v in out["losses"])
     for name in ("crf.log_pairwise_weight", "embedding.2.weight", "classifier.weight"):

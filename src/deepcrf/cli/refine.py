@@ -176,6 +176,7 @@ def _refine_probs(path: object, height: int, width: int, args: argparse.Namespac
     import numpy as np
 
     from deepcrf.data.palette import read_label_png
+    from deepcrf.metrics import IGNORE_INDEX
 
     path = Path(str(path))
     if path.suffix.lower() == ".npy":
@@ -194,7 +195,7 @@ def _refine_probs(path: object, height: int, width: int, args: argparse.Namespac
         raise ValueError(
             f"label image {path} is {labels.shape} (H, W); its image is ({height}, {width})"
         )
-    known = labels[labels != 255]
+    known = labels[labels != IGNORE_INDEX]
     num = args.num_labels if args.num_labels is not None else int(known.max(initial=0)) + 1
     num = max(num, 2)
     if known.size and int(known.max()) >= num:
@@ -203,9 +204,9 @@ def _refine_probs(path: object, height: int, width: int, args: argparse.Namespac
     if not 0.0 < conf < 1.0:
         raise ValueError(f"--confidence must lie in (0, 1); got {conf}")
     probs = np.full((num, height, width), (1.0 - conf) / (num - 1), dtype=np.float32)
-    rows, cols = np.nonzero(labels != 255)
+    rows, cols = np.nonzero(labels != IGNORE_INDEX)
     probs[labels[rows, cols].astype(np.int64), rows, cols] = conf
-    probs[:, labels == 255] = 1.0 / num  # unsure pixels: uniform, like unary_from_labels
+    probs[:, labels == IGNORE_INDEX] = 1.0 / num  # unsure pixels: uniform, like unary_from_labels
     return probs
 
 
@@ -335,6 +336,7 @@ def _refine_one(
     from deepcrf._atomic import atomic_path
     from deepcrf.crf.dense import refine
     from deepcrf.data.palette import read_image_info, read_label_png, write_label_png
+    from deepcrf.metrics import IGNORE_INDEX
 
     t0 = time.perf_counter()
     image, note = read_image_info(image_path)
@@ -372,7 +374,7 @@ def _refine_one(
     if note:
         row["note"] = note
     if gt is not None:
-        valid = gt != 255
+        valid = gt != IGNORE_INDEX
         row["accuracy_before"] = float((before == gt)[valid].mean())
         row["accuracy_after"] = float((after == gt)[valid].mean())
     return row

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,13 +145,12 @@ def build_train_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         if args.config:
             raise ValueError("--resume takes its settings from --out's config.json; drop --config")
+        from deepcrf.engine.runner import saved_run_config
+
         saved = Path(args.out) / CONFIG_FILE
         if not saved.is_file():
             raise FileNotFoundError(f"cannot resume: {saved} does not exist")
-        run = json.loads(saved.read_text()).get("run")
-        if not isinstance(run, dict):
-            raise ValueError(f"cannot resume: {saved} holds no run config")
-        config = cfg.merge(cfg.defaults(), run, str(saved))
+        config = cfg.merge(cfg.defaults(), saved_run_config(args.out), str(saved))
     else:
         config = cfg.load(args.config)
     for assignment in args.set:

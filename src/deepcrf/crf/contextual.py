@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from deepcrf._checks import check_positive, check_tensor
+from deepcrf.metrics import IGNORE_INDEX
 from deepcrf.ops.graph import RELATIONS, edge_offsets, range_box_edges, range_box_extent
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
     "piecewise_loss",
     "range_box_edges",
 ]
-
-IGNORE_INDEX = 255
 
 
 def _as_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:

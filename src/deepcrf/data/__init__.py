@@ -4,15 +4,17 @@ Every dataset yields ``(image (3, H, W) float32 RGB in 0-255, labels (H, W) int6
 255 = ignore. ``--data`` / ``root`` points at ``VOCdevkit/VOC2012`` (its parents are accepted).
 """
 
+from ..metrics import IGNORE_INDEX
 from .palette import (
-    IGNORE_INDEX,
     colorize,
     read_image,
     read_label_png,
+    read_labels,
+    read_sbd_mat,
     voc_palette,
     write_label_png,
 )
-from .sbd import SBDSegmentation, build_dataset, find_sbd_root, read_sbd_mat, train_aug
+from .sbd import SBDSegmentation, build_dataset, find_sbd_root, train_aug
 from .synthetic import SyntheticSegmentation
 from .transforms import (
     Compose,
@@ -41,6 +43,7 @@ __all__ = [
     "find_voc_root",
     "read_image",
     "read_label_png",
+    "read_labels",
     "read_sbd_mat",
     "read_split_file",
     "rescale",

@@ -1,4 +1,4 @@
-"""PASCAL VOC palette PNG I/O: label maps as indexed PNGs, 255 = ignore (drawn as cream)."""
+"""Image and label-map files: VOC palette PNGs (255 = ignore, drawn as cream) and SBD ``.mat``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_path
-
-IGNORE_INDEX = 255
 
 
 def voc_palette(num_colors: int = 256) -> np.ndarray:
@@ -127,3 +125,44 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     """Map ``(H, W)`` labels to ``(H, W, 3)`` uint8 RGB with the VOC palette."""
     arr = np.asarray(labels)
     return voc_palette()[arr.astype(np.int64).clip(0, 255)]
+
+
+def read_sbd_mat(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read the ``GTcls.Segmentation`` label map of an SBD ``cls/*.mat`` file as (H, W) uint8.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a MATLAB file, has no ``GTcls.Segmentation`` field, or the
+            field is not a 2-D map of labels in [0, 255].
+    """
+    from scipy.io import loadmat
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"SBD label file not found: {p}")
+    try:
+        mat = loadmat(p, squeeze_me=True, struct_as_record=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read SBD label file {p} (corrupt or not a .mat): {err}") from err
+    gt = mat.get("GTcls")
+    seg = getattr(gt, "Segmentation", None)
+    if seg is None:
+        raise ValueError(f"SBD label file {p} has no GTcls.Segmentation field")
+    seg = np.asarray(seg)
+    if seg.ndim != 2 or seg.size == 0 or not np.issubdtype(seg.dtype, np.integer):
+        raise ValueError(
+            f"GTcls.Segmentation in {p} must be a non-empty 2-D integer label map; got "
+            f"shape {seg.shape}, dtype {seg.dtype}"
+        )
+    if seg.min() < 0 or seg.max() > 255:
+        raise ValueError(
+            f"GTcls.Segmentation in {p} must lie in [0, 255]; got [{seg.min()}, {seg.max()}]"
+        )
+    return seg.astype(np.uint8)
+
+
+def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label map, a VOC PNG or an SBD ``cls/*.mat``, as (H, W) uint8 (255 = ignore)."""
+    if Path(path).suffix.lower() == ".mat":
+        return read_sbd_mat(path)
+    return read_label_png(path)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .voc import (
     PairTransform,
     SegmentationFiles,
@@ -23,40 +21,6 @@ from .voc import (
     find_voc_root,
     read_split_file,
 )
-
-
-def read_sbd_mat(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read the ``GTcls.Segmentation`` label map of an SBD ``cls/*.mat`` file as (H, W) uint8.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a MATLAB file, has no ``GTcls.Segmentation`` field, or the
-            field is not a 2-D map of labels in [0, 255].
-    """
-    from scipy.io import loadmat
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"SBD label file not found: {p}")
-    try:
-        mat = loadmat(p, squeeze_me=True, struct_as_record=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"cannot read SBD label file {p} (corrupt or not a .mat): {err}") from err
-    gt = mat.get("GTcls")
-    seg = getattr(gt, "Segmentation", None)
-    if seg is None:
-        raise ValueError(f"SBD label file {p} has no GTcls.Segmentation field")
-    seg = np.asarray(seg)
-    if seg.ndim != 2 or seg.size == 0 or not np.issubdtype(seg.dtype, np.integer):
-        raise ValueError(
-            f"GTcls.Segmentation in {p} must be a non-empty 2-D integer label map; got "
-            f"shape {seg.shape}, dtype {seg.dtype}"
-        )
-    if seg.min() < 0 or seg.max() > 255:
-        raise ValueError(
-            f"GTcls.Segmentation in {p} must lie in [0, 255]; got [{seg.min()}, {seg.max()}]"
-        )
-    return seg.astype(np.uint8)
 
 
 def _is_sbd_dir(path: Path) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_tensor
-from .palette import IGNORE_INDEX
+from ..metrics import IGNORE_INDEX
 
 #: Mean RGB colour of the ImageNet-trained VGG DeepLab starts from (Caffe's BGR
 #: 104.008, 116.669, 122.675 reversed): padding with it reads as ~0 after normalisation.

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .palette import IGNORE_INDEX, read_image, read_label_png
+from ..metrics import IGNORE_INDEX
+from .palette import read_image, read_labels
 
 #: The 21 VOC classes, index = label id (0 = background); 255 marks void/ignored pixels.
 VOC_CLASSES: tuple[str, ...] = (
@@ -143,12 +144,7 @@ class SegmentationFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         """Read item ``index`` as ``(H, W, 3)`` uint8 RGB and ``(H, W)`` uint8 labels, checked."""
         image_path, label_path = self.image_paths[index], self.label_paths[index]
         image = read_image(image_path)
-        if label_path.suffix.lower() == ".mat":
-            from .sbd import read_sbd_mat
-
-            labels = read_sbd_mat(label_path)
-        else:
-            labels = read_label_png(label_path)
+        labels = read_labels(label_path)
         if image.shape[:2] != labels.shape:
             raise ValueError(
                 f"image {image_path} is {image.shape[0]}x{image.shape[1]} (HxW) but its labels "
@@ -179,12 +175,7 @@ class SegmentationFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 with Image.open(image_path) as im:
                     width, height = im.size
                     im.verify()
-                if label_path.suffix.lower() == ".mat":
-                    from .sbd import read_sbd_mat
-
-                    labels = read_sbd_mat(label_path)
-                else:
-                    labels = read_label_png(label_path)
+                labels = read_labels(label_path)
             except (OSError, SyntaxError, ValueError) as err:
                 problems.append(f"{image_path.name} / {label_path.name}: unreadable ({err})")
                 continue

@@ -2,7 +2,7 @@
 
 The names the demo and the CLI use::
 
-    fit(model, dataset, *, stage="unary", steps, ...) -> {"losses", "seconds", ...}
+    fit(model, dataset, TrainSettings(stage="unary", steps=...), ...) -> {"losses", ...}
     evaluate(model, dataset, *, num_classes, ...) -> {"miou", "pixel_accuracy", ...}
     predict_logits(model, image, *, scales, flip, postprocess) -> (B, L, H, W)
     save_checkpoint(path, model, config) / load_checkpoint(path) -> (model, config)
@@ -21,7 +21,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "fit": "train",
     "cross_entropy": "train",
-    "poly_lr": "train",
+    "TrainSettings": "config",
     "evaluate": "evaluation",
     "predict_logits": "evaluation",
     "metrics_from_confusion": "evaluation",

@@ -139,7 +139,7 @@ def save_checkpoint(
         The directory.
     """
     out = Path(path)
-    _check_model_config(config)
+    check_config(config)
     if (state_tensors is None) != (state_meta is None):
         raise ValueError("state_tensors and state_meta must be given together")
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def _check_model_config(config: Mapping[str, Any]) -> None:
+def check_config(config: Mapping[str, Any]) -> None:
+    """A checkpoint config: JSON-able, with ``model = {"name", "num_classes", "kwargs"}``."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"checkpoint config must be a mapping; got {type(config).__name__}")
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config must be JSON-serialisable: {err}") from err
     spec = config.get("model")
     if not isinstance(spec, Mapping) or "name" not in spec or "num_classes" not in spec:
         raise ValueError(
@@ -194,7 +201,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p / CONFIG_FILE} is damaged (not valid JSON): {err}") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{p / CONFIG_FILE} is not a deepcrf checkpoint config")
-    _check_model_config(config)
+    check_config(config)
     return config
 
 

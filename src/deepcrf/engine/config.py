@@ -20,11 +20,14 @@ table.key=value`` (TOML syntax for the value) and the dedicated CLI flags overri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from deepcrf._checks import check_choice, check_int, check_number
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +36,112 @@ else:  # pragma: no cover - Python 3.10
 
 _FREE = "table"  # a free-form table passed on as keyword arguments
 _NONE = type(None)
+
+STAGES = ("unary", "joint", "piecewise")
+OPTIMIZERS = ("sgd", "adam")
+LR_POLICIES = ("poly", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a training run's trajectory, checked once, here.
+
+    :func:`deepcrf.engine.fit` takes it whole, stores it in the checkpoint and refuses to resume
+    with other settings.
+
+    The learning rate at step t of T is ``lr · (1 − t/T)^poly_power`` (DeepLab's "poly"
+    policy; CRF-as-RNN's constant rate is ``poly_power = 0``) or ``lr · lr_gamma^⌊t/lr_step⌋``
+    (``lr_policy = "step"``, DeepLab v1: ×0.1 every 2000 steps).
+
+    Attributes:
+        stage: ``"unary"`` (the CNN alone), ``"joint"`` (CNN + CRF end to end) or
+            ``"piecewise"`` (Lin et al.); see :mod:`deepcrf.engine.train`.
+        steps: optimiser steps T, also the poly schedule's horizon.
+        batch_size: images per step and process (the global batch is ``batch_size · world``).
+        lr: base learning rate (backbone).
+        crf_lr: rate of ``crf.*`` parameters (None: ``lr``).
+        head_lr: rate of the classifier head (``head.*``, ``classifier.*``, ``fc8.*``; DeepLab
+            uses 10 · lr); None: ``lr``.
+        optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        momentum: SGD momentum.
+        weight_decay: L2 penalty of backbone and head.
+        crf_weight_decay: L2 penalty of the CRF's parameters (decay would pull log-bandwidths
+            to θ = 1 and compatibilities to 0, so it has its own, default 0).
+        lr_policy: ``"poly"`` or ``"step"``.
+        poly_power: exponent of the poly policy.
+        lr_step: period of the step policy, in steps.
+        lr_gamma: factor of the step policy.
+        seed: seeds the RNGs, the data order and the augmentation.
+        amp: mixed precision (float16 + GradScaler on CUDA, bfloat16 autocast on CPU).
+        freeze_backbone: keep ``backbone.*`` fixed (joint / piecewise stages).
+        grad_clip: clip the global gradient norm to this (None: no clipping).
+
+    Example:
+        >>> TrainSettings(steps=100, lr=0.01).lr_factor(50) == 0.5**0.9
+        True
+    """
+
+    stage: str = "unary"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 0.003
+    crf_lr: float | None = None
+    head_lr: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crf_weight_decay: float = 0.0
+    lr_policy: str = "poly"
+    poly_power: float = 0.9
+    lr_step: int = 2000
+    lr_gamma: float = 0.1
+    seed: int = 0
+    amp: bool = False
+    freeze_backbone: bool = False
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the values once, here
+        check_choice(self.stage, "stage", STAGES)
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        check_choice(self.lr_policy, "lr_policy", LR_POLICIES)
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("lr_step", 1), ("seed", 0)):
+            set_(self, name, check_int(getattr(self, name), name, minimum=minimum))
+        set_(self, "lr", check_number(self.lr, "lr", positive=True))
+        for name in ("crf_lr", "head_lr", "grad_clip"):
+            if getattr(self, name) is not None:
+                set_(self, name, check_number(getattr(self, name), name, positive=True))
+        for name in ("momentum", "weight_decay", "crf_weight_decay", "poly_power", "lr_gamma"):
+            set_(self, name, check_number(getattr(self, name), name, minimum=0.0))
+        for name in ("amp", "freeze_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, train: Mapping[str, Any]) -> TrainSettings:
+        """The settings in a config's ``[train]`` table (its other keys belong to the run)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in train.items() if k in names})
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of every setting (what a checkpoint stores)."""
+        return dataclasses.asdict(self)
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of every base rate at ``step`` (0-based) of ``steps``."""
+        if self.lr_policy == "poly":
+            return (1.0 - step / self.steps) ** self.poly_power
+        return self.lr_gamma ** (step // self.lr_step)
+
+
+_TRAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "steps": (int,), "batch_size": (int,), "lr": (float,),
+    "crf_lr": (float, _NONE), "head_lr": (float, _NONE), "optimizer": (str,),
+    "momentum": (float,), "weight_decay": (float,), "crf_weight_decay": (float,),
+    "lr_policy": (str,), "poly_power": (float,), "lr_step": (int,), "lr_gamma": (float,),
+    "seed": (int,), "amp": (bool,), "freeze_backbone": (bool,), "grad_clip": (float, _NONE),
+}  # fmt: skip
+
 
 # table -> key -> (accepted types, default). float keys accept ints too.
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...] | str, Any]]] = {
@@ -55,25 +164,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...] | str, Any]]] = {
         "num_workers": ((int,), 0),
         "sbd_root": ((str, _NONE), None),
     },
+    # The settings of fit (TrainSettings: one place for their defaults), then the run's own.
     "train": {
-        "stage": ((str,), "unary"),
-        "steps": ((int,), 1000),
-        "batch_size": ((int,), 8),
-        "lr": ((float,), 0.003),
-        "crf_lr": ((float, _NONE), None),
-        "head_lr": ((float, _NONE), None),
-        "optimizer": ((str,), "adam"),
-        "momentum": ((float,), 0.9),
-        "weight_decay": ((float,), 0.0),
-        "crf_weight_decay": ((float,), 0.0),
-        "lr_policy": ((str,), "poly"),
-        "poly_power": ((float,), 0.9),
-        "lr_step": ((int,), 2000),
-        "lr_gamma": ((float,), 0.1),
-        "seed": ((int,), 0),
-        "amp": ((bool,), False),
-        "freeze_backbone": ((bool,), False),
-        "grad_clip": ((float, _NONE), None),
+        **{f.name: (_TRAIN_TYPES[f.name], f.default) for f in dataclasses.fields(TrainSettings)},
         "checkpoint_every": ((int,), 0),
         "checkpoint_minutes": ((float, _NONE), 10.0),
         "val_every": ((int,), 0),

@@ -457,6 +457,7 @@ def _run_rows(
     progress: bool,
     log: Callable[[str], None],
 ) -> tuple[list[dict], list[tuple[str, str]], np.ndarray, np.ndarray, dict, dict]:
+    from .config import TrainSettings
     from .evaluation import evaluate
     from .train import fit
 
@@ -528,19 +529,15 @@ def _run_rows(
     def joint_fit(model: nn.Module, stage: str = "joint") -> float:
         # The control row calls this with stage="unary": every other argument is shared, so
         # it differs from the joint rows only by the absent CRF.
-        result = fit(
-            model,
-            train,
+        settings = TrainSettings(
             stage=stage,
             steps=cfg.crf_steps,
             batch_size=cfg.crf_batch_size,
             lr=cfg.finetune_lr,
             crf_lr=cfg.crf_lr if stage != "unary" else None,
-            optimizer="adam",
-            weight_decay=0.0,
             seed=cfg.seed + 1,
-            progress=progress,
         )
+        result = fit(model, train, settings, progress=progress)
         return float(result["seconds"])
 
     specs = {r.key: r for r in _ROWS}
@@ -548,18 +545,10 @@ def _run_rows(
     # 1. The CNN alone.
     log(f"[demo] training the CNN alone: {cfg.unary_steps} steps on {cfg.n_train} images")
     unary = _seeded_create(cfg.seed, "small", k, width=cfg.width)
-    fitted = fit(
-        unary,
-        train,
-        stage="unary",
-        steps=cfg.unary_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        optimizer="adam",
-        weight_decay=0.0,
-        seed=cfg.seed,
-        progress=progress,
+    settings = TrainSettings(
+        steps=cfg.unary_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed
     )
+    fitted = fit(unary, train, settings, progress=progress)
     unary_state = copy.deepcopy(unary.state_dict())
     record(specs["unary"], unary, use_crf=False, train_seconds=float(fitted["seconds"]))
 
@@ -660,19 +649,15 @@ def _run_rows(
         # Only the trunk is shared: FeatMap-Net's per-scale blocks and the CRF's unary and
         # pairwise nets are new, so they train at the CNN's rate with the trunk frozen.
         _transfer_unary(model, unary_state, prefix="backbone.")
-        result = fit(
-            model,
-            train,
+        settings = TrainSettings(
             stage="piecewise",
             steps=cfg.contextual_steps,
             batch_size=cfg.crf_batch_size,
             lr=cfg.lr,
-            optimizer="adam",
-            weight_decay=0.0,
             seed=cfg.seed + 2,
-            progress=progress,
             freeze_backbone=True,
         )
+        result = fit(model, train, settings, progress=progress)
         train_seconds = float(result["seconds"])
         record(specs["contextual_unary"], model, use_crf=False, train_seconds=train_seconds)
         extras["contextual_inference"] = _choose_contextual_inference(

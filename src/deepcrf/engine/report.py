@@ -29,6 +29,7 @@ import numpy as np
 
 from .._atomic import atomic_path
 from ..data.palette import colorize, voc_palette
+from ..metrics import IGNORE_INDEX
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -281,7 +282,7 @@ def _legend(fig: Any, labels: Sequence[int], names: Sequence[str] | None) -> Non
             facecolor=palette[k] / 255.0,
             edgecolor="black",
             label=(names[k] if names is not None and k < len(names) else f"class {k}")
-            if k != 255
+            if k != IGNORE_INDEX
             else "ignore",
         )
         for k in labels

@@ -6,6 +6,8 @@ JSON-able dict, so the CLI only parses flags and prints.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import check_outputs
 from . import checkpoint as ckpt
+from .config import TrainSettings
 from .distributed import (
     barrier,
     init_from_env,
@@ -151,6 +154,29 @@ class UntrainedBackboneWarning(UserWarning):
     """A VGG-16 model is about to be trained from random weights (no ImageNet file, no init)."""
 
 
+def run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config as a checkpoint stores it: ``[train]`` without fit's settings.
+
+    Those are stored once, as the checkpoint's ``"fit"``; :func:`saved_run_config` puts them
+    back.
+    """
+    fit_keys = {f.name for f in dataclasses.fields(TrainSettings)}
+    run = copy.deepcopy(dict(config))
+    run["train"] = {k: v for k, v in run.get("train", {}).items() if k not in fit_keys}
+    return run
+
+
+def saved_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The full run config of the checkpoint in ``run_dir`` (for ``deepcrf train --resume``)."""
+    saved = ckpt.read_config(run_dir)
+    run = saved.get("run")
+    if not isinstance(run, dict):
+        raise ValueError(f"cannot resume: {run_dir}'s config.json holds no run config")
+    fit_keys = {f.name for f in dataclasses.fields(TrainSettings)}
+    settings = {k: v for k, v in dict(saved.get("fit") or {}).items() if k in fit_keys}
+    return {**run, "train": {**dict(run.get("train") or {}), **settings}}
+
+
 def train_run(
     config: Mapping[str, Any],
     out: str | os.PathLike[str],
@@ -211,33 +237,16 @@ def train_run(
         init_weights(model, t["init"])
     num_classes = int(config["model"]["num_classes"])
     eval_cfg = config["eval"]
-    stored = {"model": model_spec(config), "run": dict(config)}
+    settings = TrainSettings.from_config(t)
     result = fit(
         model,
         train_set,
-        stage=t["stage"],
-        steps=t["steps"],
-        batch_size=t["batch_size"],
-        lr=t["lr"],
-        crf_lr=t["crf_lr"],
-        head_lr=t["head_lr"],
-        optimizer=t["optimizer"],
-        momentum=t["momentum"],
-        weight_decay=t["weight_decay"],
-        crf_weight_decay=t["crf_weight_decay"],
-        lr_policy=t["lr_policy"],
-        poly_power=t["poly_power"],
-        lr_step=t["lr_step"],
-        lr_gamma=t["lr_gamma"],
-        seed=t["seed"],
+        settings,
         device=device,
-        amp=t["amp"],
         progress=progress,
-        freeze_backbone=t["freeze_backbone"],
-        grad_clip=t["grad_clip"],
         num_workers=config["data"]["num_workers"],
         run_dir=out,
-        config=stored,
+        config={"model": model_spec(config), "run": run_config(config)},
         checkpoint_every=t["checkpoint_every"],
         checkpoint_seconds=(
             None if t["checkpoint_minutes"] is None else 60.0 * float(t["checkpoint_minutes"])

@@ -27,7 +27,7 @@ The stream replaces ``DistributedSampler`` so that a resume can start in the mid
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import random
@@ -43,7 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ..metrics import IGNORE_INDEX
 from . import checkpoint as ckpt
+from .config import TrainSettings
 from .distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -54,21 +56,10 @@ from .distributed import (
     reduce_mean,
 )
 
-IGNORE_INDEX = 255
-STAGES = ("unary", "joint", "piecewise")
-OPTIMIZERS = ("sgd", "adam")
-LR_POLICIES = ("poly", "step")
 # Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate
 # (the small model's head/classifier, DeepLab's fc8).
 HEAD_PREFIXES = ("head.", "classifier.", "fc8.")
 BACKBONE_PREFIXES = ("backbone.",)
-# Hyper-parameters that define the training trajectory: a resume must use the same values.
-_TRAJECTORY_KEYS = (
-    "stage", "steps", "batch_size", "lr", "crf_lr", "head_lr", "optimizer", "momentum",
-    "weight_decay", "crf_weight_decay", "lr_policy", "poly_power", "lr_step", "lr_gamma", "seed",
-    "amp", "freeze_backbone",
-    "grad_clip", "world_size",
-)  # fmt: skip
 
 
 def _seed_from(*parts: int) -> int:
@@ -187,15 +178,7 @@ class _StageLoss(nn.Module):
 
 
 def _param_groups(
-    model: nn.Module,
-    *,
-    stage: str,
-    lr: float,
-    crf_lr: float | None,
-    head_lr: float | None,
-    weight_decay: float,
-    crf_weight_decay: float,
-    freeze_backbone: bool,
+    model: nn.Module, settings: TrainSettings
 ) -> tuple[list[dict[str, Any]], list[nn.Parameter]]:
     """Split trainable parameters into backbone / head / crf groups; return frozen ones too."""
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "crf": []}
@@ -206,22 +189,23 @@ def _param_groups(
         # A CNN+CRF wrapper names its network ``model``: classify by the network's own names.
         inner = name[len("model.") :] if name.startswith("model.") else name
         if name.startswith("crf."):
-            if stage == "unary":
+            if settings.stage == "unary":
                 frozen.append(param)
             else:
                 groups["crf"].append(param)
         elif inner.startswith(HEAD_PREFIXES):
             groups["head"].append(param)
-        elif freeze_backbone and inner.startswith(BACKBONE_PREFIXES):
+        elif settings.freeze_backbone and inner.startswith(BACKBONE_PREFIXES):
             frozen.append(param)
         else:
             groups["backbone"].append(param)
+    lr, decay = settings.lr, settings.weight_decay
     rates = {
-        "backbone": (lr, weight_decay),
-        "head": (lr if head_lr is None else head_lr, weight_decay),
+        "backbone": (lr, decay),
+        "head": (lr if settings.head_lr is None else settings.head_lr, decay),
         # Weight decay would pull log-bandwidths towards 0 (θ = 1) and compatibilities to 0,
         # which no paper intends: the CRF gets its own (default 0) decay.
-        "crf": (lr if crf_lr is None else crf_lr, crf_weight_decay),
+        "crf": (lr if settings.crf_lr is None else settings.crf_lr, settings.crf_weight_decay),
     }
     out = [
         {"params": params, "name": name, "base_lr": rates[name][0], "lr": rates[name][0],
@@ -230,48 +214,17 @@ def _param_groups(
         if params
     ]  # fmt: skip
     if not out:
-        raise ValueError(f"stage {stage!r} leaves no trainable parameter in the model")
+        raise ValueError(f"stage {settings.stage!r} leaves no trainable parameter in the model")
     return out, frozen
-
-
-def poly_lr(base_lr: float, step: int, steps: int, power: float) -> float:
-    """DeepLab's poly learning rate: base_lr · (1 − step/steps)^power."""
-    return base_lr * (1.0 - step / steps) ** power
-
-
-def lr_factor(
-    step: int, steps: int, policy: str, power: float, step_size: int, gamma: float
-) -> float:
-    """Multiplier of the base rates at ``step`` (0-based) of ``steps``: poly or step policy."""
-    if policy == "poly":
-        return (1.0 - step / steps) ** power
-    return gamma ** (step // step_size)
 
 
 def fit(
     model: nn.Module,
     dataset: Any,
+    settings: TrainSettings,
     *,
-    stage: str = "unary",
-    steps: int,
-    batch_size: int = 8,
-    lr: float = 0.01,
-    crf_lr: float | None = None,
-    head_lr: float | None = None,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    crf_weight_decay: float = 0.0,
-    poly_power: float = 0.9,
-    lr_policy: str = "poly",
-    lr_step: int = 2000,
-    lr_gamma: float = 0.1,
-    seed: int = 0,
     device: str | torch.device = "cpu",
-    amp: bool = False,
     progress: bool = True,
-    freeze_backbone: bool = False,
-    grad_clip: float | None = None,
     num_workers: int = 0,
     run_dir: str | os.PathLike[str] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -283,54 +236,36 @@ def fit(
     val_kwargs: Mapping[str, Any] | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``dataset`` for ``steps`` optimiser steps (in place).
+    """Train ``model`` on ``dataset`` for ``settings.steps`` optimiser steps (in place).
 
-    The loss depends on ``stage`` (see the module docstring); the learning rate follows the poly
-    schedule lr_t = lr · (1 − t/T)^power. Under ``torchrun`` (``torch.distributed`` initialised)
-    the model is wrapped in ``DistributedDataParallel``, each process reads its own share of the
-    stream, losses are averaged over processes and only rank 0 writes checkpoints.
+    The loss depends on ``settings.stage`` (see the module docstring); the learning rate follows
+    ``settings.lr_factor``. Under ``torchrun`` (``torch.distributed`` initialised) the model is
+    wrapped in ``DistributedDataParallel``, each process reads its own share of the stream,
+    losses are averaged over processes and only rank 0 writes checkpoints.
 
     Args:
         model: a segmentation model, ``forward(image (B, 3, H, W) in 0-255) -> (B, L, H, W)``.
         dataset: yields ``(image (3, H, W) float 0-255, labels (H, W) int64, 255 = ignore)``;
             all images of a batch must share one size (use a cropping transform).
-        stage: ``"unary"``, ``"joint"`` or ``"piecewise"``.
-        steps: total number of optimiser steps T (also the poly schedule's horizon).
-        batch_size: images per step per process (the global batch is ``batch_size · world``).
-        lr: base learning rate of the backbone.
-        crf_lr: learning rate of ``crf.*`` parameters (default ``lr``).
-        head_lr: learning rate of the classifier head (parameters named ``head.*`` /
-            ``classifier.*``; DeepLab uses 10 · lr); default ``lr``.
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty of backbone and head.
-        crf_weight_decay: L2 penalty of the CRF parameters.
-        poly_power: exponent of the poly schedule (0 = constant rate).
-        lr_policy: ``"poly"`` (DeepLab v2 onwards, CRF-as-RNN uses a constant rate = poly with
-            power 0) or ``"step"``: lr · gamma^⌊t / lr_step⌋ (DeepLab v1: ×0.1 every 2000).
-        lr_step: step size of the ``"step"`` policy, in steps.
-        lr_gamma: factor of the ``"step"`` policy.
-        seed: seeds the RNGs, the data order and the augmentation.
+        settings: how to train (:class:`~deepcrf.engine.config.TrainSettings`), passed whole.
         device: where to train.
-        amp: mixed precision (float16 + GradScaler on CUDA, bfloat16 autocast on CPU).
         progress: show a tqdm progress bar (on stderr, rank 0 only).
-        freeze_backbone: keep ``backbone.*`` parameters fixed (joint / piecewise stages).
-        grad_clip: clip the global gradient norm to this value.
         num_workers: DataLoader worker processes.
         run_dir: write checkpoints here (``RUN/model.safetensors``, ``config.json``, resume
             state; ``RUN/best`` when validating). Requires ``config``.
-        config: JSON-able run config stored in ``config.json``; must contain
-            ``model = {"name", "num_classes", "kwargs"}`` for :func:`load_checkpoint`.
+        config: JSON-able description stored in ``config.json`` beside ``"fit"`` (the settings)
+            and ``"step"``; must contain ``model = {"name", "num_classes", "kwargs"}`` for
+            :func:`load_checkpoint`.
         checkpoint_every: also checkpoint every this many steps (0 = only at the end).
         checkpoint_seconds: also checkpoint when this much wall time has passed since the last
             checkpoint (default 10 minutes; None = off). With ``run_dir``, SIGINT (Ctrl-C) and
             SIGTERM also checkpoint, at the end of the current step, before the run stops with
             :class:`TrainingInterrupted`; a second signal stops at once (files stay whole).
-        resume: continue from the checkpoint in ``run_dir`` (must exist, same hyper-parameters).
+        resume: continue from the checkpoint in ``run_dir`` (must exist, same settings).
         val_dataset: evaluate on it every ``val_every`` steps and at the end; the best mIoU is
             kept in ``RUN/best``.
         val_every: validation interval in steps (0 = only at the end).
-        val_kwargs: extra keyword arguments for :func:`deepcrf.engine.evaluate`.
+        val_kwargs: keyword arguments of :func:`deepcrf.engine.evaluate` (``num_classes`` needed).
         callback: called as ``callback(step, loss)`` after each step (``step`` counts from 1).
 
     Returns:
@@ -342,27 +277,91 @@ def fit(
         labels: (B, H, W)     int64, 255 = ignore
 
     Example:
-        >>> out = fit(model, dataset, steps=100, batch_size=4)  # doctest: +SKIP
+        >>> out = fit(model, dataset, TrainSettings(steps=100, batch_size=4))  # doctest: +SKIP
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
-    if lr_policy not in LR_POLICIES:
-        raise ValueError(f"lr_policy must be one of {LR_POLICIES}; got {lr_policy!r}")
-    if lr_policy == "step" and int(lr_step) < 1:
-        raise ValueError(f"lr_step must be >= 1; got {lr_step}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr}")
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(
+            f"settings must be a TrainSettings (deepcrf.engine.TrainSettings(steps=..., ...)); "
+            f"got {type(settings).__name__}"
+        )
+    _check_run(model, dataset, settings, run_dir, config, resume, val_dataset, val_kwargs)
+    trainer = _Trainer(model, settings, torch.device(device))
+    state = trainer.restore(run_dir) if resume else trainer.seed_fresh()
+    checkpoints = _Checkpoints(run_dir, config, settings, checkpoint_every, checkpoint_seconds)
+    loader = DataLoader(
+        _Stream(dataset, settings.seed),
+        batch_size=settings.batch_size,
+        sampler=_StreamSampler(
+            state.step, settings.steps, settings.batch_size, trainer.rank, trainer.world
+        ),
+        num_workers=num_workers,
+        # A private generator: the loader must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(settings.seed),
+        pin_memory=trainer.device.type == "cuda",
+    )
+    t0 = time.perf_counter()
+    start = state.step
+    stop = _SignalCheckpoint(enabled=run_dir is not None)
+    bar = tqdm(
+        total=settings.steps, initial=start, desc=f"train ({settings.stage})", unit="step",
+        disable=not progress or not is_main_process(), dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        trainer.begin()
+        stop.install()
+        batches = iter(loader)
+        for step in range(start, settings.steps):
+            value = trainer.step(*_next_batch(batches), step)
+            state.losses.append(value)
+            state.step = done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{trainer.current_lr:.2e}")
+            is_last = done == settings.steps
+            validate = val_dataset is not None and (
+                is_last or bool(val_every and done % val_every == 0)
+            )
+            save = checkpoints.due(done, stop.signal is not None, trainer.world)
+            if validate or save or is_last:
+                broadcast_buffers(model)  # every rank validates / rank 0 saves one model
+            if validate:
+                trainer.validate(val_dataset, val_kwargs, state, checkpoints)
+            if save:
+                checkpoints.save(trainer, state)
+            if stop.signal is not None and not is_last:
+                raise TrainingInterrupted(stop.signal, done, settings.steps, run_dir)
+            if callback is not None:
+                callback(done, value)
+    finally:
+        stop.uninstall()
+        bar.close()
+        trainer.end()
+    return {
+        "losses": state.losses,
+        "seconds": time.perf_counter() - t0,
+        "start_step": start,
+        "steps": settings.steps,
+        "lr": trainer.current_lr,
+        "val": state.history,
+        "best_miou": None if state.best == -math.inf else state.best,
+    }
+
+
+def _check_run(
+    model: nn.Module,
+    dataset: Any,
+    settings: TrainSettings,
+    run_dir: Any,
+    config: Mapping[str, Any] | None,
+    resume: bool,
+    val_dataset: Any,
+    val_kwargs: Mapping[str, Any] | None,
+) -> None:
+    """What only fit can check (the settings checked themselves): model, data, run files."""
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
-    if stage == "joint" and not _has_crf(model):
+    if settings.stage == "joint" and not _has_crf(model):
         raise ValueError("stage 'joint' needs a model with a CRF (attribute `crf`)")
-    if stage == "piecewise" and not hasattr(model, "piecewise_loss"):
+    if settings.stage == "piecewise" and not hasattr(model, "piecewise_loss"):
         raise ValueError("stage 'piecewise' needs a model with piecewise_loss(image, labels)")
     if run_dir is not None and config is None:
         raise ValueError("run_dir needs config (with the model's name/num_classes/kwargs)")
@@ -370,163 +369,218 @@ def fit(
         raise ValueError("resume=True needs run_dir")
     if config is not None:
         # Fail now rather than at the first checkpoint, after minutes of training.
-        ckpt._check_model_config(config)
-        try:
-            json.dumps(config)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"config must be JSON-serialisable: {err}") from err
+        ckpt.check_config(config)
     if val_dataset is not None and "num_classes" not in (val_kwargs or {}):
         raise ValueError("val_dataset needs val_kwargs={'num_classes': L, ...} for evaluate()")
-    steps, batch_size = int(steps), int(batch_size)
-    dev = torch.device(device)
-    rank, world = rank_and_world()
-    hyper = {
-        "stage": stage, "steps": steps, "batch_size": batch_size, "lr": lr, "crf_lr": crf_lr,
-        "head_lr": head_lr, "optimizer": optimizer, "momentum": momentum,
-        "weight_decay": weight_decay, "crf_weight_decay": crf_weight_decay,
-        "lr_policy": lr_policy, "poly_power": poly_power, "lr_step": lr_step,
-        "lr_gamma": lr_gamma, "seed": seed, "amp": amp, "freeze_backbone": freeze_backbone,
-        "grad_clip": grad_clip, "world_size": world,
-    }  # fmt: skip
 
-    model.to(dev)
-    groups, frozen = _param_groups(
-        model, stage=stage, lr=lr, crf_lr=crf_lr, head_lr=head_lr, weight_decay=weight_decay,
-        crf_weight_decay=crf_weight_decay, freeze_backbone=freeze_backbone,
-    )  # fmt: skip
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    else:
-        opt = torch.optim.Adam(groups, lr=lr)
-    use_scaler = amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
 
-    start, losses, history, best = 0, [], [], -math.inf
-    if resume:
-        start, losses, history, best = _restore(run_dir, model, opt, scaler, hyper, rank)
-    else:
-        torch.manual_seed(_seed_from(seed, 2, rank))
-        np.random.seed(_seed_from(seed, 3, rank))  # noqa: NPY002
-        random.seed(_seed_from(seed, 4, rank))
+@dataclasses.dataclass
+class _State:
+    """What a checkpoint restores besides weights and optimiser: progress and validation."""
 
-    # Frozen parameters must not need grads: DDP would wait for them and autograd would waste work.
-    saved_flags = [(p, p.requires_grad) for p in frozen]
-    for p in frozen:
-        p.requires_grad_(False)
-    loss_module: nn.Module = _StageLoss(model, stage)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    step: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: float = -math.inf
 
-        loss_module = DistributedDataParallel(
-            loss_module,
-            device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
-            if dev.type == "cuda"
-            else None,
-            find_unused_parameters=True,
-        )  # fmt: skip
 
-    loader = DataLoader(
-        _Stream(dataset, seed),
-        batch_size=batch_size,
-        sampler=_StreamSampler(start, steps, batch_size, rank, world),
-        num_workers=num_workers,
-        # A private generator: the loader must not draw from the global RNG (exact resume).
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=dev.type == "cuda",
-    )
-    t0 = time.perf_counter()
-    last_save = time.monotonic()
-    current_lr = lr
-    stop = _SignalCheckpoint(enabled=run_dir is not None)
-    bar = tqdm(
-        total=steps, initial=start, desc=f"train ({stage})", unit="step",
-        disable=not progress or not is_main_process(), dynamic_ncols=True,
-    )  # fmt: skip
-    model.train()
-    try:
-        stop.install()
-        batches = iter(loader)
-        for step in range(start, steps):
-            image, labels = _next_batch(batches)
-            image = image.to(dev, non_blocking=True)
-            labels = labels.to(dev, non_blocking=True)
-            factor = lr_factor(step, steps, lr_policy, poly_power, lr_step, lr_gamma)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            current_lr = lr * factor
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_module(image, labels)
-            if loss.dim() != 0:
-                raise ValueError(f"the {stage} loss must be a scalar; got shape {loss.shape}")
-            if not use_scaler and not bool(torch.isfinite(loss)):
-                raise FloatingPointError(
-                    f"the training loss became {loss.detach().item()} at step {step + 1}; "
-                    "try a smaller learning rate"
-                )
-            scaler.scale(loss).backward()
-            if grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], grad_clip
-                )
-            scaler.step(opt)
-            scaler.update()
-            value = reduce_mean(loss.detach().float())
-            losses.append(value)
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{current_lr:.2e}")
-            is_last = done == steps
-            save_now = run_dir is not None and (
-                is_last
-                or bool(checkpoint_every and done % checkpoint_every == 0)
-                or _agreed(
-                    stop.signal is not None
-                    or (checkpoint_seconds is not None
-                        and time.monotonic() - last_save >= checkpoint_seconds),
-                    world,
-                )
+class _Trainer:
+    """Set-up and one optimiser step: parameter groups, optimiser, AMP scaler, DDP wrapper."""
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, device: torch.device) -> None:
+        self.model, self.settings, self.device = model, settings, device
+        self.rank, self.world = rank_and_world()
+        model.to(device)
+        groups, self.frozen = _param_groups(model, settings)
+        if settings.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=settings.lr, momentum=settings.momentum
+            )
+        else:
+            self.opt = torch.optim.Adam(groups, lr=settings.lr)
+        self.use_scaler = settings.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.current_lr = settings.lr
+        self.loss_module: nn.Module = _StageLoss(model, settings.stage)
+        self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+
+    def fit_record(self) -> dict[str, Any]:
+        """The settings as stored in a checkpoint (with the number of processes)."""
+        return {**self.settings.as_dict(), "world_size": self.world}
+
+    def seed_fresh(self) -> _State:
+        seed = self.settings.seed
+        torch.manual_seed(_seed_from(seed, 2, self.rank))
+        np.random.seed(_seed_from(seed, 3, self.rank))  # noqa: NPY002
+        random.seed(_seed_from(seed, 4, self.rank))
+        return _State()
+
+    def begin(self) -> None:
+        # Frozen parameters must not need grads: DDP would wait for them and autograd would
+        # waste work. They get their flags back in end().
+        self._saved_flags = [(p, p.requires_grad) for p in self.frozen]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = self.device
+            self.loss_module = DistributedDataParallel(
+                _StageLoss(self.model, self.settings.stage),
+                device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
+                if dev.type == "cuda"
+                else None,
+                find_unused_parameters=True,
             )  # fmt: skip
-            if is_last or (val_every and done % val_every == 0) or save_now:
-                broadcast_buffers(model)  # every rank validates / rank 0 saves one model
-            if val_dataset is not None and (is_last or (val_every and done % val_every == 0)):
-                best = _validate(
-                    model,
-                    val_dataset,
-                    val_kwargs,
-                    dev,
-                    done,
-                    history,
-                    best,
-                    run_dir,
-                    config,
-                    hyper,
-                )
-                model.train()
-            if save_now:
-                _save(run_dir, model, opt, scaler, config, hyper, done, losses, history, best)
-                last_save = time.monotonic()
-            if stop.signal is not None and not is_last:
-                raise TrainingInterrupted(stop.signal, done, steps, run_dir)
-            if callback is not None:
-                callback(done, value)
-    finally:
-        stop.uninstall()
-        bar.close()
-        for p, flag in saved_flags:
+        self.model.train()
+
+    def end(self) -> None:
+        for p, flag in self._saved_flags:
             p.requires_grad_(flag)
-        model.eval()
-    return {
-        "losses": losses,
-        "seconds": time.perf_counter() - t0,
-        "start_step": start,
-        "steps": steps,
-        "lr": current_lr,
-        "val": history,
-        "best_miou": None if best == -math.inf else best,
-    }
+        self.model.eval()
+
+    def step(self, image: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+        """One optimiser step at ``step`` (0-based); returns the loss averaged over processes."""
+        s, opt, scaler = self.settings, self.opt, self.scaler
+        image = image.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        factor = s.lr_factor(step)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        self.current_lr = s.lr * factor
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=s.amp):
+            loss = self.loss_module(image, labels)
+        if loss.dim() != 0:
+            raise ValueError(f"the {s.stage} loss must be a scalar; got shape {loss.shape}")
+        if not self.use_scaler and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"the training loss became {loss.detach().item()} at step {step + 1}; "
+                "try a smaller learning rate"
+            )
+        scaler.scale(loss).backward()
+        if s.grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in opt.param_groups for p in g["params"]], s.grad_clip
+            )
+        scaler.step(opt)
+        scaler.update()
+        return reduce_mean(loss.detach().float())
+
+    def validate(
+        self,
+        val_dataset: Any,
+        val_kwargs: Mapping[str, Any] | None,
+        state: _State,
+        checkpoints: _Checkpoints,
+    ) -> None:
+        """Evaluate, record the result in ``state`` and keep ``RUN/best`` on a new best mIoU."""
+        from .evaluation import evaluate
+
+        kwargs = {"progress": False, "device": self.device, **dict(val_kwargs or {})}
+        metrics = evaluate(self.model, val_dataset, **kwargs)
+        entry = {
+            "step": state.step, "miou": metrics["miou"],
+            "pixel_accuracy": metrics["pixel_accuracy"],
+        }  # fmt: skip
+        state.history.append(entry)
+        if metrics["miou"] > state.best:
+            state.best = float(metrics["miou"])
+            checkpoints.save_best(self, state.step, entry)
+        self.model.train()
+
+    def restore(self, run_dir: str | os.PathLike[str] | None) -> _State:
+        """Weights, optimiser, scaler, RNG states and progress from ``run_dir``'s checkpoint."""
+        assert run_dir is not None
+        weights, tensors, meta = ckpt.load_training_state(run_dir)
+        saved = ckpt.read_config(run_dir).get("fit", {})
+        now = self.fit_record()
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume {run_dir} with different settings ({listed})")
+        ckpt.assign_weights(self.model, weights, f"{run_dir}/{ckpt.STATE_FILE}")
+        ckpt.restore_optimizer(self.opt, tensors, meta["optimizer"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        prefix = f"rng.rank{self.rank}"
+        ckpt.restore_rng(
+            {k.replace(prefix, "rng", 1): v for k, v in tensors.items()
+             if k.startswith(prefix + ".")},
+            meta["rng"][str(self.rank)],
+            prefix="rng",
+        )  # fmt: skip
+        best = meta.get("best_miou")
+        return _State(
+            step=int(meta["step"]),
+            losses=[float(x) for x in meta.get("losses", [])],
+            history=list(meta.get("val", [])),
+            best=-math.inf if best is None else float(best),
+        )
+
+
+class _Checkpoints:
+    """When to checkpoint (end, every N steps, every M seconds, on a signal) and the writing."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None,
+        config: Mapping[str, Any] | None,
+        settings: TrainSettings,
+        every: int,
+        seconds: float | None,
+    ) -> None:
+        self.run_dir, self.config, self.settings = run_dir, config, settings
+        self.every, self.seconds = int(every), seconds
+        self.last = time.monotonic()
+
+    def due(self, done: int, signalled: bool, world: int) -> bool:
+        """Whether to save after step ``done``; the same answer on every rank."""
+        if self.run_dir is None:
+            return False
+        if done == self.settings.steps or bool(self.every and done % self.every == 0):
+            return True
+        late = self.seconds is not None and time.monotonic() - self.last >= self.seconds
+        return _agreed(signalled or late, world)
+
+    def _config(self, trainer: _Trainer, done: int, **extra: Any) -> dict[str, Any]:
+        return {**dict(self.config or {}), "step": done, "fit": trainer.fit_record(), **extra}
+
+    def save_best(self, trainer: _Trainer, done: int, entry: Mapping[str, Any]) -> None:
+        """Rank 0 writes ``RUN/best`` (weights and config only)."""
+        if self.run_dir is not None and is_main_process():
+            config = self._config(trainer, done, metrics=dict(entry))
+            ckpt.save_checkpoint(Path(self.run_dir) / "best", trainer.model, config)
+        barrier()
+
+    def save(self, trainer: _Trainer, state: _State) -> None:
+        """Rank 0 writes the resumable checkpoint; every rank contributes its RNG states."""
+        assert self.run_dir is not None
+        rng_tensors, rng_meta = ckpt.rng_state(prefix="rng")
+        gathered = all_gather_object((rng_tensors, rng_meta))
+        if is_main_process():
+            tensors, opt_meta = ckpt.optimizer_state(trainer.opt)
+            rng_json = {}
+            for r, (t, m) in enumerate(gathered):
+                tensors.update({k.replace("rng.", f"rng.rank{r}.", 1): v for k, v in t.items()})
+                rng_json[str(r)] = m
+            meta = {
+                "step": state.step,
+                "losses": state.losses,
+                "val": state.history,
+                "best_miou": None if state.best == -math.inf else state.best,
+                "optimizer": opt_meta,
+                "scaler": trainer.scaler.state_dict(),
+                "rng": rng_json,
+            }
+            ckpt.save_checkpoint(
+                self.run_dir, trainer.model, self._config(trainer, state.step),
+                state_tensors=tensors, state_meta=meta,
+            )  # fmt: skip
+        barrier()
+        self.last = time.monotonic()
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -615,102 +669,3 @@ def _next_batch(batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
             f"{labels.dtype} for images {tuple(image.shape)}"
         )
     return image, labels
-
-
-def _validate(
-    model: nn.Module,
-    val_dataset: Any,
-    val_kwargs: Mapping[str, Any] | None,
-    dev: torch.device,
-    done: int,
-    history: list[dict[str, Any]],
-    best: float,
-    run_dir: str | os.PathLike[str] | None,
-    config: Mapping[str, Any] | None,
-    hyper: Mapping[str, Any],
-) -> float:
-    from .evaluation import evaluate
-
-    kwargs = {"progress": False, "device": dev, **dict(val_kwargs or {})}
-    if "num_classes" not in kwargs:
-        raise ValueError("val_kwargs must give num_classes for validation")
-    metrics = evaluate(model, val_dataset, **kwargs)
-    entry = {"step": done, "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"]}
-    history.append(entry)
-    if metrics["miou"] > best:
-        best = float(metrics["miou"])
-        if run_dir is not None and config is not None and is_main_process():
-            best_config = {**dict(config), "step": done, "fit": dict(hyper), "metrics": entry}
-            ckpt.save_checkpoint(Path(run_dir) / "best", model, best_config)
-        barrier()
-    return best
-
-
-def _save(
-    run_dir: str | os.PathLike[str],
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: Mapping[str, Any] | None,
-    hyper: Mapping[str, Any],
-    done: int,
-    losses: list[float],
-    history: list[dict[str, Any]],
-    best: float,
-) -> None:
-    """Rank 0 writes the checkpoint; every rank contributes its RNG states."""
-    rng_tensors, rng_meta = ckpt.rng_state(prefix="rng")
-    gathered = all_gather_object((rng_tensors, rng_meta))
-    if is_main_process():
-        tensors, opt_meta = ckpt.optimizer_state(opt)
-        rng_json = {}
-        for r, (t, m) in enumerate(gathered):
-            tensors.update({k.replace("rng.", f"rng.rank{r}.", 1): v for k, v in t.items()})
-            rng_json[str(r)] = m
-        meta = {
-            "step": done,
-            "fit": dict(hyper),
-            "losses": losses,
-            "val": history,
-            "best_miou": None if best == -math.inf else best,
-            "optimizer": opt_meta,
-            "scaler": scaler.state_dict(),
-            "rng": rng_json,
-        }
-        full = {**dict(config or {}), "step": done, "fit": dict(hyper)}
-        ckpt.save_checkpoint(run_dir, model, full, state_tensors=tensors, state_meta=meta)
-    barrier()
-
-
-def _restore(
-    run_dir: str | os.PathLike[str] | None,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    hyper: Mapping[str, Any],
-    rank: int,
-) -> tuple[int, list[float], list[dict[str, Any]], float]:
-    assert run_dir is not None
-    weights, tensors, meta = ckpt.load_training_state(run_dir)
-    saved = meta.get("fit", {})
-    diff = {k: (saved.get(k), hyper[k]) for k in _TRAJECTORY_KEYS if saved.get(k) != hyper[k]}
-    if diff:
-        listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume {run_dir} with different settings ({listed})")
-    ckpt.assign_weights(model, weights, f"{run_dir}/{ckpt.STATE_FILE}")
-    ckpt.restore_optimizer(opt, tensors, meta["optimizer"])
-    if meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
-    prefix = f"rng.rank{rank}"
-    ckpt.restore_rng(
-        {k.replace(prefix, "rng", 1): v for k, v in tensors.items() if k.startswith(prefix + ".")},
-        meta["rng"][str(rank)],
-        prefix="rng",
-    )
-    best = meta.get("best_miou")
-    return (
-        int(meta["step"]),
-        [float(x) for x in meta.get("losses", [])],
-        list(meta.get("val", [])),
-        -math.inf if best is None else float(best),
-    )
