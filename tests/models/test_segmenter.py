@@ -78,10 +78,15 @@ def test_wrapper_errors():
         CRFSegmenter(_small(), lambda logits, image: logits)
 
 
-def test_plain_models_accept_use_crf_keyword():
-    # the engine calls model(image, use_crf=False) in the unary stage whatever the model
-    net = _small()
-    torch.testing.assert_close(net(_image(), use_crf=False), net(_image()))
+def test_plain_models_take_no_use_crf_and_the_engine_does_not_pass_it():
+    from deepcrf.engine.evaluation import has_crf, predict_logits
+
+    net = _small().eval()
+    with pytest.raises(TypeError, match="use_crf"):
+        net(_image(), use_crf=False)  # no CRF: no switch that would be silently ignored
+    assert not has_crf(net) and has_crf(models.create("small", 3, crf=_ShiftCRF(3)))
+    with torch.no_grad():
+        torch.testing.assert_close(predict_logits(net, _image(), use_crf=True), net(_image()))
 
 
 # ---------------------------------------------------------------------------- create(crf=...)

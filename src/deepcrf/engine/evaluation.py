@@ -30,10 +30,13 @@ DEFAULT_TRIMAP_BANDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 Postprocess = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def has_crf(model: nn.Module) -> bool:
+    """Whether ``model`` is a CNN+CRF model: a ``crf`` submodule and ``forward(image, use_crf)``."""
+    return isinstance(getattr(model, "crf", None), nn.Module)
+
+
 def _forward(model: nn.Module, image: torch.Tensor, use_crf: bool) -> torch.Tensor:
-    if isinstance(getattr(model, "crf", None), nn.Module):
-        return model(image, use_crf=use_crf)
-    return model(image)
+    return model(image, use_crf=use_crf) if has_crf(model) else model(image)
 
 
 @torch.no_grad()

@@ -55,6 +55,7 @@ from .distributed import (
     rank_and_world,
     reduce_mean,
 )
+from .evaluation import has_crf
 
 # Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate
 # (the small model's head/classifier, DeepLab's fc8).
@@ -150,10 +151,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _has_crf(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "crf", None), nn.Module)
-
-
 class _StageLoss(nn.Module):
     """The loss of one stage as a module, so that DDP sees every forward it must synchronise."""
 
@@ -170,7 +167,7 @@ class _StageLoss(nn.Module):
             if hasattr(model, "training_loss"):
                 return model.training_loss(image, labels)
             return cross_entropy(model(image, use_crf=True), labels)
-        if _has_crf(model):
+        if has_crf(model):
             return cross_entropy(model(image, use_crf=False), labels)
         if hasattr(model, "training_loss"):
             return model.training_loss(image, labels)
@@ -359,7 +356,7 @@ def _check_run(
     """What only fit can check (the settings checked themselves): model, data, run files."""
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
-    if settings.stage == "joint" and not _has_crf(model):
+    if settings.stage == "joint" and not has_crf(model):
         raise ValueError("stage 'joint' needs a model with a CRF (attribute `crf`)")
     if settings.stage == "piecewise" and not hasattr(model, "piecewise_loss"):
         raise ValueError("stage 'piecewise' needs a model with piecewise_loss(image, labels)")

@@ -208,13 +208,11 @@ class DeepLabV1(nn.Module):
                 scores = scores + branch(inp)
         return scores
 
-    def forward(self, image: torch.Tensor, use_crf: bool = True) -> torch.Tensor:
-        """Logits at the input resolution.
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits at the input resolution (no CRF: wrap with ``crf=`` in :func:`models.create`).
 
         Args:
             image: (B, 3, H, W) float RGB in 0-255.
-            use_crf: accepted so that the engine can call every model alike; this network has
-                no CRF (wrap it with ``crf=`` in :func:`deepcrf.models.create`).
 
         Returns:
             (B, L, H, W) logits.

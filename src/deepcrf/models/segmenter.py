@@ -10,12 +10,13 @@ parameters ``model.*``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from deepcrf.crf.dense import DenseCRF
 
 __all__ = ["CRF_KINDS", "CRFSegmenter", "build_crf", "with_crf"]
 
@@ -69,8 +70,7 @@ def build_crf(
     params: dict[str, Any] = dict(defaults or {})
     params.update(CRF_KINDS[kind])
     params.update(crf_kwargs or {})
-    dense = importlib.import_module("deepcrf.crf.dense")
-    return dense.DenseCRF(int(num_labels), **params)
+    return DenseCRF(int(num_labels), **params)
 
 
 class CRFSegmenter(nn.Module):
