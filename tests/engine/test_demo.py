@@ -11,7 +11,7 @@ import deepcrf.models as models
 from deepcrf.cli import main
 from deepcrf.data.synthetic import SyntheticSegmentation
 from deepcrf.engine import demo
-from deepcrf.engine.demo import QUICK, DemoSettings, _missing, _Row, _transfer_unary
+from deepcrf.engine.demo import QUICK, DemoSettings, _transfer_unary
 
 REQUIRED = {"name", "miou", "trimap_accuracy", "seconds_per_image"}
 
@@ -37,15 +37,13 @@ def test_quick_demo_writes_results_json(quick_run):
     assert rows[0]["name"] == demo.BASELINE
     names = [r["name"] for r in rows]
     assert len(names) == len(set(names))
-    expected_rows = [r for r in demo._ROWS if _missing(r) is None]
     control = demo.control_name(QUICK)
-    assert names == [control if r.key == "control" else r.name for r in expected_rows]
+    assert names == [control if r.key == "control" else r.name for r in demo._ROWS]
     by_name = {r["name"]: r for r in rows}
     assert control == f"CNN alone (+{QUICK.crf_steps} steps)" and control in by_name
     # Every end-to-end CRF row is also compared with the CNN trained as many extra steps.
     for name in ("CRF-as-RNN", "+ learned bandwidths", "Deep Gaussian CRF"):
-        if name in by_name:
-            assert by_name[name]["controls"] == [control]
+        assert by_name[name]["controls"] == [control]
     assert by_name[demo.BASELINE]["controls"] == [] and by_name[control]["controls"] == []
     for row in rows:
         assert REQUIRED <= set(row), row["name"]
@@ -96,25 +94,12 @@ def test_quick_demo_report_and_figures(quick_run):
                 report,
                 re.M,
             ), row["name"]
-    # Rows that did not run are listed with the reason.
-    for spec in demo._ROWS:
-        reason = _missing(spec)
-        if reason is not None:
-            assert f"**{spec.name}**: {reason}" in report
     # The table is printed.
     assert "model" in stdout and demo.BASELINE in stdout and "report:" in stdout
 
 
 def test_quick_demo_restores_global_state(quick_run):
     assert not torch.are_deterministic_algorithms_enabled()
-
-
-def test_missing_is_detected_by_import_and_registry():
-    assert _missing(_Row("x", "X", "", module="deepcrf.crf.no_such_module")) == (
-        "`deepcrf.crf.no_such_module` is not part of this installation yet"
-    )
-    assert "not in the registry" in _missing(_Row("x", "X", "", model="no_such_model"))
-    assert _missing(_Row("x", "X", "", model="small")) is None
 
 
 def test_transfer_unary_copies_the_cnn():

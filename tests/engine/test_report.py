@@ -170,14 +170,12 @@ def test_write_report(tmp_path):
         images=images,
         labels=labels,
         predictions=preds,
-        skipped=[("Deep Gaussian CRF", "deepcrf.crf.gaussian is not in this installation")],
         meta={"steps": 10},
         notes=["Timings on a shared machine."],
     )
     text = out["report"].read_text()
     assert "| CNN + dense CRF | 63.0 |" in text
     assert "does **not**" not in text and "beats the CNN alone on only one" in text
-    assert "**Deep Gaussian CRF**: deepcrf.crf.gaussian is not in this installation" in text
     assert "![trimap accuracy vs band width](trimap.png)" in text
     assert "(overlays/overlay_01.png)" in text
     assert (tmp_path / "demo" / "overlays" / "overlay_00.png").is_file()
@@ -191,7 +189,6 @@ def test_write_report(tmp_path):
         images=images,
         labels=labels,
         predictions=preds,
-        skipped=[("Deep Gaussian CRF", "deepcrf.crf.gaussian is not in this installation")],
         meta={"steps": 10},
         notes=["Timings on a shared machine."],
     )

@@ -24,9 +24,7 @@ only**, the contextual model's own prediction without pairwise messages.  The co
 inference setting (``pairwise_mode``, ``pairwise_weight``) is chosen on the tune split, the
 paper's ``("full", 1.0)`` among the candidates.
 
-A row whose piece is not in this installation is skipped, and the report says so; the check is
-by import (:mod:`importlib.util.find_spec`) and by the model registry, so that a piece that
-exists but fails still raises.  Every CRF row starts from a copy of the trained CNN's weights
+Every CRF row starts from a copy of the trained CNN's weights
 and trains for a few more steps with its CRF in the loop.
 
 Determinism: data are generated from fixed seeds, training seeds every RNG
@@ -40,8 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -203,8 +199,6 @@ class _Row:
     key: str
     name: str
     method: str
-    module: str | None = None  # must be importable for the row to run
-    model: str | None = None  # must be in the registry for the row to run
 
 
 _ROWS: tuple[_Row, ...] = (
@@ -215,36 +209,21 @@ _ROWS: tuple[_Row, ...] = (
          "schedule and seed), without a CRF."),
     _Row("dense", "CNN + dense CRF (DeepLab v1)", "Chen et al. 2015: the same CNN's logits "
          "refined by a fully connected CRF (Krähenbühl & Koltun 2011, permutohedral lattice) "
-         "as post-processing; parameters grid-searched on the held-out tune split.",
-         module="deepcrf.crf.dense"),
+         "as post-processing; parameters grid-searched on the held-out tune split."),
     _Row("crfrnn", "CRF-as-RNN", "Zheng et al. 2015: mean-field iterations as recurrent "
          "layers; compatibility matrix and kernel weight matrices learned jointly with the CNN "
-         "(initialised from the tuned DeepLab CRF).", module="deepcrf.crf.dense"),
+         "(initialised from the tuned DeepLab CRF)."),
     _Row("bandwidths", "+ learned bandwidths", "Schwing & Urtasun 2015: as CRF-as-RNN, and the "
-         "kernel bandwidths θα, θβ, θγ learned too (exact gradients through the lattice).",
-         module="deepcrf.crf.dense"),
+         "kernel bandwidths θα, θβ, θγ learned too (exact gradients through the lattice)."),
     _Row("gcrf", "Deep Gaussian CRF", "Chandra & Kokkinos 2016: quadratic energy with "
          "pairwise terms from learned pixel embeddings, exact inference by conjugate gradient "
-         "on the stride-8 grid, trained end to end.", model="small_gcrf"),
+         "on the stride-8 grid, trained end to end."),
     _Row("contextual_unary", CONTEXTUAL_UNARY, "the trained contextual model's own unary "
          "prediction (`use_crf=False`): FeatMap-Net and the unary net, no pairwise messages; "
-         "the control of the contextual CRF row.", model="small_contextual"),
+         "the control of the contextual CRF row."),
     _Row("contextual", "Contextual CRF (Lin et al.)", "Lin et al. 2016: pairwise potentials "
-         "from a CNN on a range-box graph, piecewise training, mean-field inference.",
-         model="small_contextual"),
+         "from a CNN on a range-box graph, piecewise training, mean-field inference."),
 )  # fmt: skip
-
-
-def _missing(row: _Row) -> str | None:
-    """Why ``row`` cannot run in this installation, or ``None`` when it can."""
-    if row.module is not None and importlib.util.find_spec(row.module) is None:
-        return f"`{row.module}` is not part of this installation yet"
-    if row.model is not None:
-        from .. import models
-
-        if row.model not in models.available():
-            return f"model `{row.model}` is not in the registry of this installation yet"
-    return None
 
 
 def _transfer_unary(
@@ -328,7 +307,7 @@ def run_demo(
         log: where status lines and the final table go.
 
     Returns:
-        ``{"rows": [...], "skipped": [(name, reason)], "files": {...}, "seconds": float}``.
+        ``{"rows": [...], "files": {...}, "seconds": float}``.
     """
     from ..data.synthetic import SyntheticSegmentation
     from ..data.synthetic import class_names as synthetic_class_names
@@ -341,9 +320,7 @@ def run_demo(
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     try:
-        rows, skipped, images, labels, predictions, extras = _run_rows(
-            cfg, SyntheticSegmentation, progress, log
-        )
+        results = _DemoRun(cfg, SyntheticSegmentation, progress, log).run()
     finally:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - t_start
@@ -351,9 +328,9 @@ def run_demo(
     meta = {
         "settings": dataclasses.asdict(cfg),
         "mode": "custom" if settings is not None else ("quick" if quick else "full"),
-        "dense_crf_params": extras.get("dense_crf_params"),
-        "learned_crf": extras.get("learned_crf"),
-        "contextual_inference": extras.get("contextual_inference"),
+        "dense_crf_params": results.extras.get("dense_crf_params"),
+        "learned_crf": results.extras.get("learned_crf"),
+        "contextual_inference": results.extras.get("contextual_inference"),
         "total_seconds": seconds,
         "total_cpu_seconds": cpu_seconds,
         "torch_threads": torch.get_num_threads(),
@@ -362,15 +339,14 @@ def run_demo(
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    notes = _notes(cfg, extras, seconds, cpu_seconds)
+    notes = _notes(cfg, results.extras, seconds, cpu_seconds)
     files = report.write_report(
         out,
-        rows,
+        results.rows,
         baseline=BASELINE,
-        images=images,
-        labels=labels,
-        predictions=predictions,
-        skipped=skipped,
+        images=results.images,
+        labels=results.labels,
+        predictions=results.predictions,
         meta=meta,
         intro=_intro(cfg),
         notes=notes,
@@ -381,10 +357,8 @@ def run_demo(
     log("")
     for verdict in files["verdicts"]:
         log("- " + verdict.replace("**", ""))
-    for name, reason in skipped:
-        log(f"- skipped {name}: {reason}")
     log(f"\nreport: {files['report']}  ({seconds:.0f} s wall, {cpu_seconds:.0f} s CPU)")
-    return {"rows": rows, "skipped": skipped, "files": files, "seconds": seconds}
+    return {"rows": results.rows, "files": files, "seconds": seconds}
 
 
 def _intro(cfg: DemoSettings) -> str:
@@ -451,33 +425,57 @@ def _notes(
     return notes
 
 
-def _run_rows(
-    cfg: DemoSettings,
-    dataset_cls: Any,
-    progress: bool,
-    log: Callable[[str], None],
-) -> tuple[list[dict], list[tuple[str, str]], np.ndarray, np.ndarray, dict, dict]:
-    from .config import TrainSettings
-    from .evaluation import evaluate
-    from .train import fit
+@dataclass
+class _Results:
+    """What the rows produced: table rows, overlay inputs and predictions, and extras."""
 
-    k = cfg.num_classes
-    data_kw = {"size": cfg.size, "seed": cfg.seed, "num_classes": k}
-    train = dataset_cls("train", cfg.n_train, **data_kw)
-    val = dataset_cls("val", cfg.n_val, **data_kw)
-    tune = dataset_cls("tune", cfg.n_tune, **data_kw)
-    class_names = list(train.class_names)
-    samples = [val.sample(i) for i in range(cfg.overlay_images)]
-    images = np.stack([s[0] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
-    labels = np.stack([s[1] for s in samples]) if samples else np.zeros((0, 1, 1), np.uint8)
-    overlay_inputs = [val[i][0] for i in range(cfg.overlay_images)]
+    rows: list[dict[str, Any]]
+    images: np.ndarray  # (N, H, W, 3) uint8, the overlay images
+    labels: np.ndarray  # (N, H, W) uint8, their ground truth
+    predictions: dict[str, np.ndarray]  # row name -> (N, H, W) uint8
+    extras: dict[str, Any]
 
-    rows: list[dict[str, Any]] = []
-    skipped: list[tuple[str, str]] = []
-    predictions: dict[str, np.ndarray] = {}
-    extras: dict[str, Any] = {"learned_crf": {}}
+
+class _DemoRun:
+    """One demo run: the data, then one method per row, each recording its evaluation."""
+
+    def __init__(
+        self, cfg: DemoSettings, dataset_cls: Any, progress: bool, log: Callable[[str], None]
+    ) -> None:
+        self.cfg, self.progress, self.log = cfg, progress, log
+        data_kw = {"size": cfg.size, "seed": cfg.seed, "num_classes": cfg.num_classes}
+        self.train = dataset_cls("train", cfg.n_train, **data_kw)
+        self.val = dataset_cls("val", cfg.n_val, **data_kw)
+        self.tune = dataset_cls("tune", cfg.n_tune, **data_kw)
+        self.class_names = list(self.train.class_names)
+        samples = [self.val.sample(i) for i in range(cfg.overlay_images)]
+        self.results = _Results(
+            rows=[],
+            images=np.stack([s[0] for s in samples]) if samples else np.zeros((0, 1, 1, 3), "u1"),
+            labels=np.stack([s[1] for s in samples]) if samples else np.zeros((0, 1, 1), "u1"),
+            predictions={},
+            extras={"learned_crf": {}},
+        )  # fmt: skip
+        self.overlay_inputs = [self.val[i][0] for i in range(cfg.overlay_images)]
+        self.specs = {r.key: r for r in _ROWS}
+        self.control = control_name(cfg)
+        self.unary_state: dict[str, torch.Tensor] = {}
+        self.dense_params: dict[str, Any] = {}
+
+    def run(self) -> _Results:
+        unary = self.cnn_alone()
+        self.cnn_control()
+        self.dense_crf(unary)
+        self.end_to_end("crfrnn", "dense-learnable")
+        self.end_to_end("bandwidths", "dense-bandwidths")
+        self.gaussian_crf()
+        self.contextual_crf()
+        return self.results
+
+    # -- shared steps -----------------------------------------------------------------------
 
     def record(
+        self,
         spec: _Row,
         model: nn.Module,
         *,
@@ -488,20 +486,19 @@ def _run_rows(
         name: str | None = None,
         controls: Sequence[str] = (),
     ) -> None:
+        """Evaluate one row on the validation split; keep its metrics and overlay labels."""
+        from .evaluation import evaluate
+
+        cfg = self.cfg
         name = name or spec.name
-        log(f"[demo] evaluating {name} on {cfg.n_val} validation images")
+        self.log(f"[demo] evaluating {name} on {cfg.n_val} validation images")
         result = evaluate(
-            model,
-            val,
-            num_classes=k,
-            use_crf=use_crf,
-            postprocess=postprocess,
-            trimap_bands=cfg.trimap_bands,
-            progress=progress,
-            class_names=class_names,
-        )
+            model, self.val, num_classes=cfg.num_classes, use_crf=use_crf,
+            postprocess=postprocess, trimap_bands=cfg.trimap_bands, progress=self.progress,
+            class_names=self.class_names,
+        )  # fmt: skip
         curve = {int(b): v for b, v in result["trimap_accuracy"].items()}
-        rows.append(
+        self.results.rows.append(
             {
                 "name": name,
                 "method": spec.method,
@@ -520,15 +517,27 @@ def _run_rows(
         predict = _select(model, use_crf, postprocess)
         with torch.no_grad():
             model.eval()
-            predictions[name] = (
-                np.stack([predict(x) for x in overlay_inputs])
-                if overlay_inputs
+            self.results.predictions[name] = (
+                np.stack([predict(x) for x in self.overlay_inputs])
+                if self.overlay_inputs
                 else np.zeros((0, 1, 1), np.uint8)
             )
 
-    def joint_fit(model: nn.Module, stage: str = "joint") -> float:
-        # The control row calls this with stage="unary": every other argument is shared, so
-        # it differs from the joint rows only by the absent CRF.
+    def fit(self, model: nn.Module, settings: Any) -> float:
+        """Train ``model`` on the training split; returns the wall seconds."""
+        from .train import fit
+
+        return float(fit(model, self.train, settings, progress=self.progress)["seconds"])
+
+    def joint_fit(self, model: nn.Module, stage: str = "joint") -> float:
+        """The end-to-end rows' extra training; the control calls it with ``stage="unary"``.
+
+        Every other setting is shared, so the control differs from the joint rows only by the
+        absent CRF.
+        """
+        from .config import TrainSettings
+
+        cfg = self.cfg
         settings = TrainSettings(
             stage=stage,
             steps=cfg.crf_steps,
@@ -537,118 +546,113 @@ def _run_rows(
             crf_lr=cfg.crf_lr if stage != "unary" else None,
             seed=cfg.seed + 1,
         )
-        result = fit(model, train, settings, progress=progress)
-        return float(result["seconds"])
+        return self.fit(model, settings)
 
-    specs = {r.key: r for r in _ROWS}
+    def from_cnn(self, name: str, **kwargs: Any) -> nn.Module:
+        """A new ``name`` model holding the trained CNN's weights."""
+        model = _seeded_create(self.cfg.seed, name, self.cfg.num_classes, width=self.cfg.width,
+                               **kwargs)  # fmt: skip
+        _transfer_unary(model, self.unary_state)
+        return model
 
-    # 1. The CNN alone.
-    log(f"[demo] training the CNN alone: {cfg.unary_steps} steps on {cfg.n_train} images")
-    unary = _seeded_create(cfg.seed, "small", k, width=cfg.width)
-    settings = TrainSettings(
-        steps=cfg.unary_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed
-    )
-    fitted = fit(unary, train, settings, progress=progress)
-    unary_state = copy.deepcopy(unary.state_dict())
-    record(specs["unary"], unary, use_crf=False, train_seconds=float(fitted["seconds"]))
+    # -- the rows ---------------------------------------------------------------------------
 
-    # 1b. The control of the end-to-end rows: the same extra steps, no CRF.
-    control = control_name(cfg)
-    log(f"[demo] training {control}: the joint rows' {cfg.crf_steps} steps without a CRF")
-    model = _seeded_create(cfg.seed, "small", k, width=cfg.width)
-    _transfer_unary(model, unary_state)
-    seconds = joint_fit(model, stage="unary")
-    record(specs["control"], model, use_crf=False, train_seconds=seconds, name=control)
+    def cnn_alone(self) -> nn.Module:
+        """1. The CNN alone, trained from scratch: every other row starts from it."""
+        from .config import TrainSettings
 
-    # 2. Dense CRF post-processing with parameters tuned on held-out images.
-    dense_params: dict[str, Any] | None = None
-    reason = _missing(specs["dense"])
-    if reason is None:
+        cfg = self.cfg
+        self.log(f"[demo] training the CNN alone: {cfg.unary_steps} steps on {cfg.n_train} images")
+        unary = _seeded_create(cfg.seed, "small", cfg.num_classes, width=cfg.width)
+        settings = TrainSettings(
+            steps=cfg.unary_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed
+        )
+        seconds = self.fit(unary, settings)
+        self.unary_state = copy.deepcopy(unary.state_dict())
+        self.record(self.specs["unary"], unary, use_crf=False, train_seconds=seconds)
+        return unary
+
+    def cnn_control(self) -> None:
+        """1b. The control of the end-to-end rows: the same extra steps, no CRF."""
+        self.log(f"[demo] training {self.control}: the joint rows' {self.cfg.crf_steps} steps "
+                 "without a CRF")  # fmt: skip
+        model = self.from_cnn("small")
+        seconds = self.joint_fit(model, stage="unary")
+        self.record(self.specs["control"], model, use_crf=False, train_seconds=seconds,
+                    name=self.control)  # fmt: skip
+
+    def dense_crf(self, unary: nn.Module) -> None:
+        """2. Dense-CRF post-processing with parameters grid-searched on the tune split."""
         from ..crf.dense import dense_crf
         from .tune import tune_dense_crf
 
-        log(f"[demo] tuning the dense CRF on {cfg.n_tune} held-out images")
+        cfg, extras = self.cfg, self.results.extras
+        self.log(f"[demo] tuning the dense CRF on {cfg.n_tune} held-out images")
         tuned = tune_dense_crf(
-            unary,
-            tune,
-            num_classes=k,
-            grid=cfg.tune_grid,
-            iters=cfg.crf_eval_iters,
-            rounds=cfg.tune_rounds,
-            max_images=None,
-            progress=progress,
-        )
-        dense_params = dict(tuned["best"]["params"])
-        extras["dense_crf_params"] = dense_params
+            unary, self.tune, num_classes=cfg.num_classes, grid=cfg.tune_grid,
+            iters=cfg.crf_eval_iters, rounds=cfg.tune_rounds, max_images=None,
+            progress=self.progress,
+        )  # fmt: skip
+        self.dense_params = dict(tuned["best"]["params"])
+        extras["dense_crf_params"] = self.dense_params
         extras["tune_miou"] = tuned["best"]["miou"]
         extras["tune_baseline_miou"] = tuned["baseline_miou"]
-        post_kw = dict(dense_params)
+        post_kw = dict(self.dense_params)
 
         def postprocess(logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
             return dense_crf(logits, image, **post_kw)
 
-        record(
-            specs["dense"],
+        self.record(
+            self.specs["dense"],
             unary,
             use_crf=False,
             postprocess=postprocess,
             train_seconds=float(tuned["seconds"]),
             note=f"Training seconds here are the grid search ({len(tuned['trials'])} settings).",
         )
-    else:
-        skipped.append((specs["dense"].name, reason))
 
-    # 3-4. CRF-as-RNN and learned bandwidths, end to end from the trained CNN.
-    for key, kind in (("crfrnn", "dense-learnable"), ("bandwidths", "dense-bandwidths")):
-        spec = specs[key]
-        reason = _missing(spec)
-        if reason is not None:
-            skipped.append((spec.name, reason))
-            continue
-        init = dense_params or {}
-        crf_kwargs = {
-            name: float(init[name])
+    def end_to_end(self, key: str, kind: str) -> None:
+        """3-4. CRF-as-RNN and learned bandwidths, end to end from the trained CNN."""
+        cfg, spec = self.cfg, self.specs[key]
+        crf_kwargs: dict[str, Any] = {
+            name: float(self.dense_params[name])
             for name in ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian")
-            if name in init
+            if name in self.dense_params
         }
         crf_kwargs.update(
             iters=cfg.crf_train_iters, eval_iters=cfg.crf_eval_iters, weight_shape="matrix"
         )
-        log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
-        model = _seeded_create(
-            cfg.seed, "small", k, width=cfg.width, crf=kind, crf_kwargs=crf_kwargs
-        )
-        _transfer_unary(model, unary_state)
-        seconds = joint_fit(model)
-        extras["learned_crf"][spec.name] = _crf_stats(model)
-        record(spec, model, use_crf=True, train_seconds=seconds, controls=[control])
+        self.log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
+        model = self.from_cnn("small", crf=kind, crf_kwargs=crf_kwargs)
+        seconds = self.joint_fit(model)
+        self.results.extras["learned_crf"][spec.name] = _crf_stats(model)
+        self.record(spec, model, use_crf=True, train_seconds=seconds, controls=[self.control])
 
-    # 5. Deep Gaussian CRF.
-    spec = specs["gcrf"]
-    reason = _missing(spec)
-    if reason is None:
-        log(f"[demo] training {spec.name}: {cfg.crf_steps} joint steps from the trained CNN")
-        model = _seeded_create(cfg.seed, "small_gcrf", k, width=cfg.width)
-        _transfer_unary(model, unary_state)
-        seconds = joint_fit(model)
-        extras["learned_crf"][spec.name] = _crf_stats(model)
-        record(spec, model, use_crf=True, train_seconds=seconds, controls=[control])
-    else:
-        skipped.append((spec.name, reason))
+    def gaussian_crf(self) -> None:
+        """5. The Deep Gaussian CRF, end to end from the trained CNN."""
+        spec = self.specs["gcrf"]
+        self.log(f"[demo] training {spec.name}: {self.cfg.crf_steps} joint steps from the "
+                 "trained CNN")  # fmt: skip
+        model = self.from_cnn("small_gcrf")
+        seconds = self.joint_fit(model)
+        self.results.extras["learned_crf"][spec.name] = _crf_stats(model)
+        self.record(spec, model, use_crf=True, train_seconds=seconds, controls=[self.control])
 
-    # 6. Contextual CRF with CNN pairwise potentials, piecewise training.
-    spec = specs["contextual"]
-    reason = _missing(spec)
-    if reason is None:
-        log(f"[demo] training {spec.name}: {cfg.contextual_steps} piecewise steps on the trunk")
+    def contextual_crf(self) -> None:
+        """6. The contextual CRF with CNN pairwise potentials, piecewise training."""
+        from .config import TrainSettings
+
+        cfg, spec = self.cfg, self.specs["contextual"]
+        self.log(f"[demo] training {spec.name}: {cfg.contextual_steps} piecewise steps on the "
+                 "trunk")  # fmt: skip
         # Pairwise tables trained on the unaries' residual (docs/contextual_crf.md): the paper's
         # piecewise tables re-count the node evidence and lowered mIoU at every weight here.
         model = _seeded_create(
-            cfg.seed, "small_contextual", k, width=cfg.width, residual_pairwise=True
+            cfg.seed, "small_contextual", cfg.num_classes, width=cfg.width, residual_pairwise=True
         )
         # Only the trunk is shared: FeatMap-Net's per-scale blocks and the CRF's unary and
         # pairwise nets are new, so they train at the CNN's rate with the trunk frozen.
-        _transfer_unary(model, unary_state, prefix="backbone.")
+        _transfer_unary(model, self.unary_state, prefix="backbone.")
         settings = TrainSettings(
             stage="piecewise",
             steps=cfg.contextual_steps,
@@ -657,17 +661,16 @@ def _run_rows(
             seed=cfg.seed + 2,
             freeze_backbone=True,
         )
-        result = fit(model, train, settings, progress=progress)
-        train_seconds = float(result["seconds"])
-        record(specs["contextual_unary"], model, use_crf=False, train_seconds=train_seconds)
-        extras["contextual_inference"] = _choose_contextual_inference(
-            model, tune, cfg, class_names, log
+        seconds = self.fit(model, settings)
+        self.record(self.specs["contextual_unary"], model, use_crf=False, train_seconds=seconds)
+        self.results.extras["contextual_inference"] = _choose_contextual_inference(
+            model, self.tune, cfg, self.class_names, self.log
         )
-        record(
+        self.record(
             spec,
             model,
             use_crf=True,
-            train_seconds=train_seconds,
+            train_seconds=seconds,
             controls=[CONTEXTUAL_UNARY],
             note=(
                 "Only the trained CNN's trunk is shared; its multi-scale FeatMap-Net head and "
@@ -677,11 +680,6 @@ def _run_rows(
                 f"{model.crf.pairwise_weight:g}) was chosen on the tune split."
             ),
         )
-    else:
-        skipped.append((specs["contextual_unary"].name, reason))
-        skipped.append((spec.name, reason))
-
-    return rows, skipped, images, labels, predictions, extras
 
 
 def _choose_contextual_inference(

@@ -437,7 +437,6 @@ def write_report(
     images: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     predictions: Mapping[str, np.ndarray] | None = None,
-    skipped: Sequence[tuple[str, str]] = (),
     meta: Mapping[str, Any] | None = None,
     intro: str = "",
     notes: Sequence[str] = (),
@@ -454,7 +453,6 @@ def write_report(
             when ``None``.
         labels: (N, H, W) their ground truth.
         predictions: row name -> (N, H, W) predicted labels of the same images.
-        skipped: ``(row name, reason)`` for models that were not run.
         meta: run settings, written to ``results.json`` and listed in the report.
         intro: a Markdown paragraph placed under the title.
         notes: extra Markdown bullet points (how the numbers were obtained, caveats).
@@ -486,10 +484,6 @@ def write_report(
     lines += ["## Does the CRF help? (computed from the table)", ""]
     lines += [f"- {v}" for v in verdicts] or ["- (only the baseline was run)"]
     lines.append("")
-    if skipped:
-        lines += ["## Not run", ""]
-        lines += [f"- **{name}**: {reason}" for name, reason in skipped]
-        lines.append("")
     lines += [
         "## Boundary accuracy vs band width",
         "",
