@@ -109,13 +109,13 @@ def _measure(cfg):
 
         def run():
             with torch.no_grad():
-                return dense_crf(logits, image, iters=iters, filter=cfg["filter"],
+                return dense_crf(logits, image, iters=iters, method=cfg["method"],
                                  **PYDENSECRF_PARAMS)  # fmt: skip
 
     else:
         learn = tuple(cfg.get("learn", ()))
         crf = DenseCRF(
-            num, iters=iters, learnable=learn, filter=cfg["filter"],
+            num, iters=iters, learnable=learn, method=cfg["method"],
             checkpoint=cfg.get("checkpoint", False), **PYDENSECRF_PARAMS,
         ).to(dev)  # fmt: skip
         if not cfg["backward"]:
@@ -229,7 +229,7 @@ def main(argv=None):
         args.size, args.repeats, args.exact_size = (96, 128), 1, (16, 20)
     h, w = args.size
     base = dict(h=h, w=w, labels=args.labels, threads=args.threads, device=args.device,
-                repeats=args.repeats, filter="lattice", iters=args.iters, src=args.src)  # fmt: skip
+                repeats=args.repeats, method="lattice", iters=args.iters, src=args.src)  # fmt: skip
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
           f"device {args.device}, load average {os.getloadavg()[0]:.1f}, "
@@ -266,7 +266,7 @@ def main(argv=None):
     small = {**base, "h": eh, "w": ew, "iters": 5, "backward": True, "kind": "layer",
              "learn": ("compat", "weights", "bandwidths")}  # fmt: skip
     lat = _run_child(small)
-    ex = _run_child({**small, "filter": "exact"})
+    ex = _run_child({**small, "method": "exact"})
     for name, res in (("lattice fwd+bwd (small)", lat), ("exact O(N^2) fwd+bwd (small)", ex)):
         res.update(name=name, iters=5, size=[eh, ew])
         rows.append(res)

@@ -3,7 +3,7 @@
 The issue's case: a batch of 4 structured 64×64 images (colour blocks plus noise σ = 3,
 one-hot-ish logits plus noise), DenseCRF with compat, weights and bandwidths learnable, the
 NLL of the labels after 5 mean-field iterations; the gradients through the lattice
-(``filter="lattice"``) against the brute-force O(N²) ones (``filter="exact"``, float64 for the
+(``method="lattice"``) against the brute-force O(N²) ones (``method="exact"``, float64 for the
 reference). Prints, per (θα, θβ): the cosine of the compat gradient and, for every scalar
 (weights, log-bandwidths), the ratio lattice / exact (sign and factor).
 
@@ -39,7 +39,7 @@ def scene(b, size, labels, seed=0):
 def gradients(method, logits, image, labels, ta, tb, dtype):
     crf = DenseCRF(
         logits.shape[1], theta_alpha=ta, theta_beta=tb, theta_gamma=3.0, w_bilateral=5.0,
-        w_gaussian=3.0, filter=method, learnable=("compat", "weights", "bandwidths"),
+        w_gaussian=3.0, method=method, learnable=("compat", "weights", "bandwidths"),
     ).to(dtype)  # fmt: skip
     crf._accuracy_checked = True  # measured here explicitly
     out = crf(logits.to(dtype), image.to(dtype))

@@ -136,7 +136,7 @@ def test_tune_crf_then_evaluate_with_tuned_params(trained, tmp_path, capsys):
 
 
 def test_benchmark_json(capsys):
-    assert main(["benchmark", "--sizes", "12x16", "--repeats", "1", "--labels", "3",
+    assert main(["benchmark", "--sizes", "12x16", "--repeats", "1", "--num-classes", "3",
                  "--iters", "1", "--json", "--quiet"]) == 0  # fmt: skip
     out = _json(capsys)
     (row,) = out["results"]

@@ -38,7 +38,7 @@ def test_refine_npy_to_png_matches_python_api(tmp_path, capsys):
     expected = refine(image, probs, iters=3, theta_alpha=10.0, theta_beta=20.0).argmax(0)
     np.testing.assert_array_equal(read_label_png(out), expected)
     row = summary["files"][0]
-    assert row["num_labels"] == 2 and summary["params"]["iters"] == 3
+    assert row["num_classes"] == 2 and summary["params"]["iters"] == 3
     assert row["accuracy_after"] == pytest.approx(float((expected == labels).mean()))
     assert row["accuracy_after"] > row["accuracy_before"]
     assert not list(out.parent.glob(".*tmp"))  # atomic write left nothing behind

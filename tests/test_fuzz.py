@@ -143,7 +143,7 @@ def test_fuzz_dense_crf_module(seed):
         crf = DenseCRF(3, learnable=("compat", "weights", "bandwidths"), **init)
         return crf(args["logits"], args["image"], spacing=args["spacing"])
 
-    outcome = _outcome(call, [name, "logits", "image", "num_labels"])
+    outcome = _outcome(call, [name, "logits", "image", "num_classes"])
     assert outcome in ("ok", "error"), outcome
 
 

@@ -126,11 +126,11 @@ def test_memory_estimate_fails_before_the_call(monkeypatch, tmp_path, capsys):
 def test_exact_filter_warns_of_its_quadratic_cost():
     logits, image = _scene(65, 65, 2)
     with pytest.warns(ExactFilterWarning, match=r"O\(N²\): 4225 points"):
-        dense_crf(logits, image, iters=1, filter="exact")
+        dense_crf(logits, image, iters=1, method="exact")
     small_logits, small_image = _scene(20, 20, 2)
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error", ExactFilterWarning)
-        dense_crf(small_logits, small_image, iters=1, filter="exact")
+        dense_crf(small_logits, small_image, iters=1, method="exact")
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The public API is what ``__all__`` lists; everything else is importable but not 
 
 Example:
     >>> import deepcrf
-    >>> crf = deepcrf.DenseCRF(num_labels=21)          # doctest: +SKIP
+    >>> crf = deepcrf.DenseCRF(num_classes=21)          # doctest: +SKIP
     >>> refined_logits = crf(logits, image)             # doctest: +SKIP
 """
 

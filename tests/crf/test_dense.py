@@ -46,7 +46,7 @@ def reference_mean_field(
     """Explicit N×N kernels, one image at a time: Krähenbühl & Koltun's update written out."""
     outs = []
     for lo, im in zip(logits, image, strict=True):
-        num_labels, h, w = lo.shape
+        num_classes, h, w = lo.shape
         n = h * w
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         pos = torch.stack([ys, xs], -1).reshape(n, 2).to(lo.dtype)
@@ -69,8 +69,8 @@ def reference_mean_field(
             elif normalization == "after":
                 k = k / r[:, None]
             normed.append(k)  # "none": the plain kernel
-        mu = 1 - torch.eye(num_labels, dtype=lo.dtype) if compat is None else compat
-        u = lo.reshape(num_labels, n).T  # (N, L)
+        mu = 1 - torch.eye(num_classes, dtype=lo.dtype) if compat is None else compat
+        u = lo.reshape(num_classes, n).T  # (N, L)
         q = u.softmax(-1)
         for _ in range(iters):
             pairwise = torch.zeros_like(u)
@@ -80,7 +80,7 @@ def reference_mean_field(
                 msg = msg @ wt.T if wt.dim() == 2 else msg * wt
                 pairwise = pairwise + msg @ mu.T
             q = (u - pairwise).softmax(-1)
-        outs.append(q.log().T.reshape(num_labels, h, w))
+        outs.append(q.log().T.reshape(num_classes, h, w))
     return torch.stack(outs)
 
 
@@ -108,7 +108,7 @@ SMALL = dict(theta_alpha=5.0, theta_beta=30.0, w_bilateral=4.0, w_gaussian=2.0)
 def test_exact_filter_matches_explicit_reference(normalization, exclude_self):
     logits, image, _ = toy_scene(b=2, h=7, w=9, dtype=DT)
     kw = dict(normalization=normalization, exclude_self=exclude_self)
-    out = dense_crf(logits, image, iters=4, filter="exact", **PARAMS, **kw)
+    out = dense_crf(logits, image, iters=4, method="exact", **PARAMS, **kw)
     ref = reference_mean_field(logits, image, 4, 5.0, 30.0, 2.0, 4.0, 2.0, **kw)
     torch.testing.assert_close(out, ref)
 
@@ -129,7 +129,7 @@ def test_compat_matrix_and_weight_shapes_match_reference():
         w_bilateral=wb,
         w_gaussian=wg,
         compat=compat,
-        filter="exact",
+        method="exact",
     )
     ref = reference_mean_field(logits, image, 3, 5.0, 30.0, 2.0, wb, torch.diag(wg), compat)
     torch.testing.assert_close(out, ref)
@@ -138,9 +138,9 @@ def test_compat_matrix_and_weight_shapes_match_reference():
 def test_potts_none_equals_potts_matrix():
     # μ = None takes the −m shortcut; the full [l ≠ l′] matrix must give the same log Q.
     logits, image, _ = toy_scene(h=8, w=8, dtype=DT)
-    a = dense_crf(logits, image, iters=3, filter="exact", **PARAMS)
+    a = dense_crf(logits, image, iters=3, method="exact", **PARAMS)
     b = dense_crf(
-        logits, image, iters=3, filter="exact", compat=1 - torch.eye(3, dtype=DT), **PARAMS
+        logits, image, iters=3, method="exact", compat=1 - torch.eye(3, dtype=DT), **PARAMS
     )
     torch.testing.assert_close(a, b)
 
@@ -164,7 +164,7 @@ def test_crf_cleans_noisy_labels():
 def test_lattice_close_to_exact_forward():
     logits, image, _ = toy_scene(h=24, w=24, noise=2.0)
     a = dense_crf(logits, image, iters=5, **PARAMS).softmax(1)
-    b = dense_crf(logits, image, iters=5, filter="exact", **PARAMS).softmax(1)
+    b = dense_crf(logits, image, iters=5, method="exact", **PARAMS).softmax(1)
     # The lattice approximates the Gaussian: compare probabilities, not bits.
     assert float((a - b).abs().mean()) < 0.02
     assert float((a.argmax(1) == b.argmax(1)).float().mean()) > 0.97
@@ -198,7 +198,7 @@ def test_gradcheck_whole_layer_exact():
             w_bilateral=w_bil,
             w_gaussian=w_sp,
             compat=compat,
-            filter="exact",
+            method="exact",
         )
 
     assert torch.autograd.gradcheck(fn, (logits, compat, w_bil, w_sp, log_theta))
@@ -211,7 +211,7 @@ def test_gradcheck_module_parameters_exact(weight_shape):
         3,
         **PARAMS,
         iters=2,
-        filter="exact",
+        method="exact",
         weight_shape=weight_shape,
         learnable=("compat", "weights", "bandwidths"),
     ).double()
@@ -234,7 +234,7 @@ def _grads(filter_method, logits, image, target, normalization):
         w_gaussian=3.0,
         iters=5,
         learnable=("compat", "weights", "bandwidths"),
-        filter=filter_method,
+        method=filter_method,
         normalization=normalization,
     )
     lo = logits.clone().requires_grad_()
@@ -267,7 +267,7 @@ def test_spatial_bandwidth_gradient_when_kernel_covers_the_image():
     grads = []
     for method in ("lattice", "exact"):
         log_gamma = torch.tensor(4.0).log().requires_grad_()
-        out = dense_crf(logits, image, theta_gamma=log_gamma.exp(), filter=method, **SMALL)
+        out = dense_crf(logits, image, theta_gamma=log_gamma.exp(), method=method, **SMALL)
         torch.nn.functional.nll_loss(out, labels).backward()
         grads.append(float(log_gamma.grad))
     assert grads[0] == pytest.approx(grads[1], rel=0.15), grads
@@ -347,7 +347,7 @@ def test_learning_recovers_bandwidths(filter_method):
     # Targets made by a known CRF; a CRF started from perturbed bandwidths is trained on them.
     truth = (6.0, 25.0, 2.0)
     logits, image, _ = toy_scene(b=2, h=16, w=16, noise=2.0, seed=4)
-    common = dict(w_bilateral=5.0, w_gaussian=3.0, iters=5, filter=filter_method)
+    common = dict(w_bilateral=5.0, w_gaussian=3.0, iters=5, method=filter_method)
     teacher = DenseCRF(3, theta_alpha=truth[0], theta_beta=truth[1], theta_gamma=truth[2], **common)
     with torch.no_grad():
         target = teacher(logits, image).softmax(1)
@@ -435,9 +435,9 @@ def test_crf_rnn_configuration_runs_and_learns_matrices():
 def test_batch_equals_each_alone():
     logits, image, _ = toy_scene(b=3, h=14, w=10, seed=7)
     for method in ("lattice", "exact"):
-        out = dense_crf(logits, image, iters=3, filter=method, **PARAMS)
+        out = dense_crf(logits, image, iters=3, method=method, **PARAMS)
         for i in range(3):
-            alone = dense_crf(logits[i : i + 1], image[i : i + 1], iters=3, filter=method, **PARAMS)
+            alone = dense_crf(logits[i : i + 1], image[i : i + 1], iters=3, method=method, **PARAMS)
             torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-4, atol=1e-5)
 
 

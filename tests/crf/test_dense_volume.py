@@ -71,7 +71,7 @@ def test_exact_filter_equals_brute_force_mean_field(case):
     logits, ref, _ = blobs(size, ch, labels=3, dtype=DT)
     out = dense_crf(
         logits, ref, iters=4, theta_alpha=ta, theta_beta=tb, theta_gamma=tg,
-        w_bilateral=3.0, w_gaussian=2.0, filter="exact", spacing=spacing,
+        w_bilateral=3.0, w_gaussian=2.0, method="exact", spacing=spacing,
     )  # fmt: skip
     expected = brute_force(logits, ref, 4, ta, tb, tg, 3.0, 2.0, spacing)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
@@ -101,7 +101,7 @@ def test_gradcheck_in_every_dimension(case):
         return dense_crf(
             x, ref, iters=2, theta_alpha=log_ta.exp(), theta_beta=log_tb.exp(),
             theta_gamma=log_tg.exp(), w_bilateral=wb, w_gaussian=1.5, compat=compat,
-            filter="exact", spacing=spacing,
+            method="exact", spacing=spacing,
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (x, compat, wb, log_ta, log_tb, log_tg), atol=1e-7)
@@ -111,7 +111,7 @@ def test_lattice_against_exact_on_a_12_cube():
     logits, ref, _ = blobs((12, 12, 12), 1, labels=2, seed=3)
     kw = dict(iters=5, theta_alpha=5.0, theta_beta=25.0, theta_gamma=2.0, spacing=(1.5, 1, 1))
     fast = dense_crf(logits, ref, **kw)
-    exact = dense_crf(logits.double(), ref.double(), filter="exact", **kw)
+    exact = dense_crf(logits.double(), ref.double(), method="exact", **kw)
     q_fast, q_exact = fast.exp(), exact.exp().float()
     assert float((q_fast - q_exact).abs().mean()) < 0.02
     agree = (fast.argmax(1) == exact.argmax(1)).float().mean()
@@ -125,7 +125,7 @@ def test_lattice_against_exact_on_a_12_cube():
 def test_spacing_is_physical_units(method):
     # Spacing (2, 1, 1) = spacing 1 with the first axis's spatial bandwidths halved.
     logits, ref, _ = blobs((6, 8, 7), 2, labels=3, seed=1)
-    kw = dict(iters=3, theta_beta=(20.0, 30.0), w_bilateral=4.0, filter=method)
+    kw = dict(iters=3, theta_beta=(20.0, 30.0), w_bilateral=4.0, method=method)
     a = dense_crf(logits, ref, theta_alpha=6.0, theta_gamma=3.0, spacing=(2.0, 1.0, 1.0), **kw)
     b = dense_crf(logits, ref, theta_alpha=(3.0, 6.0, 6.0), theta_gamma=(1.5, 3.0, 3.0), **kw)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -137,10 +137,10 @@ def test_two_dimensional_rgb_behaviour_unchanged():
     # A (B, 3, H, W) image through the general path = per-axis bandwidths given as scalars.
     logits, ref, _ = blobs((10, 12), 3, labels=3, seed=2)
     ref = ref.clamp(0, 255)
-    a = dense_crf(logits, ref, theta_alpha=8.0, theta_beta=20.0, filter="exact")
+    a = dense_crf(logits, ref, theta_alpha=8.0, theta_beta=20.0, method="exact")
     b = dense_crf(
         logits, ref, theta_alpha=(8.0, 8.0), theta_beta=(20.0,) * 3, theta_gamma=(3.0, 3.0),
-        spacing=(1, 1), filter="exact",
+        spacing=(1, 1), method="exact",
     )  # fmt: skip
     torch.testing.assert_close(a, b)
 

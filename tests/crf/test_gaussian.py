@@ -333,7 +333,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="x must have unary's shape"):
         gaussian_crf_energy(u[:, :2], u, e)
     crf = GaussianCRF(3, 4)
-    with pytest.raises(ValueError, match="unary must have num_labels=3"):
+    with pytest.raises(ValueError, match="unary must have num_classes=3"):
         crf(u[:, :2], e)
     with pytest.raises(ValueError, match="embeddings must have embedding_dim=4"):
         crf(u, e[:, :2])
@@ -341,7 +341,7 @@ def test_bad_inputs():
         GaussianCRF(3, 4, learn="lam")
     with pytest.raises(ValueError, match="learn entries must be among"):
         GaussianCRF(3, 4, learn=("bandwidth",))
-    with pytest.raises(ValueError, match="num_labels and embedding_dim must be >= 1"):
+    with pytest.raises(ValueError, match="num_classes and embedding_dim must be >= 1"):
         GaussianCRF(0, 4)
 
 

@@ -15,10 +15,10 @@ from deepcrf.models.segmenter import CRF_KINDS, CRFSegmenter, build_crf, with_cr
 class _ShiftCRF(nn.Module):
     """Stand-in CRF: records its inputs and adds a learnable per-label shift."""
 
-    def __init__(self, num_labels):
+    def __init__(self, num_classes):
         super().__init__()
-        self.num_labels = num_labels
-        self.shift = nn.Parameter(torch.arange(num_labels, dtype=torch.float32))
+        self.num_classes = num_classes
+        self.shift = nn.Parameter(torch.arange(num_classes, dtype=torch.float32))
         self.calls = []
 
     def forward(self, logits, image):
@@ -70,7 +70,7 @@ def test_wrapper_gradients_reach_model_and_crf():
 
 
 def test_wrapper_errors():
-    with pytest.raises(ValueError, match=r"crf has num_labels=4 but model has num_classes=3"):
+    with pytest.raises(ValueError, match=r"crf has num_classes=4 but the model has 3"):
         CRFSegmenter(_small(3), _ShiftCRF(4))
     with pytest.raises(TypeError, match=r"model must be an nn.Module; got str"):
         CRFSegmenter("small", None)
@@ -109,10 +109,10 @@ def test_create_with_a_crf_module_on_every_registered_backbone_factory():
 
 @pytest.mark.parametrize("kind", sorted(CRF_KINDS))
 def test_create_dense_kinds(kind):
-    net = models.create("small", 3, width=4, hidden=8, crf=kind, crf_kwargs={"filter": "exact"})
+    net = models.create("small", 3, width=4, hidden=8, crf=kind, crf_kwargs={"method": "exact"})
     assert isinstance(net, CRFSegmenter) and isinstance(net.crf, DenseCRF)
     assert net.crf.learnable == CRF_KINDS[kind]["learnable"]
-    assert net.crf.filter == "exact" and net.crf.num_labels == 3
+    assert net.crf.method == "exact" and net.crf.num_classes == 3
     crf_params = {n for n, _ in net.named_parameters() if n.startswith("crf.")}
     expected = {
         "dense": set(),
@@ -134,7 +134,7 @@ def test_dense_crf_joint_forward_and_backward():
     torch.manual_seed(0)
     net = models.create(
         "small", 3, width=4, hidden=8, crf="dense-bandwidths",
-        crf_kwargs={"filter": "exact", "iters": 2, "theta_alpha": 5.0, "theta_beta": 20.0},
+        crf_kwargs={"method": "exact", "iters": 2, "theta_alpha": 5.0, "theta_beta": 20.0},
     )  # fmt: skip
     net.train()
     image = _image(1, 12, 16)

@@ -29,12 +29,12 @@ def _features(b, n, d, spread, seed, dtype=DT):
     return torch.rand(b, n, d, generator=g, dtype=dtype) * spread
 
 
-def _coef(shape, num_labels, seed):
+def _coef(shape, num_classes, seed):
     g = torch.Generator().manual_seed(seed)
     if shape == "potts":  # αI + β𝟙𝟙ᵀ: the forward reduces it, the backward's shortcut applies
         alpha, beta = torch.rand(2, generator=g, dtype=DT) * 2 - 0.5
-        return alpha * torch.eye(num_labels, dtype=DT) + beta
-    size = {"scalar": (), "vector": (num_labels,), "matrix": (num_labels, num_labels)}[shape]
+        return alpha * torch.eye(num_classes, dtype=DT) + beta
+    size = {"scalar": (), "vector": (num_classes,), "matrix": (num_classes, num_classes)}[shape]
     return torch.rand(size, generator=g, dtype=DT) * 2 - 0.5
 
 

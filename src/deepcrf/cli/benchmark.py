@@ -25,7 +25,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         default=["120x160", "240x320", "375x500"],
         help="image sizes as HEIGHTxWIDTH in pixels (default 120x160 240x320 375x500)",
     )
-    p.add_argument("--labels", type=int, default=21, help="number of labels (default 21)")
+    p.add_argument("--num-classes", type=int, default=21, help="number of labels L (default 21)")
     p.add_argument("--iters", type=int, default=5, help="mean-field iterations (default 5)")
     p.add_argument(
         "--repeats", type=int, default=3, help="timed runs per size, the best kept (default 3)"
@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = [parse_size(s) for s in args.sizes]
     out = benchmark_dense_crf(
-        sizes, num_labels=args.labels, iters=args.iters, repeats=args.repeats,
+        sizes, num_classes=args.num_classes, iters=args.iters, repeats=args.repeats,
         device=resolve_device(args.device), use_pydensecrf=not args.no_pydensecrf,
         progress=not args.quiet,
     )  # fmt: skip
-    human = [f"dense CRF, {args.labels} labels, {args.iters} iterations, best of "
+    human = [f"dense CRF, {args.num_classes} labels, {args.iters} iterations, best of "
              f"{args.repeats}, deepcrf on {out['device']}:"]  # fmt: skip
     for r in out["results"]:
         line = f"  {r['height']}x{r['width']}: deepcrf {r['deepcrf_s']:.3f} s"

@@ -48,7 +48,7 @@ def add(sub: argparse._SubParsersAction) -> None:
              "(pydensecrf's gt_prob; default 0.7)",
     )  # fmt: skip
     p.add_argument(
-        "--num-labels", type=int, default=None,
+        "--num-classes", type=int, default=None,
         help="label-PNG input: number of labels L (default: largest label + 1)",
     )  # fmt: skip
     p.add_argument("--iters", type=int, default=5, help="mean-field iterations (default 5)")
@@ -80,8 +80,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--exclude-self", action="store_true", help="drop the j = i kernel term")
     p.add_argument(
-        "--filter", choices=("lattice", "exact"), default="lattice",
-        help="bilateral filter: permutohedral lattice (default) or O(N^2) exact (tiny images)",
+        "--method", choices=("lattice", "exact"), default="lattice",
+        help="how the kernels are filtered: permutohedral lattice (default) or O(N^2) exact "
+             "(tiny images)",
     )  # fmt: skip
     p.add_argument(
         "--ground-truth", metavar="LABELS",
@@ -196,10 +197,10 @@ def _refine_probs(path: object, height: int, width: int, args: argparse.Namespac
             f"label image {path} is {labels.shape} (H, W); its image is ({height}, {width})"
         )
     known = labels[labels != IGNORE_INDEX]
-    num = args.num_labels if args.num_labels is not None else int(known.max(initial=0)) + 1
+    num = args.num_classes if args.num_classes is not None else int(known.max(initial=0)) + 1
     num = max(num, 2)
     if known.size and int(known.max()) >= num:
-        raise ValueError(f"label image {path} has label {int(known.max())} >= --num-labels {num}")
+        raise ValueError(f"label image {path} has label {int(known.max())} >= --num-classes {num}")
     conf = args.confidence
     if not 0.0 < conf < 1.0:
         raise ValueError(f"--confidence must lie in (0, 1); got {conf}")
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         "iters": args.iters, "theta_alpha": args.theta_alpha, "theta_beta": args.theta_beta,
         "theta_gamma": args.theta_gamma, "w_bilateral": args.w_bilateral,
         "w_gaussian": args.w_gaussian, "normalization": args.normalization,
-        "exclude_self": args.exclude_self, "filter": args.filter,
+        "exclude_self": args.exclude_self, "method": args.method,
     }  # fmt: skip
     volumes = args.image is not None and _is_volume_input(args.image)
     if args.spacing is not None and not volumes:
@@ -349,10 +350,10 @@ def _refine_one(
         if gt.shape != image.shape[:2]:
             raise ValueError(f"ground truth {gt_path} is {gt.shape}; expected {image.shape[:2]}")
     out = Path(str(out_path))
-    num_labels = probs.shape[0]
-    if out.suffix.lower() == ".png" and num_labels > 255:
+    num_classes = probs.shape[0]
+    if out.suffix.lower() == ".png" and num_classes > 255:
         raise ValueError(
-            f"{probs_path} has {num_labels} labels: a PNG label map holds labels 0-254 (255 "
+            f"{probs_path} has {num_classes} labels: a PNG label map holds labels 0-254 (255 "
             "means 'ignore' in VOC); write a .npy instead (uint16)"
         )
     try:
@@ -364,10 +365,10 @@ def _refine_one(
         write_label_png(out, after.astype(np.uint8))
     else:
         with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, after.astype(np.uint8 if num_labels <= 256 else np.uint16))
+            np.save(fh, after.astype(np.uint8 if num_classes <= 256 else np.uint16))
     row: dict[str, object] = {
         "image": str(image_path), "probs": str(probs_path), "output": str(out),
-        "height": image.shape[0], "width": image.shape[1], "num_labels": num_labels,
+        "height": image.shape[0], "width": image.shape[1], "num_classes": num_classes,
         "changed_fraction": float((before != after).mean()),
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
@@ -423,9 +424,11 @@ def _volume_probs(path: str, args: argparse.Namespace) -> object:
     labels = data.astype(np.int64)
     if labels.size == 0 or labels.min() < 0:
         raise ValueError(f"label volume {path} must be non-empty with labels >= 0")
-    num = args.num_labels if args.num_labels is not None else max(int(labels.max()) + 1, 2)
+    num = args.num_classes if args.num_classes is not None else max(int(labels.max()) + 1, 2)
     if int(labels.max()) >= num:
-        raise ValueError(f"label volume {path} has label {int(labels.max())} >= --num-labels {num}")
+        raise ValueError(
+            f"label volume {path} has label {int(labels.max())} >= --num-classes {num}"
+        )
     conf = args.confidence
     if not 0.0 < conf < 1.0:
         raise ValueError(f"--confidence must lie in (0, 1); got {conf}")
@@ -534,7 +537,7 @@ def _refine_volume_one(
         "image": str(ref_path), "probs": str(probs_path), "output": str(out),
         "shape": list(space), "channels": 1 if ref_f.ndim == len(space) else ref_f.shape[-1],
         "spacing": list(spacing) if isinstance(spacing, tuple) else spacing,
-        "num_labels": probs.shape[0], "changed_fraction": float((before != after).mean()),
+        "num_classes": probs.shape[0], "changed_fraction": float((before != after).mean()),
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     if gt is not None:

@@ -410,7 +410,7 @@ class PairwiseNet(nn.Module):
 
     Args:
         in_channels: node feature channels C.
-        num_labels: K.
+        num_classes: K.
         hidden_channels: width of the hidden FC layer (512 in the paper).
 
     Shape:
@@ -420,18 +420,18 @@ class PairwiseNet(nn.Module):
         return:   (B, E, K, K)
     """
 
-    def __init__(self, in_channels: int, num_labels: int, hidden_channels: int = 512) -> None:
+    def __init__(self, in_channels: int, num_classes: int, hidden_channels: int = 512) -> None:
         super().__init__()
         self.in_channels = int(in_channels)
-        self.num_labels = int(num_labels)
+        self.num_classes = int(num_classes)
         self.fc1 = nn.Linear(2 * self.in_channels + 2, int(hidden_channels))
-        self.fc2 = nn.Linear(int(hidden_channels), self.num_labels**2)
+        self.fc2 = nn.Linear(int(hidden_channels), self.num_classes**2)
 
     def forward(
         self, features: torch.Tensor, edges: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
         """K×K score tables of the given edges (see the class docstring for shapes)."""
-        c, k = self.in_channels, self.num_labels
+        c, k = self.in_channels, self.num_classes
         weight = self.fc1.weight
         proj_p = features @ weight[:, :c].t()
         proj_q = features @ weight[:, c : 2 * c].t()
@@ -450,7 +450,7 @@ class ContextualCRF(nn.Module):
 
     Args:
         in_channels: channels C of the node features (the FeatMap-Net output).
-        num_labels: K.
+        num_classes: K.
         relations: subset of ``("surrounding", "above_below")``.
         hidden_channels: width of the hidden FC layer of every potential net (512 in the paper).
         box_fraction: range-box side as a fraction of the map's shorter side (0.4 in the paper).
@@ -466,7 +466,7 @@ class ContextualCRF(nn.Module):
         return:   (B, K, h, w)  log-marginals log Q (``use_pairwise=False``: unary log-softmax)
 
     Example:
-        >>> crf = ContextualCRF(in_channels=16, num_labels=3, hidden_channels=8)
+        >>> crf = ContextualCRF(in_channels=16, num_classes=3, hidden_channels=8)
         >>> crf(torch.randn(2, 16, 5, 6)).shape
         torch.Size([2, 3, 5, 6])
     """
@@ -474,7 +474,7 @@ class ContextualCRF(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        num_labels: int,
+        num_classes: int,
         *,
         relations: Sequence[str] = RELATIONS,
         hidden_channels: int = 512,
@@ -487,10 +487,10 @@ class ContextualCRF(nn.Module):
         super().__init__()
         _check_mode(pairwise_mode)
         self.residual_pairwise = bool(residual_pairwise)
-        if int(in_channels) < 1 or int(num_labels) < 1 or int(hidden_channels) < 1:
+        if int(in_channels) < 1 or int(num_classes) < 1 or int(hidden_channels) < 1:
             raise ValueError(
-                f"in_channels, num_labels and hidden_channels must be >= 1; got "
-                f"{in_channels}, {num_labels}, {hidden_channels}"
+                f"in_channels, num_classes and hidden_channels must be >= 1; got "
+                f"{in_channels}, {num_classes}, {hidden_channels}"
             )
         names = [{"above/below": "above_below"}.get(r, r) for r in relations]
         for r in names:
@@ -501,7 +501,7 @@ class ContextualCRF(nn.Module):
         if int(iters) < 0:
             raise ValueError(f"iters must be >= 0; got {iters}")
         self.in_channels = int(in_channels)
-        self.num_labels = int(num_labels)
+        self.num_classes = int(num_classes)
         self.relations = tuple(names)
         self.box_fraction = check_positive(box_fraction, "box_fraction")
         self.iters = int(iters)
@@ -511,10 +511,10 @@ class ContextualCRF(nn.Module):
         self.unary_net = nn.Sequential(
             nn.Conv2d(self.in_channels, hidden, 1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, self.num_labels, 1),
+            nn.Conv2d(hidden, self.num_classes, 1),
         )
         self.pairwise_nets = nn.ModuleDict(
-            {r: PairwiseNet(self.in_channels, self.num_labels, hidden) for r in self.relations}
+            {r: PairwiseNet(self.in_channels, self.num_classes, hidden) for r in self.relations}
         )
 
     def _check_features(self, features: torch.Tensor) -> None:
@@ -592,7 +592,7 @@ class ContextualCRF(nn.Module):
         # The potentials are well-formed by construction: skip the functional's validation.
         _check_mode(self.pairwise_mode)
         log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight, self.pairwise_mode)
-        return log_q.transpose(1, 2).reshape(b, self.num_labels, h, w)
+        return log_q.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
     def piecewise_loss(
         self, features: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean"

@@ -39,6 +39,7 @@ from torch import nn
 
 from .._checks import check_memory, check_positive, check_tensor
 from ..ops import workspace
+from ..ops.filters import METHODS, Method
 from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
 from ..ops.meanfield import (
     KernelOp,
@@ -50,10 +51,8 @@ from ..ops.meanfield import (
 )
 from ..ops.meanfield import mean_field as engine_mean_field
 
-FilterMethod = Literal["lattice", "exact"]
 WeightShape = Literal["scalar", "vector", "matrix"]
 
-_FILTERS = ("lattice", "exact")
 _WEIGHT_SHAPES = ("scalar", "vector", "matrix")
 _LEARNABLE = ("compat", "weights", "bandwidths")
 Scalar = float | torch.Tensor
@@ -131,14 +130,14 @@ def _check_spacing(spacing: Spacing, dims: int) -> tuple[float, ...] | None:
 
 
 def _check_weight(
-    value: Scalar, name: str, num_labels: int, allow_negative: bool = False
+    value: Scalar, name: str, num_classes: int, allow_negative: bool = False
 ) -> Scalar:
     if isinstance(value, torch.Tensor):
-        shapes = ((), (num_labels,), (num_labels, num_labels))
+        shapes = ((), (num_classes,), (num_classes, num_classes))
         if tuple(value.shape) not in shapes:
             raise ValueError(
-                f"{name} must be a scalar, a ({num_labels},) vector or a ({num_labels}, "
-                f"{num_labels}) matrix for {num_labels} labels; got shape {tuple(value.shape)}"
+                f"{name} must be a scalar, a ({num_classes},) vector or a ({num_classes}, "
+                f"{num_classes}) matrix for {num_classes} labels; got shape {tuple(value.shape)}"
             )
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} must be finite")
@@ -272,7 +271,7 @@ def _one(like: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=like.dtype, device=like.device)
 
 
-def _label_map(weight: torch.Tensor, mu: torch.Tensor | None, num_labels: int) -> torch.Tensor:
+def _label_map(weight: torch.Tensor, mu: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """The engine's A in ``z += K̄Q ∘ A`` for kernel weight w_m and compatibility μ.
 
     Potts (μ None): the message −Σ_l′ [l ≠ l′] w (K̄Q)(l′) equals +w (K̄Q)(l) up to a label
@@ -308,7 +307,7 @@ def dense_crf(
     compat: torch.Tensor | None = None,
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
-    filter: FilterMethod = "lattice",
+    method: Method = "lattice",
     checkpoint: bool = False,
     spacing: Spacing = None,
     allow_negative_weights: bool = False,
@@ -327,7 +326,7 @@ def dense_crf(
     Both kernels go through the permutohedral lattice (built once per call, reused by every
     iteration) and the whole loop through the mean-field engine (:mod:`deepcrf.ops.meanfield`:
     the fused compiled loop without autograd, one ``autograd.Function`` with an adjoint backward
-    with it); a batch is one engine call. ``filter="exact"`` uses the O(N²) brute-force filter
+    with it); a batch is one engine call. ``method="exact"`` uses the O(N²) brute-force filter
     for both kernels (tests and small images only).
 
     Any grid works: a 1-D signal, an image, a volume (k = len(S) spatial axes) with C reference
@@ -351,7 +350,7 @@ def dense_crf(
         normalization: kernel normalisation as pydensecrf: ``"symmetric"`` (default),
             ``"before"``, ``"after"`` or ``"none"`` (the plain kernel sum).
         exclude_self: drop the j = i term (default False keeps it, as pydensecrf and CRF-RNN).
-        filter: ``"lattice"`` (fast, approximate) or ``"exact"`` (brute force, O(N²)).
+        method: ``"lattice"`` (fast, approximate) or ``"exact"`` (brute force, O(N²)).
         checkpoint: keep only every ⌈√iters⌉-th iteration's Q for the backward and recompute
             the others there: ≈ 2√iters instead of iters (B·N, L) arrays, about one more
             forward.
@@ -373,17 +372,17 @@ def dense_crf(
     Example:
         >>> logits = torch.randn(1, 3, 16, 16)
         >>> image = torch.rand(1, 3, 16, 16) * 255
-        >>> dense_crf(logits, image, iters=2, filter="exact").shape
+        >>> dense_crf(logits, image, iters=2, method="exact").shape
         torch.Size([1, 3, 16, 16])
     """
     _check_inputs(logits, image)
-    num_labels = logits.shape[1]
+    num_classes = logits.shape[1]
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a non-negative int; got {iters!r}")
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}")
-    if filter not in _FILTERS:
-        raise ValueError(f"filter must be one of {_FILTERS}; got {filter!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     dims, channels = logits.dim() - 2, image.shape[1]
     thetas = [
         _check_bandwidth(theta_alpha, "theta_alpha", dims, "spatial axis"),
@@ -392,14 +391,14 @@ def dense_crf(
     ]
     voxel = _check_spacing(spacing, dims)
     weights = [
-        _check_weight(w_bilateral, "w_bilateral", num_labels, allow_negative_weights),
-        _check_weight(w_gaussian, "w_gaussian", num_labels, allow_negative_weights),
+        _check_weight(w_bilateral, "w_bilateral", num_classes, allow_negative_weights),
+        _check_weight(w_gaussian, "w_gaussian", num_classes, allow_negative_weights),
     ]
     if compat is not None:
         check_tensor(compat, "compat", ndim=2, layout="(L, L)", floating=True, finite=True)
-        if tuple(compat.shape) != (num_labels, num_labels):
+        if tuple(compat.shape) != (num_classes, num_classes):
             raise ValueError(
-                f"compat must be (L, L) = ({num_labels}, {num_labels}) for logits "
+                f"compat must be (L, L) = ({num_classes}, {num_classes}) for logits "
                 f"{tuple(logits.shape)}; got {tuple(compat.shape)}"
             )
 
@@ -407,7 +406,7 @@ def dense_crf(
     training = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )
-    _check_cost(logits, image, iters, filter, training)
+    _check_cost(logits, image, iters, method, training)
 
     out_dtype = logits.dtype
     # Half precision is not accurate enough for kernel row sums over ~10⁵ pixels: compute in
@@ -423,14 +422,14 @@ def dense_crf(
             compat,
             normalization,
             exclude_self,
-            filter,
+            method,
             checkpoint,
             voxel,
         )
     return out.to(out_dtype)
 
 
-# Points above which filter="exact" (O(N²) per kernel and iteration) warns of its cost.
+# Points above which method="exact" (O(N²) per kernel and iteration) warns of its cost.
 EXACT_WARN_POINTS = 4096
 # Measured cost of the exact filter: ~0.7 ns per (point pair, label) on one core.
 _EXACT_NS_PER_PAIR_LABEL = 0.7
@@ -439,34 +438,34 @@ _MEMORY_CHECK_BYTES = 32 * 2**20
 
 
 class ExactFilterWarning(UserWarning):
-    """``filter="exact"`` on so many points that it will take very long (O(N²))."""
+    """``method="exact"`` on so many points that it will take very long (O(N²))."""
 
 
 def _check_cost(
     logits: torch.Tensor, image: torch.Tensor, iters: int, method: str, training: bool
 ) -> None:
     """Fail before a call that cannot fit in memory; warn before a very slow exact filter."""
-    b, num_labels = logits.shape[:2]
+    b, num_classes = logits.shape[:2]
     n = logits[0, 0].numel()
     dims = logits.dim() - 2
     if method == "exact" and n > EXACT_WARN_POINTS and iters > 0:
         pairs = float(n) * n
-        seconds = pairs * 2 * (iters + 1) * num_labels * b * _EXACT_NS_PER_PAIR_LABEL * 1e-9
+        seconds = pairs * 2 * (iters + 1) * num_classes * b * _EXACT_NS_PER_PAIR_LABEL * 1e-9
         warnings.warn(
-            f"filter='exact' is O(N²): {n} points make {pairs:.2g} pairs per kernel and "
-            f"iteration, roughly {seconds:.0f} s on one CPU core; filter='lattice' is O(N)",
+            f"method='exact' is O(N²): {n} points make {pairs:.2g} pairs per kernel and "
+            f"iteration, roughly {seconds:.0f} s on one CPU core; method='lattice' is O(N)",
             ExactFilterWarning,
             stacklevel=3,
         )
     itemsize = 8 if logits.dtype == torch.float64 else 4
     needed = estimate_peak_bytes(
-        b * n, num_labels, (dims + image.shape[1], dims), iters, training=training,
+        b * n, num_classes, (dims + image.shape[1], dims), iters, training=training,
         itemsize=itemsize,
     )  # fmt: skip
     if needed > _MEMORY_CHECK_BYTES and method == "lattice":
         check_memory(
             needed,
-            f"dense_crf on {b} x {n} points x {num_labels} labels",
+            f"dense_crf on {b} x {n} points x {num_classes} labels",
             "tile the input (e.g. halves or quarters with some overlap), use fewer labels or "
             "a smaller batch, or checkpoint=True when training",
             logits.device,
@@ -481,7 +480,7 @@ def crf_terms(
     *,
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
-    filter: FilterMethod = "lattice",
+    method: Method = "lattice",
     spacing: Sequence[float] | None = None,
 ) -> tuple[PairwiseTerm, PairwiseTerm]:
     """The bilateral and spatial kernels of eq. 3 as mean-field engine terms, weights 1.
@@ -497,7 +496,7 @@ def crf_terms(
         image: (B, C, *S) reference (RGB in 0-255 for images), floating (the computation
             dtype); k = len(S) in 1..3
     """
-    kw: dict[str, Any] = dict(normalization=normalization, exclude_self=exclude_self, filter=filter)
+    kw: dict[str, Any] = dict(normalization=normalization, exclude_self=exclude_self, method=method)
     return (
         bilateral_term(image, theta_alpha, theta_beta, spacing=spacing, **kw),
         spatial_term(image, theta_gamma, spacing=spacing, **kw),
@@ -511,7 +510,7 @@ def bilateral_term(
     *,
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
-    filter: FilterMethod = "lattice",
+    method: Method = "lattice",
     spacing: Sequence[float] | None = None,
 ) -> PairwiseTerm:
     """The appearance kernel exp(−|p_i − p_j|²/2θα² − |I_i − I_j|²/2θβ²) as a term, weight 1.
@@ -527,7 +526,7 @@ def bilateral_term(
         _one(image),
         normalization=normalization,
         exclude_self=exclude_self,
-        method=filter,
+        method=method,
     )
 
 
@@ -537,7 +536,7 @@ def spatial_term(
     *,
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
-    filter: FilterMethod = "lattice",
+    method: Method = "lattice",
     spacing: Sequence[float] | None = None,
 ) -> PairwiseTerm:
     """The smoothness kernel exp(−|p_i − p_j|²/2θγ²) as a term, weight 1.
@@ -553,7 +552,7 @@ def spatial_term(
         _one(image),
         normalization=normalization,
         exclude_self=exclude_self,
-        method=filter,
+        method=method,
     )
 
 
@@ -630,7 +629,7 @@ def _mean_field(
     spacing: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """The two kernels of eq. 3 as engine terms, run by :func:`deepcrf.ops.meanfield.mean_field`."""
-    b, num_labels, *size = logits.shape
+    b, num_classes, *size = logits.shape
     n = logits[0, 0].numel()
     if iters == 0:
         return logits.log_softmax(dim=1)
@@ -645,19 +644,19 @@ def _mean_field(
         theta_gamma,
         normalization=normalization,
         exclude_self=exclude_self,
-        filter=method,
+        method=method,
         spacing=spacing,
     )
     terms = [
-        replace(bilateral, coef=_label_map(w_bil, mu, num_labels)),
-        replace(spatial, coef=_label_map(w_sp, mu, num_labels)),
+        replace(bilateral, coef=_label_map(w_bil, mu, num_classes)),
+        replace(spatial, coef=_label_map(w_sp, mu, num_classes)),
     ]
-    base = _Relayout.apply(logits.reshape(b, num_labels, n)).reshape(b * n, num_labels)
+    base = _Relayout.apply(logits.reshape(b, num_classes, n)).reshape(b * n, num_classes)
     log_q = engine_mean_field(base, terms, iters, checkpoint=use_checkpoint)
     # contiguous: a (B, L, *S) view of the (B, N, L) buffer would have odd strides, which
     # some consumers reject (CPU nll_loss2d's backward).
-    out = _Relayout.apply(log_q.reshape(b, n, num_labels))
-    return out.reshape(b, num_labels, *size)
+    out = _Relayout.apply(log_q.reshape(b, n, num_classes))
+    return out.reshape(b, num_classes, *size)
 
 
 class _Relayout(torch.autograd.Function):
@@ -705,7 +704,7 @@ class DenseCRF(nn.Module):
       Urtasun 2015).
 
     Args:
-        num_labels: number of labels L.
+        num_classes: number of labels L.
         theta_alpha: bilateral spatial bandwidth θα, pixels (or ``spacing`` units); one per
             spatial axis as a sequence to learn them apart.
         theta_beta: bilateral colour bandwidth θβ, reference units (0–255 colour for RGB); one
@@ -716,7 +715,7 @@ class DenseCRF(nn.Module):
         iters: mean-field iterations in training mode (CRF-RNN: 5).
         eval_iters: iterations in eval mode (CRF-RNN: 10); None = ``iters``.
         learnable: subset of ``{"compat", "weights", "bandwidths"}``.
-        filter: ``"lattice"`` or ``"exact"`` (brute force, small images only).
+        method: ``"lattice"`` or ``"exact"`` (brute force, small images only).
         weight_shape: ``"scalar"``, ``"vector"`` (per label) or ``"matrix"`` (L×L).
         compat_init: ``"potts"`` or an (L, L) penalty matrix (tensor or array).
         normalization: ``"symmetric"``, ``"before"``, ``"after"`` or ``"none"``.
@@ -730,14 +729,14 @@ class DenseCRF(nn.Module):
         return: (B, L, *S)  refined logits (log Q)
 
     Example:
-        >>> crf = DenseCRF(3, learnable=("compat", "weights", "bandwidths"), filter="exact")
+        >>> crf = DenseCRF(3, learnable=("compat", "weights", "bandwidths"), method="exact")
         >>> crf(torch.randn(1, 3, 8, 8), torch.rand(1, 3, 8, 8) * 255).shape
         torch.Size([1, 3, 8, 8])
     """
 
     def __init__(
         self,
-        num_labels: int,
+        num_classes: int,
         *,
         theta_alpha: float = 80.0,
         theta_beta: float = 13.0,
@@ -747,7 +746,7 @@ class DenseCRF(nn.Module):
         iters: int = 5,
         eval_iters: int | None = None,
         learnable: Iterable[str] = (),
-        filter: FilterMethod = "lattice",
+        method: Method = "lattice",
         weight_shape: WeightShape = "scalar",
         compat_init: str | torch.Tensor | np.ndarray = "potts",
         normalization: Normalization = "symmetric",
@@ -756,8 +755,8 @@ class DenseCRF(nn.Module):
         allow_negative_weights: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
-            raise ValueError(f"num_labels must be an int >= 2; got {num_labels!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
         for name, value in (("iters", iters), ("eval_iters", eval_iters)):
             if value is None and name == "eval_iters":
                 continue
@@ -769,8 +768,8 @@ class DenseCRF(nn.Module):
         unknown = learn - set(_LEARNABLE)
         if unknown:
             raise ValueError(f"learnable must be a subset of {_LEARNABLE}; got {sorted(unknown)}")
-        if filter not in _FILTERS:
-            raise ValueError(f"filter must be one of {_FILTERS}; got {filter!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         if weight_shape not in _WEIGHT_SHAPES:
             raise ValueError(f"weight_shape must be one of {_WEIGHT_SHAPES}; got {weight_shape!r}")
         if normalization not in _NORMALIZATIONS:
@@ -778,11 +777,11 @@ class DenseCRF(nn.Module):
                 f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}"
             )
 
-        self.num_labels = num_labels
+        self.num_classes = num_classes
         self.iters = iters
         self.eval_iters = eval_iters
         self.learnable = tuple(g for g in _LEARNABLE if g in learn)
-        self.filter = filter
+        self.method = method
         self.weight_shape = weight_shape
         self.normalization = normalization
         self.exclude_self = bool(exclude_self)
@@ -792,7 +791,7 @@ class DenseCRF(nn.Module):
 
         self._register("compat", self._initial_compat(compat_init), "compat" in learn)
         for name, value in (("w_bilateral", w_bilateral), ("w_gaussian", w_gaussian)):
-            v = float(_check_weight(value, name, num_labels, allow_negative_weights))
+            v = float(_check_weight(value, name, num_classes, allow_negative_weights))
             self._register(name, self._initial_weight(v), "weights" in learn)
         for name, value in (
             ("theta_alpha", theta_alpha),
@@ -808,7 +807,7 @@ class DenseCRF(nn.Module):
             self.register_buffer(name, value)
 
     def _initial_compat(self, init: str | torch.Tensor | np.ndarray) -> torch.Tensor:
-        L = self.num_labels
+        L = self.num_classes
         if isinstance(init, str):
             if init != "potts":
                 raise ValueError(f"compat_init must be 'potts' or an (L, L) matrix; got {init!r}")
@@ -825,8 +824,8 @@ class DenseCRF(nn.Module):
         if self.weight_shape == "scalar":
             return torch.tensor(value)
         if self.weight_shape == "vector":
-            return torch.full((self.num_labels,), value)
-        return value * torch.eye(self.num_labels)
+            return torch.full((self.num_classes,), value)
+        return value * torch.eye(self.num_classes)
 
     @property
     def theta_alpha(self) -> float | tuple[float, ...]:
@@ -858,12 +857,12 @@ class DenseCRF(nn.Module):
         of θα and θγ.
         """
         check_tensor(logits, "logits", layout="(B, L, *S)")
-        if logits.dim() >= 2 and logits.shape[1] != self.num_labels:
+        if logits.dim() >= 2 and logits.shape[1] != self.num_classes:
             raise ValueError(
-                f"logits must have {self.num_labels} labels (B, {self.num_labels}, *S); got "
+                f"logits must have {self.num_classes} labels (B, {self.num_classes}, *S); got "
                 f"{tuple(logits.shape)}"
             )
-        if self.filter == "lattice" and self.training and not self._accuracy_checked:
+        if self.method == "lattice" and self.training and not self._accuracy_checked:
             _check_inputs(logits, image)  # (dense_crf checks them again; only this once)
             self._check_lattice_accuracy(image, spacing)
         return dense_crf(
@@ -878,7 +877,7 @@ class DenseCRF(nn.Module):
             compat=self.compat,
             normalization=self.normalization,
             exclude_self=self.exclude_self,
-            filter=self.filter,
+            method=self.method,
             checkpoint=self.checkpoint,
             spacing=spacing,
             # Learned weights go where the loss takes them; fixed ones were checked above.
@@ -907,7 +906,7 @@ class DenseCRF(nn.Module):
                 f"on this input (row sums by {said} on average; narrow kernels come out too "
                 "small): Q and the bandwidth gradients are off with them. Wider bandwidths "
                 f"(θα={_fmt(self.theta_alpha)}, "
-                f"θβ={_fmt(self.theta_beta)}, θγ={_fmt(self.theta_gamma)} now) or filter='exact' "
+                f"θβ={_fmt(self.theta_beta)}, θγ={_fmt(self.theta_gamma)} now) or method='exact' "
                 "on small images avoid it; see deepcrf.lattice_error and docs/meanfield.md.",
                 LatticeAccuracyWarning,
                 stacklevel=5,  # the caller of the module (through nn.Module.__call__)
@@ -916,8 +915,8 @@ class DenseCRF(nn.Module):
     def extra_repr(self) -> str:
         """Size, schedule and current bandwidths, shown by ``print(module)``."""
         return (
-            f"num_labels={self.num_labels}, iters={self.iters}, eval_iters={self.eval_iters}, "
-            f"learnable={self.learnable}, filter={self.filter!r}, "
+            f"num_classes={self.num_classes}, iters={self.iters}, eval_iters={self.eval_iters}, "
+            f"learnable={self.learnable}, method={self.method!r}, "
             f"weight_shape={self.weight_shape!r}, normalization={self.normalization!r}, "
             f"theta=({_fmt(self.theta_alpha)}, {_fmt(self.theta_beta)}, "
             f"{_fmt(self.theta_gamma)})"
@@ -973,7 +972,7 @@ def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
 
     Example:
         >>> img = np.zeros((8, 8, 3), np.uint8)
-        >>> refine(img, np.full((2, 8, 8), 0.5, np.float32), filter="exact").shape
+        >>> refine(img, np.full((2, 8, 8), 0.5, np.float32), method="exact").shape
         (2, 8, 8)
         >>> refine(np.zeros((4, 5, 6)), np.full((2, 4, 5, 6), 0.5), spacing=(2, 1, 1)).shape
         (2, 4, 5, 6)

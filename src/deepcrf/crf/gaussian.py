@@ -370,7 +370,7 @@ class GaussianCRF(nn.Module):
     ``learn``.  The embeddings come from the caller's CNN branch.
 
     Args:
-        num_labels: ``L``, checked against ``unary``.
+        num_classes: ``L``, checked against ``unary``.
         embedding_dim: ``D``, checked against ``embeddings``.
         connectivity: ``4``, ``8`` (local windows) or ``"dense"`` (all pairs, low rank).
         radius: local window radius in pixels.
@@ -387,14 +387,14 @@ class GaussianCRF(nn.Module):
         return:     (B, L, H, W)  scores (use as logits)
 
     Example:
-        >>> crf = GaussianCRF(num_labels=3, embedding_dim=4, connectivity=4)
+        >>> crf = GaussianCRF(num_classes=3, embedding_dim=4, connectivity=4)
         >>> crf(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)).shape
         torch.Size([2, 3, 8, 8])
     """
 
     def __init__(
         self,
-        num_labels: int,
+        num_classes: int,
         embedding_dim: int,
         *,
         connectivity: Connectivity = 8,
@@ -407,12 +407,12 @@ class GaussianCRF(nn.Module):
         precondition: bool = True,
     ) -> None:
         super().__init__()
-        if int(num_labels) < 1 or int(embedding_dim) < 1:
+        if int(num_classes) < 1 or int(embedding_dim) < 1:
             raise ValueError(
-                f"num_labels and embedding_dim must be >= 1; got {num_labels}, {embedding_dim}"
+                f"num_classes and embedding_dim must be >= 1; got {num_classes}, {embedding_dim}"
             )
         _make_graph(connectivity, radius)
-        self.num_labels = int(num_labels)
+        self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
         self.connectivity = connectivity
         self.radius = radius
@@ -434,9 +434,9 @@ class GaussianCRF(nn.Module):
 
     def _check_sizes(self, unary: torch.Tensor, embeddings: torch.Tensor) -> None:
         _check_pair(unary, embeddings)
-        if unary.shape[1] != self.num_labels:
+        if unary.shape[1] != self.num_classes:
             raise ValueError(
-                f"unary must have num_labels={self.num_labels} channels (B, L, H, W); "
+                f"unary must have num_classes={self.num_classes} channels (B, L, H, W); "
                 f"got {tuple(unary.shape)}"
             )
         if embeddings.shape[1] != self.embedding_dim:
@@ -478,7 +478,7 @@ class GaussianCRF(nn.Module):
     def extra_repr(self) -> str:
         """Hyper-parameters shown by ``print(module)``."""
         return (
-            f"num_labels={self.num_labels}, embedding_dim={self.embedding_dim}, "
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
             f"connectivity={self.connectivity!r}, radius={self.radius}, tol={self.tol}"
         )
 
@@ -698,7 +698,7 @@ class MultiScaleGaussianCRF(nn.Module):
     G-CRF).  Holds ``λ``, ``β`` and the coupling ``γ`` as logs.
 
     Args:
-        num_labels: ``L``.
+        num_classes: ``L``.
         embedding_dim: ``D`` (the same at every scale).
         num_scales: 2 or 3, checked against the inputs.
         connectivity: within-scale graph: ``4``, ``8`` or ``"dense"``.
@@ -726,7 +726,7 @@ class MultiScaleGaussianCRF(nn.Module):
 
     def __init__(
         self,
-        num_labels: int,
+        num_classes: int,
         embedding_dim: int,
         *,
         num_scales: int = 2,
@@ -743,12 +743,12 @@ class MultiScaleGaussianCRF(nn.Module):
         super().__init__()
         if num_scales not in (2, 3):
             raise ValueError(f"num_scales must be 2 or 3; got {num_scales!r}")
-        if int(num_labels) < 1 or int(embedding_dim) < 1:
+        if int(num_classes) < 1 or int(embedding_dim) < 1:
             raise ValueError(
-                f"num_labels and embedding_dim must be >= 1; got {num_labels}, {embedding_dim}"
+                f"num_classes and embedding_dim must be >= 1; got {num_classes}, {embedding_dim}"
             )
         _make_graph(connectivity, radius)
-        self.num_labels = int(num_labels)
+        self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
         self.num_scales = num_scales
         self.connectivity = connectivity
@@ -786,9 +786,9 @@ class MultiScaleGaussianCRF(nn.Module):
             raise ValueError(
                 f"unaries must have num_scales={self.num_scales} entries; got {len(unaries)}"
             )
-        if unaries[0].shape[1] != self.num_labels or embeddings[0].shape[1] != self.embedding_dim:
+        if unaries[0].shape[1] != self.num_classes or embeddings[0].shape[1] != self.embedding_dim:
             raise ValueError(
-                f"unaries/embeddings must have L={self.num_labels}, D={self.embedding_dim} "
+                f"unaries/embeddings must have L={self.num_classes}, D={self.embedding_dim} "
                 f"channels; got {tuple(unaries[0].shape)}, {tuple(embeddings[0].shape)}"
             )
 
@@ -831,7 +831,7 @@ class MultiScaleGaussianCRF(nn.Module):
     def extra_repr(self) -> str:
         """Hyper-parameters shown by ``print(module)``."""
         return (
-            f"num_labels={self.num_labels}, embedding_dim={self.embedding_dim}, "
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
             f"num_scales={self.num_scales}, connectivity={self.connectivity!r}, "
             f"radius={self.radius}"
         )

@@ -32,7 +32,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def synthetic_inputs(
-    height: int, width: int, num_labels: int, seed: int = 0
+    height: int, width: int, num_classes: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """An (H, W, 3) uint8 image of noisy colour blocks and (L, H, W) float32 probabilities."""
     rng = np.random.default_rng(seed)
@@ -41,7 +41,7 @@ def synthetic_inputs(
     cols = np.minimum(np.arange(width) // 32, cells.shape[1] - 1)
     image = cells[rows][:, cols].astype(np.float64) + rng.normal(0, 10, size=(height, width, 3))
     image = np.clip(image, 0, 255).astype(np.uint8)
-    logits = rng.normal(0, 1, size=(num_labels, height, width)).astype(np.float32)
+    logits = rng.normal(0, 1, size=(num_classes, height, width)).astype(np.float32)
     probs = np.exp(logits - logits.max(0, keepdims=True))
     return image, (probs / probs.sum(0, keepdims=True)).astype(np.float32)
 
@@ -60,9 +60,9 @@ def _best_time(fn: Any, repeats: int, sync: Any) -> tuple[float, Any]:
 
 def _run_pydensecrf(dcrf: Any, image: np.ndarray, probs: np.ndarray, iters: int) -> np.ndarray:
     """Run pydensecrf on the same model: set-up plus ``iters`` iterations; returns Q (L, H, W)."""
-    num_labels, height, width = probs.shape
-    d = dcrf.DenseCRF2D(width, height, num_labels)  # pydensecrf takes (W, H)
-    d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(num_labels, -1)))
+    num_classes, height, width = probs.shape
+    d = dcrf.DenseCRF2D(width, height, num_classes)  # pydensecrf takes (W, H)
+    d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(num_classes, -1)))
     d.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_gaussian"])
     d.addPairwiseBilateral(
         sxy=PARAMS["theta_alpha"],
@@ -70,7 +70,7 @@ def _run_pydensecrf(dcrf: Any, image: np.ndarray, probs: np.ndarray, iters: int)
         rgbim=np.ascontiguousarray(image),
         compat=PARAMS["w_bilateral"],
     )
-    return np.array(d.inference(iters)).reshape(num_labels, height, width)
+    return np.array(d.inference(iters)).reshape(num_classes, height, width)
 
 
 def _pydensecrf() -> Any:
@@ -84,7 +84,7 @@ def _pydensecrf() -> Any:
 def benchmark_dense_crf(
     sizes: Sequence[tuple[int, int]],
     *,
-    num_labels: int = 21,
+    num_classes: int = 21,
     iters: int = 5,
     repeats: int = 3,
     device: str | torch.device = "cpu",
@@ -95,7 +95,7 @@ def benchmark_dense_crf(
 
     Args:
         sizes: ``(height, width)`` pairs in pixels.
-        num_labels: number of labels L.
+        num_classes: number of labels L.
         iters: mean-field iterations.
         repeats: timed runs per size after one warm-up; the minimum is reported.
         device: where deepcrf runs (pydensecrf is CPU only).
@@ -103,7 +103,7 @@ def benchmark_dense_crf(
         progress: progress bar on stderr.
 
     Returns:
-        ``{"device", "num_labels", "iters", "repeats", "params", "pydensecrf": bool,
+        ``{"device", "num_classes", "iters", "repeats", "params", "pydensecrf": bool,
         "results": [{"height", "width", "deepcrf_s", "pydensecrf_s", "ratio", "agreement"}]}``;
         the pydensecrf fields are ``None`` without it.
     """
@@ -122,7 +122,7 @@ def benchmark_dense_crf(
 
     results = []
     for height, width in tqdm(sizes, desc="benchmark", unit="size", disable=not progress):
-        image, probs = synthetic_inputs(height, width, num_labels)
+        image, probs = synthetic_inputs(height, width, num_classes)
         logits = torch.from_numpy(np.log(probs))[None].to(dev)
         img = torch.from_numpy(image.transpose(2, 0, 1).copy())[None].float().to(dev)
         with torch.no_grad():
@@ -144,7 +144,7 @@ def benchmark_dense_crf(
         results.append(row)
     return {
         "device": str(dev),
-        "num_labels": num_labels,
+        "num_classes": num_classes,
         "iters": iters,
         "repeats": repeats,
         "params": dict(PARAMS),

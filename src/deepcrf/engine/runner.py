@@ -36,7 +36,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Keyword arguments of deepcrf.crf.dense.dense_crf a post-processing CRF may set.
 DENSE_CRF_PARAMS = (
     "iters", "theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian",
-    "normalization", "exclude_self", "filter",
+    "normalization", "exclude_self", "method",
 )  # fmt: skip
 
 

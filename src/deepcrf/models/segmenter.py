@@ -35,12 +35,12 @@ CRF_KINDS: dict[str, dict[str, Any]] = {
 
 def build_crf(
     kind: str,
-    num_labels: int,
+    num_classes: int,
     crf_kwargs: Mapping[str, Any] | None = None,
     *,
     defaults: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Build the dense CRF named ``kind`` for ``num_labels`` labels.
+    """Build the dense CRF named ``kind`` for ``num_classes`` labels.
 
     The CRF is ``deepcrf.crf.dense.DenseCRF`` (mean-field inference in the fully connected CRF,
     Q_i(l) ∝ exp(-U_i(l) - Σ_l' μ(l,l') Σ_m w_m Σ_j k_m(f_i,f_j) Q_j(l'))), imported lazily so
@@ -50,7 +50,7 @@ def build_crf(
         kind: one of ``"dense"`` (fixed parameters), ``"dense-learnable"`` (learnable
             compatibility and L×L kernel-weight matrices, as CRF-as-RNN),
             ``"dense-bandwidths"`` (also learnable kernel bandwidths); see :data:`CRF_KINDS`.
-        num_labels: number of labels L.
+        num_classes: number of labels L.
         crf_kwargs: keyword arguments for ``DenseCRF`` overriding ``defaults`` and ``kind``'s
             settings (e.g. ``{"theta_alpha": 50.0, "eval_iters": 10}``).
         defaults: the calling model's default CRF parameters (bandwidths θα, θγ in pixels, θβ
@@ -70,7 +70,7 @@ def build_crf(
     params: dict[str, Any] = dict(defaults or {})
     params.update(CRF_KINDS[kind])
     params.update(crf_kwargs or {})
-    return DenseCRF(int(num_labels), **params)
+    return DenseCRF(int(num_classes), **params)
 
 
 class CRFSegmenter(nn.Module):
@@ -103,10 +103,10 @@ class CRFSegmenter(nn.Module):
         if crf is not None and not isinstance(crf, nn.Module):
             raise TypeError(f"crf must be an nn.Module or None; got {type(crf).__name__}")
         model_labels = getattr(model, "num_classes", None)
-        crf_labels = getattr(crf, "num_labels", None)
+        crf_labels = getattr(crf, "num_classes", None)
         if model_labels is not None and crf_labels is not None and model_labels != crf_labels:
             raise ValueError(
-                f"crf has num_labels={crf_labels} but model has num_classes={model_labels}"
+                f"the crf has num_classes={crf_labels} but the model has {model_labels}"
             )
         self.model = model
         self.crf = crf

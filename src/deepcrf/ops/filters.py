@@ -9,9 +9,16 @@ against it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from deepcrf._checks import check_tensor
+
+#: How a Gaussian filter is computed, the ``method=`` of every filtering entry point:
+#: the permutohedral lattice (O(N), approximate) or the exact brute-force sum (O(N²)).
+Method = Literal["lattice", "exact"]
+METHODS: tuple[str, ...] = ("lattice", "exact")
 
 __all__ = ["exact_gaussian_filter"]
 

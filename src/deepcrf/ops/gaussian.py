@@ -20,13 +20,12 @@ through f = p / θ.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .._checks import check_tensor
-
-Method = Literal["lattice", "exact"]
+from .filters import Method
 
 
 def _check_pair(values: torch.Tensor, features: torch.Tensor) -> None:

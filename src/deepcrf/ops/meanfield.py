@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 
 from . import native, workspace
-from .filters import exact_gaussian_filter
+from .filters import METHODS, Method, exact_gaussian_filter
 from .permutohedral import PermutohedralLattice, _kernel_terms, _native_sum
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "sweep",
 ]
 
-Method = Literal["lattice", "exact"]
 Normalization = Literal["symmetric", "none", "before", "after"]
 NORMALIZATIONS = ("symmetric", "none", "before", "after")
 # Kernel row sums below this are treated as this value: keeps 1/n finite for a point that has
@@ -96,7 +95,7 @@ class KernelOp:
         pydensecrf_compatible: bool = False,
         backend: str = "auto",
     ) -> None:
-        if method not in ("lattice", "exact"):
+        if method not in METHODS:
             raise ValueError(f"method must be 'lattice' or 'exact'; got {method!r}")
         self.method = method
         self.exclude_self = bool(exclude_self)
