@@ -71,7 +71,7 @@ def _inputs(h, w, labels, device, seed=0):
 # ------------------------------------------------------------------------------------------
 
 PYDENSECRF_PARAMS = dict(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, w_bilateral=10.0,
-                         w_gaussian=3.0)  # fmt: skip
+                         w_spatial=3.0)  # fmt: skip
 
 
 def _batch(x, b):

@@ -54,7 +54,7 @@ PARAMS = {
     "w_bilateral": 4.0,
     "theta_alpha": 121.0,
     "theta_beta": 5.0,
-    "w_gaussian": 3.0,
+    "w_spatial": 3.0,
     "theta_gamma": 3.0,
 }
 IMPLS = (
@@ -103,7 +103,7 @@ def _run_pydensecrf_like(module, image, unary, iters):
     height, width = image.shape[:2]
     crf = module.DenseCRF2D(width, height, unary.shape[0])
     crf.setUnaryEnergy(unary)
-    crf.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_gaussian"])
+    crf.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_spatial"])
     crf.addPairwiseBilateral(
         sxy=PARAMS["theta_alpha"],
         srgb=PARAMS["theta_beta"],

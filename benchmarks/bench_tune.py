@@ -61,7 +61,7 @@ class _NoisyTruth(torch.nn.Module):
 def _peer(cache, points, num_classes, iters):
     """Confusion matrices per setting: one mean_field call per setting and 8 images."""
     ia, ib, ig = (TUNABLE.index(k) for k in ("theta_alpha", "theta_beta", "theta_gamma"))
-    iwb, iws = TUNABLE.index("w_bilateral"), TUNABLE.index("w_gaussian")
+    iwb, iws = TUNABLE.index("w_bilateral"), TUNABLE.index("w_spatial")
     scores = {p: ConfusionMatrix(num_classes) for p in points}
     by_bw: dict[tuple, list] = {}
     for p in points:

@@ -102,7 +102,7 @@ def _runner(impl: str, iters: int):
             with torch.no_grad():
                 out = dense_crf(
                     logits, ref, iters=iters, theta_alpha=THETA_ALPHA, theta_beta=THETA_BETA,
-                    theta_gamma=THETA_GAMMA, w_bilateral=W_BILATERAL, w_gaussian=W_GAUSSIAN,
+                    theta_gamma=THETA_GAMMA, w_bilateral=W_BILATERAL, w_spatial=W_GAUSSIAN,
                     spacing=SPACING,
                 )  # fmt: skip
             return out[0].argmax(0).numpy()
@@ -114,7 +114,7 @@ def _runner(impl: str, iters: int):
             logits, ref = tensors(volume, unary)
             crf = DenseCRF(
                 2, theta_alpha=(THETA_ALPHA,) * 3, theta_beta=THETA_BETA,
-                theta_gamma=(THETA_GAMMA,) * 3, w_bilateral=W_BILATERAL, w_gaussian=W_GAUSSIAN,
+                theta_gamma=(THETA_GAMMA,) * 3, w_bilateral=W_BILATERAL, w_spatial=W_GAUSSIAN,
                 iters=iters, learnable=("compat", "weights", "bandwidths"),
             )  # fmt: skip
             crf._accuracy_checked = True  # time the layer, not its one-off accuracy check

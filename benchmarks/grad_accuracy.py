@@ -39,7 +39,7 @@ def scene(b, size, labels, seed=0):
 def gradients(method, logits, image, labels, ta, tb, dtype):
     crf = DenseCRF(
         logits.shape[1], theta_alpha=ta, theta_beta=tb, theta_gamma=3.0, w_bilateral=5.0,
-        w_gaussian=3.0, method=method, learnable=("compat", "weights", "bandwidths"),
+        w_spatial=3.0, method=method, learnable=("compat", "weights", "bandwidths"),
     ).to(dtype)  # fmt: skip
     crf._accuracy_checked = True  # measured here explicitly
     out = crf(logits.to(dtype), image.to(dtype))

@@ -75,7 +75,7 @@ def experiment(args):
     train = scenes(args.images, args.size, seed=1)
     held = scenes(args.images, args.size, seed=2)
     defaults = dict(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, w_bilateral=10.0,
-                    w_gaussian=3.0)  # fmt: skip
+                    w_spatial=3.0)  # fmt: skip
     print(f"# {args.images} train + {args.images} held-out {args.size}x{args.size} scenes, "
           f"{LABELS} labels, {args.iters} mean-field iterations, torch {torch.get_num_threads()} "
           "threads")  # fmt: skip
@@ -89,7 +89,7 @@ def experiment(args):
     best, best_score = None, -1.0
     for wb, ta, tb, ws, tg in grid:
         params = dict(theta_alpha=ta, theta_beta=tb, theta_gamma=tg, w_bilateral=wb,
-                      w_gaussian=ws)  # fmt: skip
+                      w_spatial=ws)  # fmt: skip
         score = miou(run_crf(*train[:2], params, args.iters), train[2])
         if score > best_score:
             best, best_score = params, score
@@ -113,7 +113,7 @@ def experiment(args):
     crf.eval()
     learned = dict(theta_alpha=crf.theta_alpha, theta_beta=crf.theta_beta,
                    theta_gamma=crf.theta_gamma, w_bilateral=float(crf.w_bilateral.detach()),
-                   w_gaussian=float(crf.w_gaussian.detach()))  # fmt: skip
+                   w_spatial=float(crf.w_spatial.detach()))  # fmt: skip
     learn_miou = miou(run_crf(*held[:2], learned, args.iters), held[2])
     shown = {k: round(v, 2) for k, v in learned.items()}
     print(f"learned     held-out mIoU   {learn_miou:6.2f}   ({learn_s:.0f} s, {args.steps} Adam "

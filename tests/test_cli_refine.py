@@ -35,7 +35,7 @@ def test_refine_npy_to_png_matches_python_api(tmp_path, capsys):
     argv = [str(tmp_path / "a.png"), str(tmp_path / "a.npy"), "-o", str(out), *FAST]
     assert main(["refine", *argv, "--json", "--ground-truth", str(tmp_path / "a_gt.png")]) == 0
     summary = json.loads(capsys.readouterr().out)
-    expected = refine(image, probs, iters=3, theta_alpha=10.0, theta_beta=20.0).argmax(0)
+    expected = refine(probs, image, iters=3, theta_alpha=10.0, theta_beta=20.0).argmax(0)
     np.testing.assert_array_equal(read_label_png(out), expected)
     row = summary["files"][0]
     assert row["num_classes"] == 2 and summary["params"]["iters"] == 3
@@ -133,7 +133,7 @@ def test_refine_npy_volume_matches_python_api_in_every_layout(tmp_path, capsys):
     ref, probs, labels = _volume_case(tmp_path, channels=2)
     np.save(tmp_path / "probs.npy", probs)
     np.save(tmp_path / "gt.npy", labels)
-    expected = refine(ref, probs, iters=3, theta_alpha=6.0, theta_beta=25.0, theta_gamma=2.0,
+    expected = refine(probs, ref, iters=3, theta_alpha=6.0, theta_beta=25.0, theta_gamma=2.0,
                       spacing=(2.0, 1.0, 1.0)).argmax(0)  # fmt: skip
     for name, arr in (("last", ref), ("first", np.moveaxis(ref, -1, 0))):
         np.save(tmp_path / f"{name}.npy", arr)
@@ -175,7 +175,7 @@ def test_refine_nifti_round_trip_keeps_affine_and_reads_spacing(tmp_path, capsys
         np.testing.assert_allclose(written.affine, affine)
         assert written.header["descrip"].tobytes().startswith(b"deepcrf test")
         assert written.get_data_dtype() == np.uint8
-        expected = refine(ref[..., 0], probs, iters=3, theta_alpha=6.0, theta_beta=25.0,
+        expected = refine(probs, ref[..., 0], iters=3, theta_alpha=6.0, theta_beta=25.0,
                           theta_gamma=2.0, spacing=(2.0, 1.0, 1.5)).argmax(0)  # fmt: skip
         np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
     # a label NIfTI as PROBS (whole numbers) and as ground truth

@@ -107,7 +107,7 @@ def _dense_case(rng):
         "theta_beta": 13.0,
         "theta_gamma": 3.0,
         "w_bilateral": 4.0,
-        "w_gaussian": 3.0,
+        "w_spatial": 3.0,
         "compat": None,
         "spacing": None,
     }
@@ -136,7 +136,7 @@ def test_fuzz_dense_crf(seed):
 def test_fuzz_dense_crf_module(seed):
     rng = np.random.default_rng(10_000 + seed)
     name, args = _dense_case(rng)
-    keys = ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian", "iters")
+    keys = ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_spatial", "iters")
     init = {k: args[k] for k in keys if not isinstance(args[k], torch.Tensor)}
 
     def call():
@@ -165,7 +165,7 @@ def test_fuzz_refine(seed):
         params["theta_alpha"] = _mutate_scalar(rng)
     if name == "iters":
         params["iters"] = _pick(rng, [-1, 1.5, "2", None])
-    outcome = _outcome(lambda: refine(args["image"], args["probs"], **params),
+    outcome = _outcome(lambda: refine(args["probs"], args["image"], **params),
                        [name, "image", "probs"])  # fmt: skip
     assert outcome in ("ok", "error"), outcome
 
@@ -173,12 +173,12 @@ def test_fuzz_refine(seed):
 @pytest.mark.parametrize("seed", range(CASES_PER_TARGET))
 def test_fuzz_gaussian_crf(seed):
     rng = np.random.default_rng(30_000 + seed)
-    args = {"unary": torch.randn(1, 3, 6, 7), "embeddings": torch.randn(1, 4, 6, 7)}
+    args = {"logits": torch.randn(1, 3, 6, 7), "embeddings": torch.randn(1, 4, 6, 7)}
     name = _pick(rng, list(args))
     args[name], _ = _mutate_tensor(rng, args[name])
     crf = GaussianCRF(3, 4)
-    outcome = _outcome(lambda: crf(args["unary"], args["embeddings"]),
-                       [name, "unary", "embeddings"])  # fmt: skip
+    outcome = _outcome(lambda: crf(args["logits"], args["embeddings"]),
+                       [name, "logits", "embeddings"])  # fmt: skip
     assert outcome in ("ok", "error"), outcome
 
 

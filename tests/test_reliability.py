@@ -67,8 +67,8 @@ def test_negative_kernel_weights_need_explicit_consent():
     logits, image = _scene()
     with pytest.raises(ValueError, match=r"w_bilateral must be >= 0.*allow_negative_weights"):
         dense_crf(logits, image, w_bilateral=-10)
-    with pytest.raises(ValueError, match=r"w_gaussian must be >= 0"):
-        dense_crf(logits, image, w_gaussian=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"w_spatial must be >= 0"):
+        dense_crf(logits, image, w_spatial=torch.tensor([1.0, -1.0, 1.0]))
     dense_crf(logits, image, w_bilateral=-10, allow_negative_weights=True)
     with pytest.raises(ValueError, match=r"w_bilateral must be >= 0"):
         DenseCRF(3, w_bilateral=-1.0)

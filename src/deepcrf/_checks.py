@@ -75,6 +75,36 @@ def check_positive(value: float, name: str) -> float:
     return check_number(value, name, positive=True)
 
 
+def check_positive_scalar(value: float | torch.Tensor, name: str) -> float | torch.Tensor:
+    """A positive number, or a one-element tensor holding one (returned 0-d, graph kept).
+
+    A tensor's value is read (a device sync on CUDA): layers that keep their own positive
+    parameters (as exp(log)) call the unchecked solvers instead of passing through this.
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a positive scalar (one floating value); got shape "
+                f"{tuple(value.shape)}, dtype {value.dtype}"
+            )
+        v = float(value.detach())
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"{name} must be a finite positive number; got {v!r}")
+        return value.reshape(())
+    return check_positive(value, name)
+
+
+def to_tensor(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A checked number or tensor as a tensor of ``like``'s dtype and device (graph kept)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
+
+
 def check_number(
     value: object, name: str, *, positive: bool = False, minimum: float | None = None
 ) -> float:

@@ -115,7 +115,7 @@ def kl(p, log_q):
 @pytest.mark.parametrize("iters", [0, 1, 3])
 def test_mean_field_matches_loops(iters):
     unary, edges, pairwise = random_graph()
-    got = mean_field(unary, edges, pairwise, iters=iters, pairwise_weight=0.7)
+    got = mean_field(unary, edges, pairwise, iters=iters, pairwise_scale=0.7)
     ref = naive_mean_field(unary, edges, pairwise, iters, weight=0.7)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
@@ -123,7 +123,7 @@ def test_mean_field_matches_loops(iters):
 def test_interaction_mode_matches_loops_on_centred_tables():
     unary, edges, pairwise = random_graph()
     got = mean_field(
-        unary, edges, pairwise, iters=3, pairwise_weight=0.3, pairwise_mode="interaction"
+        unary, edges, pairwise, iters=3, pairwise_scale=0.3, pairwise_mode="interaction"
     )
     centred = []
     for z in pairwise:
@@ -376,12 +376,12 @@ def test_module_pairwise_path_gradcheck():
 
 @pytest.mark.parametrize("mode", ["full", "interaction"])
 def test_module_equals_functional(mode):
-    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_weight=0.5, pairwise_mode=mode)
+    crf = ContextualCRF(6, 3, hidden_channels=8, iters=2, pairwise_scale=0.5, pairwise_mode=mode)
     feats = torch.randn(2, 6, 4, 5)
     labels = torch.randint(0, 3, (2, 4, 5))
     unary, edges, pairwise = crf.potentials(feats)
     assert [e.shape[1] for e in edges] == [range_box_edges(4, 5, r).shape[1] for r in crf.relations]
-    log_q = mean_field(unary, edges, pairwise, iters=2, pairwise_weight=0.5, pairwise_mode=mode)
+    log_q = mean_field(unary, edges, pairwise, iters=2, pairwise_scale=0.5, pairwise_mode=mode)
     torch.testing.assert_close(crf(feats), log_q.transpose(1, 2).reshape(2, 3, 4, 5))
     torch.testing.assert_close(
         crf.piecewise_loss(feats, labels),

@@ -94,8 +94,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-PARAMS = dict(theta_alpha=5.0, theta_beta=30.0, theta_gamma=2.0, w_bilateral=4.0, w_gaussian=2.0)
-SMALL = dict(theta_alpha=5.0, theta_beta=30.0, w_bilateral=4.0, w_gaussian=2.0)
+PARAMS = dict(theta_alpha=5.0, theta_beta=30.0, theta_gamma=2.0, w_bilateral=4.0, w_spatial=2.0)
+SMALL = dict(theta_alpha=5.0, theta_beta=30.0, w_bilateral=4.0, w_spatial=2.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_compat_matrix_and_weight_shapes_match_reference():
         theta_beta=30.0,
         theta_gamma=2.0,
         w_bilateral=wb,
-        w_gaussian=wg,
+        w_spatial=wg,
         compat=compat,
         method="exact",
     )
@@ -196,7 +196,7 @@ def test_gradcheck_whole_layer_exact():
             theta_beta=tb,
             theta_gamma=tg,
             w_bilateral=w_bil,
-            w_gaussian=w_sp,
+            w_spatial=w_sp,
             compat=compat,
             method="exact",
         )
@@ -231,7 +231,7 @@ def _grads(filter_method, logits, image, target, normalization):
         theta_beta=25.0,
         theta_gamma=2.0,
         w_bilateral=5.0,
-        w_gaussian=3.0,
+        w_spatial=3.0,
         iters=5,
         learnable=("compat", "weights", "bandwidths"),
         method=filter_method,
@@ -241,7 +241,7 @@ def _grads(filter_method, logits, image, target, normalization):
     loss = torch.nn.functional.nll_loss(crf(lo, image), target)
     loss.backward()
     groups = {"logits": lo.grad, "compat": crf.compat.grad}
-    groups["weights"] = torch.stack([crf.w_bilateral.grad, crf.w_gaussian.grad])
+    groups["weights"] = torch.stack([crf.w_bilateral.grad, crf.w_spatial.grad])
     groups["bandwidths"] = torch.stack(
         [crf.log_theta_alpha.grad, crf.log_theta_beta.grad, crf.log_theta_gamma.grad]
     )
@@ -281,10 +281,10 @@ def test_spatial_bandwidth_gradient_when_kernel_covers_the_image():
         {"normalization": "after"},
         {"normalization": "none"},
         {"exclude_self": True},
-        {"exclude_self": True, "normalization": "after", "w_gaussian": 20.0},
+        {"exclude_self": True, "normalization": "after", "w_spatial": 20.0},
         {"compat": "asym"},
-        {"w_bilateral": "matrix", "w_gaussian": "vector"},
-        {"w_gaussian": "vector"},
+        {"w_bilateral": "matrix", "w_spatial": "vector"},
+        {"w_spatial": "vector"},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
@@ -347,7 +347,7 @@ def test_learning_recovers_bandwidths(filter_method):
     # Targets made by a known CRF; a CRF started from perturbed bandwidths is trained on them.
     truth = (6.0, 25.0, 2.0)
     logits, image, _ = toy_scene(b=2, h=16, w=16, noise=2.0, seed=4)
-    common = dict(w_bilateral=5.0, w_gaussian=3.0, iters=5, method=filter_method)
+    common = dict(w_bilateral=5.0, w_spatial=3.0, iters=5, method=filter_method)
     teacher = DenseCRF(3, theta_alpha=truth[0], theta_beta=truth[1], theta_gamma=truth[2], **common)
     with torch.no_grad():
         target = teacher(logits, image).softmax(1)
@@ -388,7 +388,7 @@ def test_train_and_eval_iterations():
     crf = DenseCRF(3, **PARAMS, iters=2, eval_iters=6)
     torch.testing.assert_close(crf(logits, image), dense_crf(logits, image, iters=2, **PARAMS))
     crf.eval()
-    assert crf.num_iters() == 6
+    assert crf.active_iters == 6
     torch.testing.assert_close(crf(logits, image), dense_crf(logits, image, iters=6, **PARAMS))
 
 
@@ -401,7 +401,7 @@ def test_learnable_groups_and_named_parameters():
     assert set(names) == {
         "compat",
         "w_bilateral",
-        "w_gaussian",
+        "w_spatial",
         "log_theta_alpha",
         "log_theta_beta",
         "log_theta_gamma",
@@ -409,7 +409,7 @@ def test_learnable_groups_and_named_parameters():
     torch.testing.assert_close(names["compat"].data, 1 - torch.eye(5))
     torch.testing.assert_close(names["w_bilateral"].data, 10 * torch.eye(5))
     assert crf.theta_alpha == pytest.approx(80.0) and crf.theta_gamma == pytest.approx(3.0)
-    assert DenseCRF(5, learnable=("weights",), weight_shape="vector").w_gaussian.shape == (5,)
+    assert DenseCRF(5, learnable=("weights",), weight_shape="vector").w_spatial.shape == (5,)
 
 
 def test_crf_rnn_configuration_runs_and_learns_matrices():
@@ -420,7 +420,7 @@ def test_crf_rnn_configuration_runs_and_learns_matrices():
         theta_beta=3.0,
         theta_gamma=3.0,
         w_bilateral=5.0,
-        w_gaussian=3.0,
+        w_spatial=3.0,
         iters=5,
         eval_iters=10,
         weight_shape="matrix",
@@ -484,8 +484,8 @@ def test_bad_inputs_raise():
         dense_crf(logits, image, theta_beta=0.0)
     with pytest.raises(ValueError, match=r"compat must be \(L, L\) = \(3, 3\)"):
         dense_crf(logits, image, compat=torch.zeros(2, 2))
-    with pytest.raises(ValueError, match=r"w_gaussian must be a scalar, a \(3,\) vector"):
-        dense_crf(logits, image, w_gaussian=torch.ones(4))
+    with pytest.raises(ValueError, match=r"w_spatial must be a scalar, a \(3,\) vector"):
+        dense_crf(logits, image, w_spatial=torch.ones(4))
     with pytest.raises(ValueError, match=r"normalization must be one of"):
         dense_crf(logits, image, normalization="l2")
     with pytest.raises(ValueError, match=r"iters must be a non-negative int"):
@@ -505,7 +505,7 @@ def test_refine_numpy_helper():
     logits, image, _ = toy_scene(h=10, w=12)
     probs = logits[0].softmax(0).numpy()
     img = image[0].permute(1, 2, 0).round().numpy().astype(np.uint8)
-    out = refine(img, probs, iters=3, **PARAMS)
+    out = refine(probs, img, iters=3, **PARAMS)
     assert out.shape == probs.shape and out.dtype == np.float32
     np.testing.assert_allclose(out.sum(0), 1.0, rtol=1e-5)
     expected = dense_crf(
@@ -516,12 +516,12 @@ def test_refine_numpy_helper():
     ).softmax(1)[0]
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"probs must sum to 1"):
-        refine(img, probs * 2)
+        refine(probs * 2, img)
     with pytest.raises(ValueError, match=r"must match the image"):
-        refine(img[:5], probs)
-    np.testing.assert_allclose(refine(img.astype(np.float32), probs, iters=3, **PARAMS), out)
+        refine(probs, img[:5])
+    np.testing.assert_allclose(refine(probs, img.astype(np.float32), iters=3, **PARAMS), out)
     with pytest.raises(ValueError, match=r"looks like RGB scaled to \[0, 1\]"):
-        refine(img.astype(np.float32) / 255, probs)
+        refine(probs, img.astype(np.float32) / 255)
 
 
 @pytest.mark.gpu
@@ -576,12 +576,12 @@ def test_matches_pydensecrf_conventions(normalization):
         m = g.uniform(0, 4, (num, num)).astype(np.float32)  # asymmetric: pydensecrf symmetrises
         d.addPairwiseGaussian(sxy=3, compat=m, **kw)
         d.addPairwiseBilateral(sxy=40, srgb=10, rgbim=image, compat=m, **kw)
-        ours = dict(compat=torch.from_numpy((m + m.T) / 2), w_bilateral=1.0, w_gaussian=1.0)
+        ours = dict(compat=torch.from_numpy((m + m.T) / 2), w_bilateral=1.0, w_spatial=1.0)
         wrong = dict(ours, compat=torch.from_numpy(m))  # not symmetrised: must agree less
     else:
         d.addPairwiseGaussian(sxy=3, compat=3, **kw)
         d.addPairwiseBilateral(sxy=40, srgb=10, rgbim=image, compat=5, **kw)
-        ours = dict(w_bilateral=5.0, w_gaussian=3.0)
+        ours = dict(w_bilateral=5.0, w_spatial=3.0)
         wrong = dict(ours, compat=-(1 - torch.eye(num)))  # attractive/repulsive swapped
     ref = np.array(d.inference(5)).reshape(num, h, w)
 

@@ -71,7 +71,7 @@ def test_exact_filter_equals_brute_force_mean_field(case):
     logits, ref, _ = blobs(size, ch, labels=3, dtype=DT)
     out = dense_crf(
         logits, ref, iters=4, theta_alpha=ta, theta_beta=tb, theta_gamma=tg,
-        w_bilateral=3.0, w_gaussian=2.0, method="exact", spacing=spacing,
+        w_bilateral=3.0, w_spatial=2.0, method="exact", spacing=spacing,
     )  # fmt: skip
     expected = brute_force(logits, ref, 4, ta, tb, tg, 3.0, 2.0, spacing)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
@@ -100,7 +100,7 @@ def test_gradcheck_in_every_dimension(case):
     def fn(x, compat, wb, log_ta, log_tb, log_tg):
         return dense_crf(
             x, ref, iters=2, theta_alpha=log_ta.exp(), theta_beta=log_tb.exp(),
-            theta_gamma=log_tg.exp(), w_bilateral=wb, w_gaussian=1.5, compat=compat,
+            theta_gamma=log_tg.exp(), w_bilateral=wb, w_spatial=1.5, compat=compat,
             method="exact", spacing=spacing,
         )  # fmt: skip
 
@@ -186,17 +186,17 @@ def test_refine_numpy_volumes_and_channels():
     logits, ref, _ = blobs((6, 7, 8), 2, labels=2, seed=6)
     probs = logits[0].softmax(0).numpy()
     vol = ref[0].movedim(0, -1).numpy()  # (D, H, W, C), channels last like a file
-    out = refine(vol, probs, iters=3, theta_beta=(20.0, 30.0), spacing=(2, 1, 1))
+    out = refine(probs, vol, iters=3, theta_beta=(20.0, 30.0), spacing=(2, 1, 1))
     expected = dense_crf(
         logits[0].softmax(0).log()[None], ref, iters=3, theta_beta=(20.0, 30.0), spacing=(2, 1, 1)
     ).softmax(1)[0]
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
-    one = refine(vol[..., 0], probs, theta_beta=20.0)  # (*S): one channel without its axis
+    one = refine(probs, vol[..., 0], theta_beta=20.0)  # (*S): one channel without its axis
     assert one.shape == probs.shape
-    signal = refine(np.linspace(0, 50, 30), np.full((2, 30), 0.5), theta_beta=5.0)
+    signal = refine(np.full((2, 30), 0.5), np.linspace(0, 50, 30), theta_beta=5.0)
     assert signal.shape == (2, 30)
     with pytest.raises(ValueError, match=r"must match the image \(\*S, C\) or \(\*S\)"):
-        refine(vol[:5], probs)
+        refine(probs, vol[:5])
 
 
 def test_bad_volume_inputs_name_the_problem():

@@ -235,7 +235,7 @@ def test_module_matches_functional_and_learns():
         radius=2,
         lam=0.5,
         pairwise_weight=2.0,
-        learn=("lam", "pairwise_weight"),
+        learnable=("lam", "pairwise_weight"),
         tol=1e-10,
     ).double()
     u, e = _inputs()
@@ -314,13 +314,13 @@ def test_under_cpu_autocast():
 
 def test_bad_inputs():
     u, e = _inputs()
-    with pytest.raises(ValueError, match=r"unary must have 4 dimensions \(B, L, H, W\)"):
+    with pytest.raises(ValueError, match=r"logits must have 4 dimensions \(B, L, H, W\)"):
         gaussian_crf(u[0], e)
-    with pytest.raises(ValueError, match=r"embeddings must be \(B, D, H, W\) matching unary"):
+    with pytest.raises(ValueError, match=r"embeddings must be \(B, D, H, W\) matching logits"):
         gaussian_crf(u, e[:, :, :4])
-    with pytest.raises(ValueError, match="embeddings must have unary's dtype"):
+    with pytest.raises(ValueError, match="embeddings must have logits' dtype"):
         gaussian_crf(u, e.float())
-    with pytest.raises(ValueError, match="unary must be finite"):
+    with pytest.raises(ValueError, match="logits must be finite"):
         gaussian_crf(u * float("inf"), e)
     with pytest.raises(ValueError, match="connectivity must be 4, 8 or 'dense'"):
         gaussian_crf(u, e, connectivity=6)
@@ -328,21 +328,25 @@ def test_bad_inputs():
         gaussian_crf(u, e, radius=0)
     with pytest.raises(ValueError, match="lam must be a finite positive number"):
         gaussian_crf(u, e, lam=0.0)
-    with pytest.raises(ValueError, match="pairwise_weight must be a positive scalar"):
+    with pytest.raises(ValueError, match="pairwise_weight must be a finite positive number"):
         gaussian_crf(u, e, pairwise_weight=torch.tensor([-1.0]))
-    with pytest.raises(ValueError, match="x must have unary's shape"):
+    with pytest.raises(ValueError, match="x must have logits' shape"):
         gaussian_crf_energy(u[:, :2], u, e)
     crf = GaussianCRF(3, 4)
-    with pytest.raises(ValueError, match="unary must have num_classes=3"):
+    with pytest.raises(ValueError, match="logits must have num_classes=3"):
         crf(u[:, :2], e)
     with pytest.raises(ValueError, match="embeddings must have embedding_dim=4"):
         crf(u, e[:, :2])
-    with pytest.raises(TypeError, match="learn must be a sequence of names"):
-        GaussianCRF(3, 4, learn="lam")
-    with pytest.raises(ValueError, match="learn entries must be among"):
-        GaussianCRF(3, 4, learn=("bandwidth",))
-    with pytest.raises(ValueError, match="num_classes and embedding_dim must be >= 1"):
-        GaussianCRF(0, 4)
+    with pytest.raises(TypeError, match="learnable must be a sequence of names"):
+        GaussianCRF(3, 4, learnable="lam")
+    with pytest.raises(ValueError, match="learnable must be among"):
+        GaussianCRF(3, 4, learnable=("bandwidth",))
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        GaussianCRF(1, 4)  # one label: nothing to infer (DenseCRF's rule too)
+    with pytest.raises(TypeError, match="num_classes must be an integer"):
+        GaussianCRF(3.0, 4)
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1"):
+        GaussianCRF(3, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +452,7 @@ def test_multiscale_bad_inputs():
         multiscale_gaussian_crf([us[0], us[1][:, :2]], es)
     with pytest.raises(ValueError, match="num_scales must be 2 or 3"):
         MultiScaleGaussianCRF(3, 4, num_scales=4)
-    with pytest.raises(ValueError, match="unaries must have num_scales=3 entries"):
+    with pytest.raises(ValueError, match="logits must have num_scales=3 entries"):
         MultiScaleGaussianCRF(3, 4, num_scales=3)(us, es)
 
 

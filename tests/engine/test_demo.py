@@ -59,12 +59,12 @@ def test_quick_demo_writes_results_json(quick_run):
     assert meta["total_seconds"] > 0 and meta["torch_threads"] >= 1
     if "small_contextual" in models.available():
         ctx = meta["contextual_inference"]
-        tried = [(t["pairwise_mode"], t["pairwise_weight"]) for t in ctx["trials"]]
+        tried = [(t["pairwise_mode"], t["pairwise_scale"]) for t in ctx["trials"]]
         assert tried == [(m, float(w)) for m, w in QUICK.contextual_candidates]
         assert ("full", 1.0) in tried  # the paper's inference competes
         best = max(t["tune_miou"] for t in ctx["trials"])
         assert ctx["tune_miou"] == best
-        assert (ctx["pairwise_mode"], ctx["pairwise_weight"]) in tried
+        assert (ctx["pairwise_mode"], ctx["pairwise_scale"]) in tried
         assert by_name["Contextual CRF (Lin et al.)"]["controls"] == [demo.CONTEXTUAL_UNARY]
         assert demo.CONTEXTUAL_UNARY in by_name
 

@@ -30,7 +30,7 @@ def _dataset():
 def test_grid_search_finds_the_best_point_and_matches_direct_evaluation():
     data = _dataset()
     grid = {"w_bilateral": [1.0, 8.0], "theta_alpha": [5.0], "theta_beta": [10.0],
-            "w_gaussian": [0.5], "theta_gamma": [1.0]}  # fmt: skip
+            "w_spatial": [0.5], "theta_gamma": [1.0]}  # fmt: skip
     out = tune_dense_crf(_Noisy(), data, num_classes=2, grid=grid, iters=3, rounds=1,
                          progress=False)  # fmt: skip
     assert len(out["trials"]) == 2
@@ -56,7 +56,7 @@ def test_refine_grid_halves_steps_around_best():
 
 def test_second_round_only_adds_new_points():
     grid = {"w_bilateral": [2.0, 4.0], "theta_alpha": [5.0], "theta_beta": [10.0],
-            "w_gaussian": [1.0], "theta_gamma": [1.0]}  # fmt: skip
+            "w_spatial": [1.0], "theta_gamma": [1.0]}  # fmt: skip
     out = tune_dense_crf(_Noisy(), _dataset(), num_classes=2, grid=grid, iters=1, rounds=2,
                          progress=False)  # fmt: skip
     points = [tuple(t["params"].values()) for t in out["trials"]]
@@ -80,7 +80,7 @@ def test_threaded_batches_give_the_sequential_counts(monkeypatch):
     if native.library() is None:
         pytest.skip(native.status())
     grid = {"w_bilateral": [1.0, 4.0, 8.0], "theta_alpha": [5.0, 9.0], "theta_beta": [10.0],
-            "w_gaussian": [0.5, 2.0], "theta_gamma": [1.0]}  # fmt: skip
+            "w_spatial": [0.5, 2.0], "theta_gamma": [1.0]}  # fmt: skip
     from deepcrf.engine import tune
 
     pools = []

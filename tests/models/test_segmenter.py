@@ -116,9 +116,9 @@ def test_create_dense_kinds(kind):
     crf_params = {n for n, _ in net.named_parameters() if n.startswith("crf.")}
     expected = {
         "dense": set(),
-        "dense-learnable": {"crf.compat", "crf.w_bilateral", "crf.w_gaussian"},
+        "dense-learnable": {"crf.compat", "crf.w_bilateral", "crf.w_spatial"},
         "dense-bandwidths": {
-            "crf.compat", "crf.w_bilateral", "crf.w_gaussian",
+            "crf.compat", "crf.w_bilateral", "crf.w_spatial",
             "crf.log_theta_alpha", "crf.log_theta_beta", "crf.log_theta_gamma",
         },
     }[kind]  # fmt: skip
@@ -159,7 +159,7 @@ def test_deeplab_crf_defaults_are_the_papers():
     assert math.isclose(crf.theta_beta, 5.0, rel_tol=1e-6)
     assert math.isclose(crf.theta_gamma, 3.0, rel_tol=1e-6)
     assert float(crf.w_bilateral) == ref["w_bilateral"] == 4.0
-    assert float(crf.w_gaussian) == 3.0 and crf.eval_iters == 10
+    assert float(crf.w_spatial) == 3.0 and crf.eval_iters == 10
     assert isinstance(net.model, DeepLabV1)
     # crf_kwargs override the defaults
     over = build_crf("dense", 21, {"theta_alpha": 50.0}, defaults=ref)

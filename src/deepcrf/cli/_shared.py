@@ -59,7 +59,7 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
         "--crf-params",
         metavar="JSON",
         help="dense CRF parameters: tune-crf's output or a JSON object "
-        "(theta_alpha, theta_beta, theta_gamma, w_bilateral, w_gaussian, iters)",
+        "(theta_alpha, theta_beta, theta_gamma, w_bilateral, w_spatial, iters)",
     )
     p.add_argument(
         "--no-model-crf",

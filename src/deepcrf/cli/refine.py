@@ -73,7 +73,7 @@ def add(sub: argparse._SubParsersAction) -> None:
              "else 1); the bandwidths θα and θγ are then in these units",
     )  # fmt: skip
     p.add_argument("--w-bilateral", type=float, default=10.0, help="bilateral weight (default 10)")
-    p.add_argument("--w-gaussian", type=float, default=3.0, help="smoothness weight (default 3)")
+    p.add_argument("--w-spatial", type=float, default=3.0, help="smoothness weight (default 3)")
     p.add_argument(
         "--normalization", choices=("symmetric", "none", "before", "after"),
         default="symmetric", help="kernel normalisation, as pydensecrf (default symmetric)",
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     params = {
         "iters": args.iters, "theta_alpha": args.theta_alpha, "theta_beta": args.theta_beta,
         "theta_gamma": args.theta_gamma, "w_bilateral": args.w_bilateral,
-        "w_gaussian": args.w_gaussian, "normalization": args.normalization,
+        "w_spatial": args.w_spatial, "normalization": args.normalization,
         "exclude_self": args.exclude_self, "method": args.method,
     }  # fmt: skip
     volumes = args.image is not None and _is_volume_input(args.image)
@@ -357,7 +357,7 @@ def _refine_one(
             "means 'ignore' in VOC); write a .npy instead (uint16)"
         )
     try:
-        q = refine(image, probs, **params)
+        q = refine(probs, image, **params)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{probs_path}: {err}") from err
     before, after = probs.argmax(0), q.argmax(0)
@@ -528,7 +528,7 @@ def _refine_volume_one(
     if ref_f.ndim == len(space) + 1 and ref_f.shape[-1] == 1:
         ref_f = ref_f[..., 0]
     try:
-        q = refine(ref_f, probs, spacing=spacing, **params)
+        q = refine(probs, ref_f, spacing=spacing, **params)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{probs_path}: {err}") from err
     before, after = probs.argmax(0), q.argmax(0)

@@ -21,7 +21,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         formatter_class=FORMATTER,
         description=(
             "Grid-search the dense CRF's post-processing parameters by mIoU on a held-out "
-            "split, coarse to fine, as DeepLab v1 (w_gaussian = θγ = 3 fixed; w_bilateral, "
+            "split, coarse to fine, as DeepLab v1 (w_spatial = θγ = 3 fixed; w_bilateral, "
             "θα, θβ searched). Prints the best parameters; --out writes them as JSON for "
             "evaluate/predict --crf-params."
         ),
@@ -35,7 +35,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         default=100,
         help="use the first N images of the split (default 100, as DeepLab)",
     )
-    for name in ("w_bilateral", "theta_alpha", "theta_beta", "w_gaussian", "theta_gamma"):
+    for name in ("w_bilateral", "theta_alpha", "theta_beta", "w_spatial", "theta_gamma"):
         p.add_argument(
             f"--{name.replace('_', '-')}", type=float, nargs="+", dest=name, help=grid_help(name)
         )

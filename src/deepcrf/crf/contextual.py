@@ -132,7 +132,7 @@ def mean_field(
     pairwise: torch.Tensor | Sequence[torch.Tensor],
     *,
     iters: int = 3,
-    pairwise_weight: float = 1.0,
+    pairwise_scale: float = 1.0,
     pairwise_mode: str = "full",
 ) -> torch.Tensor:
     """Parallel mean-field inference on a CRF with general K×K edge tables.
@@ -151,7 +151,7 @@ def mean_field(
         edges: ``(2, E)`` node indices per relation (a tensor or a list, one per relation).
         pairwise: ``(B, E, K, K)`` scores ``z_pq(y_p, y_q)`` per relation, matching ``edges``.
         iters: number of mean-field updates (3 in the paper; 0 returns ``log_softmax(unary)``).
-        pairwise_weight: ``w``, a multiplier on every pairwise message (1 = the model as trained).
+        pairwise_scale: ``w``, a multiplier on every pairwise message (1 = the model as trained).
         pairwise_mode: ``"full"`` uses the tables as they are (the paper); ``"interaction"``
             first removes each table's row and column means,
             ``z − mean_l' z − mean_l z + mean z``, keeping only the label *interaction*: a
@@ -173,7 +173,7 @@ def mean_field(
         raise ValueError(f"iters must be >= 0; got {iters}")
     _check_mode(pairwise_mode)
     return _mean_field(
-        unary, edge_list, pair_list, int(iters), float(pairwise_weight), pairwise_mode
+        unary, edge_list, pair_list, int(iters), float(pairwise_scale), pairwise_mode
     )
 
 
@@ -455,7 +455,7 @@ class ContextualCRF(nn.Module):
         hidden_channels: width of the hidden FC layer of every potential net (512 in the paper).
         box_fraction: range-box side as a fraction of the map's shorter side (0.4 in the paper).
         iters: mean-field iterations at inference (3 in the paper).
-        pairwise_weight: multiplier on the pairwise messages at inference (1 = as trained).
+        pairwise_scale: multiplier on the pairwise messages at inference (1 = as trained).
         pairwise_mode: ``"full"`` (the paper) or ``"interaction"`` tables at inference (see
             :func:`mean_field`); training is the same.
         residual_pairwise: train the pairwise tables on the unaries' residual
@@ -480,7 +480,7 @@ class ContextualCRF(nn.Module):
         hidden_channels: int = 512,
         box_fraction: float = 0.4,
         iters: int = 3,
-        pairwise_weight: float = 1.0,
+        pairwise_scale: float = 1.0,
         pairwise_mode: str = "full",
         residual_pairwise: bool = False,
     ) -> None:
@@ -505,7 +505,7 @@ class ContextualCRF(nn.Module):
         self.relations = tuple(names)
         self.box_fraction = check_positive(box_fraction, "box_fraction")
         self.iters = int(iters)
-        self.pairwise_weight = float(pairwise_weight)
+        self.pairwise_scale = float(pairwise_scale)
         self.pairwise_mode = pairwise_mode
         hidden = int(hidden_channels)
         self.unary_net = nn.Sequential(
@@ -591,7 +591,7 @@ class ContextualCRF(nn.Module):
             raise ValueError(f"iters must be >= 0; got {iters}")
         # The potentials are well-formed by construction: skip the functional's validation.
         _check_mode(self.pairwise_mode)
-        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_weight, self.pairwise_mode)
+        log_q = _mean_field(unary, edges, pairwise, iters, self.pairwise_scale, self.pairwise_mode)
         return log_q.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
     def piecewise_loss(

@@ -303,7 +303,7 @@ def dense_crf(
     theta_beta: Bandwidth = 13.0,
     theta_gamma: Bandwidth = 3.0,
     w_bilateral: Scalar = 10.0,
-    w_gaussian: Scalar = 3.0,
+    w_spatial: Scalar = 3.0,
     compat: torch.Tensor | None = None,
     normalization: Normalization = "symmetric",
     exclude_self: bool = False,
@@ -344,7 +344,7 @@ def dense_crf(
             RGB); float or one per channel (C,).
         theta_gamma: spatial (smoothness) bandwidth θγ, units of θα; float or (k,).
         w_bilateral: bilateral kernel weight: scalar, per-label (L,) vector or (L, L) matrix.
-        w_gaussian: spatial kernel weight: scalar, (L,) or (L, L).
+        w_spatial: spatial kernel weight: scalar, (L,) or (L, L).
         compat: (L, L) compatibility μ, a penalty (energy) matrix, may be asymmetric; None =
             Potts μ = [l ≠ l′].
         normalization: kernel normalisation as pydensecrf: ``"symmetric"`` (default),
@@ -392,7 +392,7 @@ def dense_crf(
     voxel = _check_spacing(spacing, dims)
     weights = [
         _check_weight(w_bilateral, "w_bilateral", num_classes, allow_negative_weights),
-        _check_weight(w_gaussian, "w_gaussian", num_classes, allow_negative_weights),
+        _check_weight(w_spatial, "w_spatial", num_classes, allow_negative_weights),
     ]
     if compat is not None:
         check_tensor(compat, "compat", ndim=2, layout="(L, L)", floating=True, finite=True)
@@ -697,7 +697,7 @@ class DenseCRF(nn.Module):
     buffers, so ``state_dict`` always has every value):
 
     * ``"compat"`` → ``compat`` (L, L), initialised Potts [l ≠ l′] (asymmetric updates allowed);
-    * ``"weights"`` → ``w_bilateral``, ``w_gaussian``: scalar, (L,) or (L, L) = w·I per
+    * ``"weights"`` → ``w_bilateral``, ``w_spatial``: scalar, (L,) or (L, L) = w·I per
       ``weight_shape`` (CRF-RNN uses ``"matrix"`` with 5·I bilateral, 3·I spatial);
     * ``"bandwidths"`` → ``log_theta_alpha``, ``log_theta_beta``, ``log_theta_gamma`` (logs,
       so θ = exp(·) stays positive); gradients are exact for the Gaussian model (Schwing &
@@ -711,7 +711,7 @@ class DenseCRF(nn.Module):
             per reference channel as a sequence.
         theta_gamma: spatial kernel bandwidth θγ, pixels; one per axis as a sequence.
         w_bilateral: initial bilateral weight.
-        w_gaussian: initial spatial weight.
+        w_spatial: initial spatial weight.
         iters: mean-field iterations in training mode (CRF-RNN: 5).
         eval_iters: iterations in eval mode (CRF-RNN: 10); None = ``iters``.
         learnable: subset of ``{"compat", "weights", "bandwidths"}``.
@@ -742,7 +742,7 @@ class DenseCRF(nn.Module):
         theta_beta: float = 13.0,
         theta_gamma: float = 3.0,
         w_bilateral: float = 10.0,
-        w_gaussian: float = 3.0,
+        w_spatial: float = 3.0,
         iters: int = 5,
         eval_iters: int | None = None,
         learnable: Iterable[str] = (),
@@ -790,7 +790,7 @@ class DenseCRF(nn.Module):
         self._accuracy_checked = False
 
         self._register("compat", self._initial_compat(compat_init), "compat" in learn)
-        for name, value in (("w_bilateral", w_bilateral), ("w_gaussian", w_gaussian)):
+        for name, value in (("w_bilateral", w_bilateral), ("w_spatial", w_spatial)):
             v = float(_check_weight(value, name, num_classes, allow_negative_weights))
             self._register(name, self._initial_weight(v), "weights" in learn)
         for name, value in (
@@ -842,8 +842,9 @@ class DenseCRF(nn.Module):
         """Current spatial bandwidth θγ (pixels or spacing units; one per axis)."""
         return _values(self.log_theta_gamma)
 
-    def num_iters(self) -> int:
-        """Iterations the next forward will run: ``iters`` in training, ``eval_iters`` in eval."""
+    @property
+    def active_iters(self) -> int:
+        """Iterations the next forward runs: ``iters`` in training, ``eval_iters`` in eval."""
         if not self.training and self.eval_iters is not None:
             return self.eval_iters
         return self.iters
@@ -868,12 +869,12 @@ class DenseCRF(nn.Module):
         return dense_crf(
             logits,
             image,
-            iters=self.num_iters(),
+            iters=self.active_iters,
             theta_alpha=self.log_theta_alpha.exp(),
             theta_beta=self.log_theta_beta.exp(),
             theta_gamma=self.log_theta_gamma.exp(),
             w_bilateral=self.w_bilateral,
-            w_gaussian=self.w_gaussian,
+            w_spatial=self.w_spatial,
             compat=self.compat,
             normalization=self.normalization,
             exclude_self=self.exclude_self,
@@ -947,7 +948,7 @@ def _fmt(value: float | tuple[float, ...]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
+def refine(probs: np.ndarray, image: np.ndarray, **params: Any) -> np.ndarray:
     """Dense-CRF post-processing of one image's or volume's label probabilities (numpy).
 
     Runs :func:`dense_crf` with ``logits = log(probs)`` (clipped at 1e-8) on CPU in float32.
@@ -957,8 +958,8 @@ def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
     dtype, in the units of ``theta_beta``.
 
     Args:
-        image: the reference: an RGB image (H, W, 3) in 0–255, or any (*S) / (*S, C) array.
         probs: per-label probabilities, summing to 1 over the label axis (axis 0).
+        image: the reference: an RGB image (H, W, 3) in 0–255, or any (*S) / (*S, C) array.
         **params: keyword arguments of :func:`dense_crf` (``iters``, ``theta_alpha``,
             ``spacing``, ...).
 
@@ -966,15 +967,15 @@ def refine(image: np.ndarray, probs: np.ndarray, **params: Any) -> np.ndarray:
         Refined probabilities Q, float32, summing to 1 over labels.
 
     Shape:
-        image:  (H, W, 3) RGB, or (*S) or (*S, C) with 1 <= len(S) <= 3
         probs:  (L, *S)
+        image:  (H, W, 3) RGB, or (*S) or (*S, C) with 1 <= len(S) <= 3
         return: (L, *S)
 
     Example:
         >>> img = np.zeros((8, 8, 3), np.uint8)
-        >>> refine(img, np.full((2, 8, 8), 0.5, np.float32), method="exact").shape
+        >>> refine(np.full((2, 8, 8), 0.5, np.float32), img, method="exact").shape
         (2, 8, 8)
-        >>> refine(np.zeros((4, 5, 6)), np.full((2, 4, 5, 6), 0.5), spacing=(2, 1, 1)).shape
+        >>> refine(np.full((2, 4, 5, 6), 0.5), np.zeros((4, 5, 6)), spacing=(2, 1, 1)).shape
         (2, 4, 5, 6)
     """
     image = np.asarray(image)

@@ -48,7 +48,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepcrf._checks import check_positive, check_tensor
+from deepcrf._checks import (
+    check_int,
+    check_positive,
+    check_positive_scalar,
+    check_tensor,
+    to_tensor,
+)
 from deepcrf.ops.cg import CGInfo, conjugate_gradient
 
 __all__ = [
@@ -165,30 +171,22 @@ def _make_graph(connectivity: Connectivity, radius: int) -> _LocalGraph | _Dense
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(unary: Any, embeddings: Any, name: str = "") -> None:
-    check_tensor(unary, f"unary{name}", ndim=4, layout="(B, L, H, W)", floating=True, finite=True)
+def _check_pair(logits: Any, embeddings: Any, name: str = "") -> None:
+    check_tensor(logits, f"logits{name}", ndim=4, layout="(B, L, H, W)", floating=True, finite=True)
     check_tensor(
         embeddings, f"embeddings{name}", ndim=4, layout="(B, D, H, W)", floating=True, finite=True
     )
-    b = unary.shape[0]
-    if embeddings.shape[0] != b or embeddings.shape[2:] != unary.shape[2:]:
+    b = logits.shape[0]
+    if embeddings.shape[0] != b or embeddings.shape[2:] != logits.shape[2:]:
         raise ValueError(
-            f"embeddings{name} must be (B, D, H, W) matching unary{name} {tuple(unary.shape)} "
+            f"embeddings{name} must be (B, D, H, W) matching logits{name} {tuple(logits.shape)} "
             f"in B, H, W; got {tuple(embeddings.shape)}"
         )
-    if embeddings.device != unary.device or embeddings.dtype != unary.dtype:
+    if embeddings.device != logits.device or embeddings.dtype != logits.dtype:
         raise ValueError(
-            f"embeddings{name} must have unary{name}'s dtype and device ({unary.dtype}, "
-            f"{unary.device}); got ({embeddings.dtype}, {embeddings.device})"
+            f"embeddings{name} must have logits{name}' dtype and device ({logits.dtype}, "
+            f"{logits.device}); got ({embeddings.dtype}, {embeddings.device})"
         )
-
-
-def _check_scalar(value: _Scalar, name: str) -> _Scalar:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not bool((value.detach() > 0).all()):
-            raise ValueError(f"{name} must be a positive scalar; got {value}")
-        return value.reshape(())
-    return check_positive(value, name)
 
 
 def _solver_precision(t: torch.Tensor) -> tuple[torch.dtype, AbstractContextManager[Any]]:
@@ -204,10 +202,31 @@ def _solver_precision(t: torch.Tensor) -> tuple[torch.dtype, AbstractContextMana
     return dtype, guard
 
 
-def _as_tensor(value: _Scalar, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype=like.dtype, device=like.device)
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+def _solve(
+    matvec: Any,
+    b: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    diag: torch.Tensor,
+    solver: _Solver,
+) -> tuple[torch.Tensor, CGInfo]:
+    return conjugate_gradient(
+        matvec,
+        b,
+        params=params,
+        preconditioner=diag if solver.precondition else None,
+        tol=solver.tol,
+        max_iter=solver.max_iter,
+        return_info=True,
+    )
+
+
+class _Solver:
+    """CG settings: relative tolerance, iteration limit, Jacobi preconditioning."""
+
+    def __init__(self, tol: float, max_iter: int | None, precondition: bool) -> None:
+        self.tol = check_positive(tol, "tol")
+        self.max_iter = None if max_iter is None else check_int(max_iter, "max_iter", minimum=1)
+        self.precondition = bool(precondition)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +237,7 @@ def _as_tensor(value: _Scalar, like: torch.Tensor) -> torch.Tensor:
 def _single_system(
     embeddings: torch.Tensor,
     lam: torch.Tensor,
-    beta: _Scalar,
+    beta: torch.Tensor,
     connectivity: Connectivity,
     radius: int,
 ) -> tuple[Any, tuple[torch.Tensor, ...], torch.Tensor]:
@@ -233,8 +252,40 @@ def _single_system(
     return matvec, (lam, w), diag
 
 
+def _gaussian_crf(
+    logits: torch.Tensor,
+    embeddings: torch.Tensor,
+    scalars: Sequence[_Scalar],
+    connectivity: Connectivity,
+    radius: int,
+    solver: _Solver,
+) -> tuple[torch.Tensor, CGInfo]:
+    """Eq. (2) for checked inputs; ``scalars = (λ, β)``."""
+    dtype, guard = _solver_precision(logits)
+    with guard:
+        u = logits.to(dtype)
+        lam, beta = (to_tensor(s, u) for s in scalars)
+        matvec, params, diag = _single_system(embeddings.to(dtype), lam, beta, connectivity, radius)
+        x, info = _solve(matvec, u, params, diag, solver)
+    return x.to(logits.dtype), info
+
+
+def _gaussian_crf_energy(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    embeddings: torch.Tensor,
+    scalars: Sequence[_Scalar],
+    connectivity: Connectivity,
+    radius: int,
+) -> torch.Tensor:
+    """Eq. (1) per image for checked inputs; ``scalars = (λ, β)``."""
+    lam, beta = (to_tensor(s, logits) for s in scalars)
+    matvec, params, _ = _single_system(embeddings, lam, beta, connectivity, radius)
+    return (0.5 * x * matvec(x, *params) - logits * x).flatten(1).sum(1)
+
+
 def gaussian_crf(
-    unary: torch.Tensor,
+    logits: torch.Tensor,
     embeddings: torch.Tensor,
     *,
     connectivity: Connectivity = 8,
@@ -253,7 +304,7 @@ def gaussian_crf(
     by Jacobi-preconditioned conjugate gradient; the backward is one more solve (closed form).
 
     Args:
-        unary: unary scores ``u`` (the paper's ``B``), higher = more likely.
+        logits: unary scores ``u`` (the paper's ``B``), higher = more likely.
         embeddings: pixel embeddings ``e`` from a CNN branch (dimensionless).
         connectivity: ``4`` (diamond window), ``8`` (square window) or ``"dense"`` (all pairs,
             low rank).
@@ -267,10 +318,11 @@ def gaussian_crf(
         return_info: also return the forward solve's :class:`~deepcrf.ops.cg.CGInfo`.
 
     Returns:
-        The minimiser ``x`` of eq. (1), same dtype as ``unary`` (computed in at least float32).
+        The minimiser ``x`` of eq. (1) (scores, use as logits), same dtype as ``logits``
+        (computed in at least float32).
 
     Shape:
-        unary:      (B, L, H, W)
+        logits:     (B, L, H, W)
         embeddings: (B, D, H, W)
         return:     (B, L, H, W)
 
@@ -279,33 +331,17 @@ def gaussian_crf(
         >>> gaussian_crf(u, e, connectivity=4).shape
         torch.Size([1, 3, 8, 8])
     """
-    _check_pair(unary, embeddings)
-    lam = _check_scalar(lam, "lam")
-    pairwise_weight = _check_scalar(pairwise_weight, "pairwise_weight")
+    _check_pair(logits, embeddings)
     _make_graph(connectivity, radius)
-    dtype, guard = _solver_precision(unary)
-    with guard:
-        u = unary.to(dtype)
-        e = embeddings.to(dtype)
-        lam_t = _as_tensor(lam, u)
-        beta = _as_tensor(pairwise_weight, u)
-        matvec, params, diag = _single_system(e, lam_t, beta, connectivity, radius)
-        x, info = conjugate_gradient(
-            matvec,
-            u,
-            params=params,
-            preconditioner=diag if precondition else None,
-            tol=tol,
-            max_iter=max_iter,
-            return_info=True,
-        )
-    x = x.to(unary.dtype)
+    scalars = _check_scalars(lam=lam, pairwise_weight=pairwise_weight)
+    solver = _Solver(tol, max_iter, precondition)
+    x, info = _gaussian_crf(logits, embeddings, scalars, connectivity, radius, solver)
     return (x, info) if return_info else x
 
 
 def gaussian_crf_energy(
     x: torch.Tensor,
-    unary: torch.Tensor,
+    logits: torch.Tensor,
     embeddings: torch.Tensor,
     *,
     connectivity: Connectivity = 8,
@@ -319,7 +355,7 @@ def gaussian_crf_energy(
 
     Args:
         x: scores to evaluate.
-        unary: unary scores ``u``.
+        logits: unary scores ``u``.
         embeddings: pixel embeddings.
         connectivity: as in :func:`gaussian_crf`.
         radius: as in :func:`gaussian_crf`.
@@ -327,160 +363,28 @@ def gaussian_crf_energy(
         pairwise_weight: as in :func:`gaussian_crf`.
 
     Shape:
-        x, unary:   (B, L, H, W)
+        x, logits:  (B, L, H, W)
         embeddings: (B, D, H, W)
         return:     (B,)
     """
-    _check_pair(unary, embeddings)
-    check_tensor(x, "x", ndim=4, layout="(B, L, H, W)", floating=True)
-    if x.shape != unary.shape:
-        raise ValueError(f"x must have unary's shape {tuple(unary.shape)}; got {tuple(x.shape)}")
-    lam = _check_scalar(lam, "lam")
-    pairwise_weight = _check_scalar(pairwise_weight, "pairwise_weight")
-    lam_t = _as_tensor(lam, unary)
-    matvec, params, _ = _single_system(
-        embeddings, lam_t, _as_tensor(pairwise_weight, unary), connectivity, radius
-    )
-    ax = matvec(x, *params)
-    return (0.5 * x * ax - unary * x).flatten(1).sum(1)
+    _check_pair(logits, embeddings)
+    _check_x([x], [logits])
+    _make_graph(connectivity, radius)
+    scalars = _check_scalars(lam=lam, pairwise_weight=pairwise_weight)
+    return _gaussian_crf_energy(x, logits, embeddings, scalars, connectivity, radius)
 
 
-def _register_log_scalars(
-    module: nn.Module, values: dict[str, float], learn: Sequence[str]
-) -> None:
-    """Store positive scalars as ``log_<name>`` (so they stay positive): parameters or buffers."""
-    if isinstance(learn, str):
-        raise TypeError(f"learn must be a sequence of names, not a string; got {learn!r}")
-    for name in learn:
-        if name not in values:
-            raise ValueError(f"learn entries must be among {tuple(values)}; got {name!r}")
-    for name, value in values.items():
-        log_value = torch.tensor(math.log(check_positive(value, name)))
-        if name in learn:
-            module.register_parameter(f"log_{name}", nn.Parameter(log_value))
-        else:
-            module.register_buffer(f"log_{name}", log_value)
+def _check_scalars(**values: _Scalar) -> list[_Scalar]:
+    return [check_positive_scalar(v, name) for name, v in values.items()]
 
 
-class GaussianCRF(nn.Module):
-    r"""Deep Gaussian CRF layer: ``x = (λI + L_W)⁻¹ u`` with learned embedding affinities.
-
-    Module form of :func:`gaussian_crf` (Chandra & Kokkinos 2016, ``(A + λI) x = B``): holds
-    ``λ`` and ``β`` (as logs, so they stay positive and the system SPD), learnable as chosen by
-    ``learn``.  The embeddings come from the caller's CNN branch.
-
-    Args:
-        num_classes: ``L``, checked against ``unary``.
-        embedding_dim: ``D``, checked against ``embeddings``.
-        connectivity: ``4``, ``8`` (local windows) or ``"dense"`` (all pairs, low rank).
-        radius: local window radius in pixels.
-        lam: initial ``λ > 0``.
-        pairwise_weight: initial ``β > 0``.
-        learn: which of ``"lam"``, ``"pairwise_weight"`` are trainable.
-        tol: CG relative residual tolerance.
-        max_iter: CG iteration limit (``None`` = ``max(H·W, 100)``).
-        precondition: Jacobi preconditioning.
-
-    Shape:
-        unary:      (B, L, H, W)  unary scores, higher = more likely
-        embeddings: (B, D, H, W)
-        return:     (B, L, H, W)  scores (use as logits)
-
-    Example:
-        >>> crf = GaussianCRF(num_classes=3, embedding_dim=4, connectivity=4)
-        >>> crf(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)).shape
-        torch.Size([2, 3, 8, 8])
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_dim: int,
-        *,
-        connectivity: Connectivity = 8,
-        radius: int = 1,
-        lam: float = 1.0,
-        pairwise_weight: float = 1.0,
-        learn: Sequence[str] = ("pairwise_weight",),
-        tol: float = 1e-5,
-        max_iter: int | None = None,
-        precondition: bool = True,
-    ) -> None:
-        super().__init__()
-        if int(num_classes) < 1 or int(embedding_dim) < 1:
-            raise ValueError(
-                f"num_classes and embedding_dim must be >= 1; got {num_classes}, {embedding_dim}"
-            )
-        _make_graph(connectivity, radius)
-        self.num_classes = int(num_classes)
-        self.embedding_dim = int(embedding_dim)
-        self.connectivity = connectivity
-        self.radius = radius
-        self.tol = tol
-        self.max_iter = max_iter
-        self.precondition = precondition
-        _register_log_scalars(self, {"lam": lam, "pairwise_weight": pairwise_weight}, learn)
-        self.last_info: CGInfo | None = None
-
-    @property
-    def lam(self) -> torch.Tensor:
-        """Current ``λ``."""
-        return self.log_lam.exp()
-
-    @property
-    def pairwise_weight(self) -> torch.Tensor:
-        """Current ``β``."""
-        return self.log_pairwise_weight.exp()
-
-    def _check_sizes(self, unary: torch.Tensor, embeddings: torch.Tensor) -> None:
-        _check_pair(unary, embeddings)
-        if unary.shape[1] != self.num_classes:
-            raise ValueError(
-                f"unary must have num_classes={self.num_classes} channels (B, L, H, W); "
-                f"got {tuple(unary.shape)}"
-            )
-        if embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(
-                f"embeddings must have embedding_dim={self.embedding_dim} channels "
-                f"(B, D, H, W); got {tuple(embeddings.shape)}"
-            )
-
-    def _kwargs(self) -> dict[str, Any]:
-        return {
-            "connectivity": self.connectivity,
-            "radius": self.radius,
-            "lam": self.lam,
-            "pairwise_weight": self.pairwise_weight,
-        }
-
-    def forward(self, unary: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Solve eq. (2); the CG report of the last call is kept in ``self.last_info``."""
-        self._check_sizes(unary, embeddings)
-        x, info = gaussian_crf(
-            unary,
-            embeddings,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            precondition=self.precondition,
-            return_info=True,
-            **self._kwargs(),
-        )
-        self.last_info = info
-        return x
-
-    def energy(
-        self, x: torch.Tensor, unary: torch.Tensor, embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """Eq. (1) at ``x`` per image, ``(B,)``; minimised by ``forward(unary, embeddings)``."""
-        self._check_sizes(unary, embeddings)
-        return gaussian_crf_energy(x, unary, embeddings, **self._kwargs())
-
-    def extra_repr(self) -> str:
-        """Hyper-parameters shown by ``print(module)``."""
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-            f"connectivity={self.connectivity!r}, radius={self.radius}, tol={self.tol}"
-        )
+def _check_x(xs: Sequence[Any], logits: Sequence[torch.Tensor]) -> None:
+    if len(xs) != len(logits):
+        raise ValueError(f"x must have one entry per scale ({len(logits)}); got {len(xs)}")
+    for x, u in zip(xs, logits, strict=True):
+        check_tensor(x, "x", ndim=4, layout="(B, L, H, W)", floating=True)
+        if x.shape != u.shape:
+            raise ValueError(f"x must have logits' shape {tuple(u.shape)}; got {tuple(x.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,36 +445,73 @@ def _multiscale_system(
     return matvec, (lam, *weights, *couplings), diag
 
 
-def _check_scales(unaries: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]) -> None:
-    if not isinstance(unaries, (list, tuple)) or not isinstance(embeddings, (list, tuple)):
-        raise TypeError("unaries and embeddings must be lists of tensors, finest scale first")
-    if len(unaries) not in (2, 3) or len(embeddings) != len(unaries):
+def _check_scales(logits: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]) -> None:
+    if not isinstance(logits, (list, tuple)) or not isinstance(embeddings, (list, tuple)):
+        raise TypeError("logits and embeddings must be lists of tensors, finest scale first")
+    if len(logits) not in (2, 3) or len(embeddings) != len(logits):
         raise ValueError(
-            "unaries and embeddings must be lists of 2 or 3 scales of equal length; got "
-            f"{len(unaries)} and {len(embeddings)}"
+            "logits and embeddings must be lists of 2 or 3 scales of equal length; got "
+            f"{len(logits)} and {len(embeddings)}"
         )
-    for s, (u, e) in enumerate(zip(unaries, embeddings, strict=True)):
+    for s, (u, e) in enumerate(zip(logits, embeddings, strict=True)):
         _check_pair(u, e, name=f"[{s}]")
-        ref_u, ref_e = unaries[0], embeddings[0]
+        ref_u, ref_e = logits[0], embeddings[0]
         if u.shape[:2] != ref_u.shape[:2] or e.shape[1] != ref_e.shape[1]:
             raise ValueError(
-                f"unaries[{s}] / embeddings[{s}] must share B, L, D with scale 0 "
+                f"logits[{s}] / embeddings[{s}] must share B, L, D with scale 0 "
                 f"({tuple(ref_u.shape[:2])}, D={ref_e.shape[1]}); got {tuple(u.shape)}, "
                 f"{tuple(e.shape)}"
             )
         if u.dtype != ref_u.dtype or u.device != ref_u.device:
-            raise ValueError(f"unaries[{s}] must have unaries[0]'s dtype and device")
+            raise ValueError(f"logits[{s}] must have logits[0]'s dtype and device")
         if s > 0:
-            prev = unaries[s - 1].shape[2:]
+            prev = logits[s - 1].shape[2:]
             if u.shape[2] > prev[0] or u.shape[3] > prev[1]:
                 raise ValueError(
-                    f"scales must go from fine to coarse: unaries[{s}] is {tuple(u.shape)}, "
-                    f"larger than unaries[{s - 1}] {tuple(unaries[s - 1].shape)}"
+                    f"scales must go from fine to coarse: logits[{s}] is {tuple(u.shape)}, "
+                    f"larger than logits[{s - 1}] {tuple(logits[s - 1].shape)}"
                 )
 
 
+def _multiscale_gaussian_crf(
+    logits: Sequence[torch.Tensor],
+    embeddings: Sequence[torch.Tensor],
+    scalars: Sequence[_Scalar],
+    connectivity: Connectivity,
+    radius: int,
+    solver: _Solver,
+) -> tuple[list[torch.Tensor], CGInfo]:
+    """The joint system for checked inputs; ``scalars = (λ, β, γ)``."""
+    dtype, guard = _solver_precision(logits[0])
+    with guard:
+        us = [u.to(dtype) for u in logits]
+        lam, beta, gamma = (to_tensor(s, us[0]) for s in scalars)
+        es = [e.to(dtype) for e in embeddings]
+        matvec, params, diag = _multiscale_system(es, lam, beta, gamma, connectivity, radius)
+        b = torch.cat([u.flatten(2) for u in us], dim=-1)
+        x, info = _solve(matvec, b, params, diag, solver)
+    parts = torch.split(x.to(logits[0].dtype), [u.shape[2] * u.shape[3] for u in logits], -1)
+    return [p.reshape(u.shape) for p, u in zip(parts, logits, strict=True)], info
+
+
+def _multiscale_gaussian_crf_energy(
+    xs: Sequence[torch.Tensor],
+    logits: Sequence[torch.Tensor],
+    embeddings: Sequence[torch.Tensor],
+    scalars: Sequence[_Scalar],
+    connectivity: Connectivity,
+    radius: int,
+) -> torch.Tensor:
+    """The joint energy per image for checked inputs; ``scalars = (λ, β, γ)``."""
+    lam, beta, gamma = (to_tensor(s, logits[0]) for s in scalars)
+    matvec, params, _ = _multiscale_system(list(embeddings), lam, beta, gamma, connectivity, radius)
+    x = torch.cat([t.flatten(2) for t in xs], dim=-1)
+    b = torch.cat([u.flatten(2) for u in logits], dim=-1)
+    return (0.5 * x * matvec(x, *params) - b * x).flatten(1).sum(1)
+
+
 def multiscale_gaussian_crf(
-    unaries: Sequence[torch.Tensor],
+    logits: Sequence[torch.Tensor],
     embeddings: Sequence[torch.Tensor],
     *,
     connectivity: Connectivity = 8,
@@ -592,7 +533,7 @@ def multiscale_gaussian_crf(
     SPD; one CG solve returns every scale's scores.
 
     Args:
-        unaries: per-scale unary scores, finest first.
+        logits: per-scale unary scores, finest first.
         embeddings: per-scale embeddings, same ``D`` at every scale (they are compared across
             scales by the coupling).
         connectivity: the within-scale graph, as in :func:`gaussian_crf`.
@@ -609,46 +550,23 @@ def multiscale_gaussian_crf(
         The list of per-scale scores, finest first.
 
     Shape:
-        unaries[s]:    (B, L, H_s, W_s)   H_0 >= H_1 >= H_2
+        logits[s]:     (B, L, H_s, W_s)   H_0 >= H_1 >= H_2
         embeddings[s]: (B, D, H_s, W_s)
         return[s]:     (B, L, H_s, W_s)
     """
-    _check_scales(unaries, embeddings)
-    lam = _check_scalar(lam, "lam")
-    pairwise_weight = _check_scalar(pairwise_weight, "pairwise_weight")
-    coupling_weight = _check_scalar(coupling_weight, "coupling_weight")
+    _check_scales(logits, embeddings)
     _make_graph(connectivity, radius)
-    dtype, guard = _solver_precision(unaries[0])
-    with guard:
-        us = [u.to(dtype) for u in unaries]
-        es = [e.to(dtype) for e in embeddings]
-        like = us[0]
-        matvec, params, diag = _multiscale_system(
-            es,
-            _as_tensor(lam, like),
-            _as_tensor(pairwise_weight, like),
-            _as_tensor(coupling_weight, like),
-            connectivity,
-            radius,
-        )
-        b = torch.cat([u.flatten(2) for u in us], dim=-1)
-        x, info = conjugate_gradient(
-            matvec,
-            b,
-            params=params,
-            preconditioner=diag if precondition else None,
-            tol=tol,
-            max_iter=max_iter,
-            return_info=True,
-        )
-    parts = torch.split(x.to(unaries[0].dtype), [u.shape[2] * u.shape[3] for u in unaries], -1)
-    out = [p.reshape(u.shape) for p, u in zip(parts, unaries, strict=True)]
-    return (out, info) if return_info else out
+    scalars = _check_scalars(
+        lam=lam, pairwise_weight=pairwise_weight, coupling_weight=coupling_weight
+    )
+    solver = _Solver(tol, max_iter, precondition)
+    xs, info = _multiscale_gaussian_crf(logits, embeddings, scalars, connectivity, radius, solver)
+    return (xs, info) if return_info else xs
 
 
 def multiscale_gaussian_crf_energy(
     xs: Sequence[torch.Tensor],
-    unaries: Sequence[torch.Tensor],
+    logits: Sequence[torch.Tensor],
     embeddings: Sequence[torch.Tensor],
     *,
     connectivity: Connectivity = 8,
@@ -661,7 +579,7 @@ def multiscale_gaussian_crf_energy(
 
     Args:
         xs: per-scale scores to evaluate, finest first.
-        unaries: as in :func:`multiscale_gaussian_crf`.
+        logits: as in :func:`multiscale_gaussian_crf`.
         embeddings: as in :func:`multiscale_gaussian_crf`.
         connectivity: as in :func:`multiscale_gaussian_crf`.
         radius: as in :func:`multiscale_gaussian_crf`.
@@ -670,97 +588,67 @@ def multiscale_gaussian_crf_energy(
         coupling_weight: as in :func:`multiscale_gaussian_crf`.
 
     Shape:
-        xs[s], unaries[s]: (B, L, H_s, W_s)
-        embeddings[s]:     (B, D, H_s, W_s)
-        return:            (B,)
+        xs[s], logits[s]: (B, L, H_s, W_s)
+        embeddings[s]:    (B, D, H_s, W_s)
+        return:           (B,)
     """
-    _check_scales(unaries, embeddings)
-    if len(xs) != len(unaries) or any(x.shape != u.shape for x, u in zip(xs, unaries, strict=True)):
-        raise ValueError("xs must match unaries scale by scale in shape")
-    like = unaries[0]
-    matvec, params, _ = _multiscale_system(
-        list(embeddings),
-        _as_tensor(_check_scalar(lam, "lam"), like),
-        _as_tensor(_check_scalar(pairwise_weight, "pairwise_weight"), like),
-        _as_tensor(_check_scalar(coupling_weight, "coupling_weight"), like),
-        connectivity,
-        radius,
+    _check_scales(logits, embeddings)
+    _check_x(xs, logits)
+    _make_graph(connectivity, radius)
+    scalars = _check_scalars(
+        lam=lam, pairwise_weight=pairwise_weight, coupling_weight=coupling_weight
     )
-    x = torch.cat([t.flatten(2) for t in xs], dim=-1)
-    b = torch.cat([u.flatten(2) for u in unaries], dim=-1)
-    return (0.5 * x * matvec(x, *params) - b * x).flatten(1).sum(1)
+    return _multiscale_gaussian_crf_energy(xs, logits, embeddings, scalars, connectivity, radius)
 
 
-class MultiScaleGaussianCRF(nn.Module):
-    r"""Multi-resolution Deep Gaussian CRF: 2-3 scales coupled in one linear system.
+# ----------------------------------------------------------------------------------------------
+# Layers.
+# ----------------------------------------------------------------------------------------------
 
-    Module form of :func:`multiscale_gaussian_crf` (Chandra & Kokkinos 2016, multi-resolution
-    G-CRF).  Holds ``λ``, ``β`` and the coupling ``γ`` as logs.
 
-    Args:
-        num_classes: ``L``.
-        embedding_dim: ``D`` (the same at every scale).
-        num_scales: 2 or 3, checked against the inputs.
-        connectivity: within-scale graph: ``4``, ``8`` or ``"dense"``.
-        radius: local window radius in pixels.
-        lam: initial ``λ > 0``.
-        pairwise_weight: initial ``β > 0``.
-        coupling_weight: initial ``γ > 0``.
-        learn: trainable among ``"lam"``, ``"pairwise_weight"``, ``"coupling_weight"``.
-        tol: CG relative residual tolerance.
-        max_iter: CG iteration limit.
-        precondition: Jacobi preconditioning.
+class _GaussianCRFLayer(nn.Module):
+    """What the single- and multi-scale layers share.
 
-    Shape:
-        unaries[s]:    (B, L, H_s, W_s)  finest first
-        embeddings[s]: (B, D, H_s, W_s)
-        return[s]:     (B, L, H_s, W_s)
-
-    Example:
-        >>> crf = MultiScaleGaussianCRF(3, 4, num_scales=2, connectivity=4)
-        >>> us = [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)]
-        >>> es = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
-        >>> [x.shape[-1] for x in crf(us, es)]
-        [8, 4]
+    Sizes, graph, CG settings, the positive scalars kept as logs (parameters or buffers per
+    ``learnable``) and the forward/energy that check the inputs once and call the unchecked
+    solvers with the layer's own values.
     """
+
+    SCALARS: tuple[str, ...] = ()
 
     def __init__(
         self,
         num_classes: int,
         embedding_dim: int,
-        *,
-        num_scales: int = 2,
-        connectivity: Connectivity = 8,
-        radius: int = 1,
-        lam: float = 1.0,
-        pairwise_weight: float = 1.0,
-        coupling_weight: float = 1.0,
-        learn: Sequence[str] = ("pairwise_weight", "coupling_weight"),
-        tol: float = 1e-5,
-        max_iter: int | None = None,
-        precondition: bool = True,
+        connectivity: Connectivity,
+        radius: int,
+        scalars: dict[str, float],
+        learnable: Sequence[str],
+        tol: float,
+        max_iter: int | None,
+        precondition: bool,
     ) -> None:
         super().__init__()
-        if num_scales not in (2, 3):
-            raise ValueError(f"num_scales must be 2 or 3; got {num_scales!r}")
-        if int(num_classes) < 1 or int(embedding_dim) < 1:
-            raise ValueError(
-                f"num_classes and embedding_dim must be >= 1; got {num_classes}, {embedding_dim}"
-            )
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
         _make_graph(connectivity, radius)
-        self.num_classes = int(num_classes)
-        self.embedding_dim = int(embedding_dim)
-        self.num_scales = num_scales
         self.connectivity = connectivity
         self.radius = radius
-        self.tol = tol
-        self.max_iter = max_iter
-        self.precondition = precondition
-        _register_log_scalars(
-            self,
-            {"lam": lam, "pairwise_weight": pairwise_weight, "coupling_weight": coupling_weight},
-            learn,
-        )
+        self.solver = _Solver(tol, max_iter, precondition)
+        if isinstance(learnable, str):
+            raise TypeError(
+                f"learnable must be a sequence of names, not a string; got {learnable!r}"
+            )
+        unknown = sorted(set(learnable) - set(scalars))
+        if unknown:
+            raise ValueError(f"learnable must be among {tuple(scalars)}; got {unknown}")
+        self.learnable = tuple(name for name in scalars if name in learnable)
+        for name, value in scalars.items():
+            log_value = torch.tensor(math.log(check_positive(value, name)))
+            if name in learnable:
+                self.register_parameter(f"log_{name}", nn.Parameter(log_value))
+            else:
+                self.register_buffer(f"log_{name}", log_value)
         self.last_info: CGInfo | None = None
 
     @property
@@ -773,65 +661,204 @@ class MultiScaleGaussianCRF(nn.Module):
         """Current ``β``."""
         return self.log_pairwise_weight.exp()
 
+    def _scalars(self) -> list[torch.Tensor]:
+        return [getattr(self, f"log_{name}").exp() for name in self.SCALARS]
+
+    def extra_repr(self) -> str:
+        """Hyper-parameters shown by ``print(module)``."""
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"connectivity={self.connectivity!r}, radius={self.radius}, "
+            f"learnable={self.learnable}, tol={self.solver.tol:g}"
+        )
+
+
+class GaussianCRF(_GaussianCRFLayer):
+    r"""Deep Gaussian CRF layer: ``x = (λI + L_W)⁻¹ u`` with learned embedding affinities.
+
+    Module form of :func:`gaussian_crf` (Chandra & Kokkinos 2016, ``(A + λI) x = B``): holds
+    ``λ`` and ``β`` (as logs, so they stay positive and the system SPD), trainable as chosen by
+    ``learnable``.  The embeddings come from the caller's CNN branch.
+
+    Args:
+        num_classes: ``L`` (>= 2), checked against ``logits``.
+        embedding_dim: ``D``, checked against ``embeddings``.
+        connectivity: ``4``, ``8`` (local windows) or ``"dense"`` (all pairs, low rank).
+        radius: local window radius in pixels.
+        lam: initial ``λ > 0``.
+        pairwise_weight: initial ``β > 0``.
+        learnable: which of ``"lam"``, ``"pairwise_weight"`` are trainable.
+        tol: CG relative residual tolerance.
+        max_iter: CG iteration limit (``None`` = ``max(H·W, 100)``).
+        precondition: Jacobi preconditioning.
+
+    Shape:
+        logits:     (B, L, H, W)  unary scores, higher = more likely
+        embeddings: (B, D, H, W)
+        return:     (B, L, H, W)  scores (use as logits)
+
+    Example:
+        >>> crf = GaussianCRF(num_classes=3, embedding_dim=4, connectivity=4)
+        >>> crf(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    SCALARS = ("lam", "pairwise_weight")
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        connectivity: Connectivity = 8,
+        radius: int = 1,
+        lam: float = 1.0,
+        pairwise_weight: float = 1.0,
+        learnable: Sequence[str] = ("pairwise_weight",),
+        tol: float = 1e-5,
+        max_iter: int | None = None,
+        precondition: bool = True,
+    ) -> None:
+        super().__init__(
+            num_classes, embedding_dim, connectivity, radius,
+            {"lam": lam, "pairwise_weight": pairwise_weight}, learnable,
+            tol, max_iter, precondition,
+        )  # fmt: skip
+
+    def _check_sizes(self, logits: torch.Tensor, embeddings: torch.Tensor) -> None:
+        _check_pair(logits, embeddings)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits must have num_classes={self.num_classes} channels (B, L, H, W); "
+                f"got {tuple(logits.shape)}"
+            )
+        if embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must have embedding_dim={self.embedding_dim} channels "
+                f"(B, D, H, W); got {tuple(embeddings.shape)}"
+            )
+
+    def forward(self, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Solve eq. (2); the CG report of the last call is kept in ``self.last_info``."""
+        self._check_sizes(logits, embeddings)
+        x, self.last_info = _gaussian_crf(
+            logits, embeddings, self._scalars(), self.connectivity, self.radius, self.solver
+        )
+        return x
+
+    def energy(
+        self, x: torch.Tensor, logits: torch.Tensor, embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. (1) at ``x`` per image, ``(B,)``; minimised by ``forward(logits, embeddings)``."""
+        self._check_sizes(logits, embeddings)
+        _check_x([x], [logits])
+        return _gaussian_crf_energy(
+            x, logits, embeddings, self._scalars(), self.connectivity, self.radius
+        )
+
+
+class MultiScaleGaussianCRF(_GaussianCRFLayer):
+    r"""Multi-resolution Deep Gaussian CRF: 2-3 scales coupled in one linear system.
+
+    Module form of :func:`multiscale_gaussian_crf` (Chandra & Kokkinos 2016, multi-resolution
+    G-CRF).  Holds ``λ``, ``β`` and the coupling ``γ`` as logs.
+
+    Args:
+        num_classes: ``L`` (>= 2).
+        embedding_dim: ``D`` (the same at every scale).
+        num_scales: 2 or 3, checked against the inputs.
+        connectivity: within-scale graph: ``4``, ``8`` or ``"dense"``.
+        radius: local window radius in pixels.
+        lam: initial ``λ > 0``.
+        pairwise_weight: initial ``β > 0``.
+        coupling_weight: initial ``γ > 0``.
+        learnable: trainable among ``"lam"``, ``"pairwise_weight"``, ``"coupling_weight"``.
+        tol: CG relative residual tolerance.
+        max_iter: CG iteration limit.
+        precondition: Jacobi preconditioning.
+
+    Shape:
+        logits[s]:     (B, L, H_s, W_s)  finest first
+        embeddings[s]: (B, D, H_s, W_s)
+        return[s]:     (B, L, H_s, W_s)
+
+    Example:
+        >>> crf = MultiScaleGaussianCRF(3, 4, num_scales=2, connectivity=4)
+        >>> us = [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)]
+        >>> es = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+        >>> [x.shape[-1] for x in crf(us, es)]
+        [8, 4]
+    """
+
+    SCALARS = ("lam", "pairwise_weight", "coupling_weight")
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        num_scales: int = 2,
+        connectivity: Connectivity = 8,
+        radius: int = 1,
+        lam: float = 1.0,
+        pairwise_weight: float = 1.0,
+        coupling_weight: float = 1.0,
+        learnable: Sequence[str] = ("pairwise_weight", "coupling_weight"),
+        tol: float = 1e-5,
+        max_iter: int | None = None,
+        precondition: bool = True,
+    ) -> None:
+        if num_scales not in (2, 3) or isinstance(num_scales, bool):
+            raise ValueError(f"num_scales must be 2 or 3; got {num_scales!r}")
+        super().__init__(
+            num_classes, embedding_dim, connectivity, radius,
+            {"lam": lam, "pairwise_weight": pairwise_weight, "coupling_weight": coupling_weight},
+            learnable, tol, max_iter, precondition,
+        )  # fmt: skip
+        self.num_scales = int(num_scales)
+
     @property
     def coupling_weight(self) -> torch.Tensor:
         """Current ``γ``."""
         return self.log_coupling_weight.exp()
 
     def _check_sizes(
-        self, unaries: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
+        self, logits: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
     ) -> None:
-        _check_scales(unaries, embeddings)
-        if len(unaries) != self.num_scales:
+        _check_scales(logits, embeddings)
+        if len(logits) != self.num_scales:
             raise ValueError(
-                f"unaries must have num_scales={self.num_scales} entries; got {len(unaries)}"
+                f"logits must have num_scales={self.num_scales} entries; got {len(logits)}"
             )
-        if unaries[0].shape[1] != self.num_classes or embeddings[0].shape[1] != self.embedding_dim:
+        if logits[0].shape[1] != self.num_classes or embeddings[0].shape[1] != self.embedding_dim:
             raise ValueError(
-                f"unaries/embeddings must have L={self.num_classes}, D={self.embedding_dim} "
-                f"channels; got {tuple(unaries[0].shape)}, {tuple(embeddings[0].shape)}"
+                f"logits/embeddings must have L={self.num_classes}, D={self.embedding_dim} "
+                f"channels; got {tuple(logits[0].shape)}, {tuple(embeddings[0].shape)}"
             )
-
-    def _kwargs(self) -> dict[str, Any]:
-        return {
-            "connectivity": self.connectivity,
-            "radius": self.radius,
-            "lam": self.lam,
-            "pairwise_weight": self.pairwise_weight,
-            "coupling_weight": self.coupling_weight,
-        }
 
     def forward(
-        self, unaries: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
+        self, logits: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Solve the joint system; per-scale scores, finest first."""
-        self._check_sizes(unaries, embeddings)
-        xs, info = multiscale_gaussian_crf(
-            unaries,
-            embeddings,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            precondition=self.precondition,
-            return_info=True,
-            **self._kwargs(),
+        self._check_sizes(logits, embeddings)
+        xs, self.last_info = _multiscale_gaussian_crf(
+            logits, embeddings, self._scalars(), self.connectivity, self.radius, self.solver
         )
-        self.last_info = info
         return xs
 
     def energy(
         self,
         xs: Sequence[torch.Tensor],
-        unaries: Sequence[torch.Tensor],
+        logits: Sequence[torch.Tensor],
         embeddings: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         """The joint energy at ``xs`` per image, ``(B,)``."""
-        self._check_sizes(unaries, embeddings)
-        return multiscale_gaussian_crf_energy(xs, unaries, embeddings, **self._kwargs())
+        self._check_sizes(logits, embeddings)
+        _check_x(xs, logits)
+        return _multiscale_gaussian_crf_energy(
+            xs, logits, embeddings, self._scalars(), self.connectivity, self.radius
+        )
 
     def extra_repr(self) -> str:
         """Hyper-parameters shown by ``print(module)``."""
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-            f"num_scales={self.num_scales}, connectivity={self.connectivity!r}, "
-            f"radius={self.radius}"
-        )
+        return f"{super().extra_repr()}, num_scales={self.num_scales}"

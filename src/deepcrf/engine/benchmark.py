@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 PARAMS = {"theta_alpha": 80.0, "theta_beta": 13.0, "theta_gamma": 3.0, "w_bilateral": 10.0,
-          "w_gaussian": 3.0}  # fmt: skip
+          "w_spatial": 3.0}  # fmt: skip
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def _run_pydensecrf(dcrf: Any, image: np.ndarray, probs: np.ndarray, iters: int)
     num_classes, height, width = probs.shape
     d = dcrf.DenseCRF2D(width, height, num_classes)  # pydensecrf takes (W, H)
     d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(num_classes, -1)))
-    d.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_gaussian"])
+    d.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["w_spatial"])
     d.addPairwiseBilateral(
         sxy=PARAMS["theta_alpha"],
         srgb=PARAMS["theta_beta"],

@@ -187,15 +187,15 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...] | str, Any]]] = {
 }
 TOP_LEVEL = {"description": (str,)}
 
-#: DeepLab v1's first (coarse) grid for ``tune-crf``; w_gaussian and θγ fixed at 3.
+#: DeepLab v1's first (coarse) grid for ``tune-crf``; w_spatial and θγ fixed at 3.
 DEEPLAB_GRID: dict[str, list[float]] = {
     "w_bilateral": [5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
     "theta_alpha": [50.0, 60.0, 70.0, 80.0, 90.0, 100.0],
     "theta_beta": [3.0, 4.0, 5.0, 6.0],
-    "w_gaussian": [3.0],
+    "w_spatial": [3.0],
     "theta_gamma": [3.0],
 }
-TUNABLE = ("w_bilateral", "theta_alpha", "theta_beta", "w_gaussian", "theta_gamma")
+TUNABLE = ("w_bilateral", "theta_alpha", "theta_beta", "w_spatial", "theta_gamma")
 
 
 def defaults() -> dict[str, Any]:

@@ -21,7 +21,7 @@ Two control rows keep the comparison fair: **CNN alone (+N steps)**, the trained
 exactly the end-to-end rows' N extra steps (same batch, network lr, optimiser, schedule and seed)
 without a CRF, against which every end-to-end row is also judged; and **Contextual CRF: unary
 only**, the contextual model's own prediction without pairwise messages.  The contextual CRF's
-inference setting (``pairwise_mode``, ``pairwise_weight``) is chosen on the tune split, the
+inference setting (``pairwise_mode``, ``pairwise_scale``) is chosen on the tune split, the
 paper's ``("full", 1.0)`` among the candidates.
 
 Every CRF row starts from a copy of the trained CNN's weights
@@ -71,7 +71,7 @@ class DemoSettings:
         lr: Adam learning rate of the CNN alone.
         crf_steps: joint (CNN + CRF) steps of each end-to-end CRF row.
         contextual_steps: piecewise steps of the contextual CRF's new head on the CNN's trunk.
-        contextual_candidates: ``(pairwise_mode, pairwise_weight)`` inference settings of the
+        contextual_candidates: ``(pairwise_mode, pairwise_scale)`` inference settings of the
             contextual CRF tried on the tune split (best mIoU kept; the paper's ``("full",
             1.0)`` first, so it wins ties).
         crf_batch_size: images per joint step.
@@ -117,7 +117,7 @@ class DemoSettings:
             "w_bilateral": [4.0, 8.0],
             "theta_alpha": [10.0, 25.0],
             "theta_beta": [12.0, 30.0],
-            "w_gaussian": [3.0],
+            "w_spatial": [3.0],
             "theta_gamma": [1.0],
         }
     )
@@ -176,7 +176,7 @@ QUICK = DemoSettings(
         "w_bilateral": [4.0, 8.0],
         "theta_alpha": [10.0, 25.0],
         "theta_beta": [12.0],
-        "w_gaussian": [3.0],
+        "w_spatial": [3.0],
         "theta_gamma": [1.0],
     },
     trimap_bands=(1, 2, 3, 4, 8),
@@ -413,12 +413,12 @@ def _notes(
     ctx = extras.get("contextual_inference")
     if ctx:
         tried = "; ".join(
-            f"{t['pairwise_mode']} w={t['pairwise_weight']:g}: {100 * t['tune_miou']:.1f}"
+            f"{t['pairwise_mode']} w={t['pairwise_scale']:g}: {100 * t['tune_miou']:.1f}"
             for t in ctx["trials"]
         )
         notes.append(
             f"Contextual CRF inference chosen on the tune split by mIoU: pairwise_mode="
-            f"{ctx['pairwise_mode']}, pairwise_weight={ctx['pairwise_weight']:g} (tried {tried}; "
+            f"{ctx['pairwise_mode']}, pairwise_scale={ctx['pairwise_scale']:g} (tried {tried}; "
             f"unary only {100 * ctx['tune_unary_miou']:.1f}; the paper's inference is "
             f"full, w=1)."
         )
@@ -616,7 +616,7 @@ class _DemoRun:
         cfg, spec = self.cfg, self.specs[key]
         crf_kwargs: dict[str, Any] = {
             name: float(self.dense_params[name])
-            for name in ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian")
+            for name in ("theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_spatial")
             if name in self.dense_params
         }
         crf_kwargs.update(
@@ -676,8 +676,8 @@ class _DemoRun:
                 "Only the trained CNN's trunk is shared; its multi-scale FeatMap-Net head and "
                 f"the CRF's unary and pairwise nets trained {cfg.contextual_steps} piecewise "
                 "steps from scratch on the frozen trunk; its inference setting "
-                f"(pairwise_mode={model.crf.pairwise_mode}, pairwise_weight="
-                f"{model.crf.pairwise_weight:g}) was chosen on the tune split."
+                f"(pairwise_mode={model.crf.pairwise_mode}, pairwise_scale="
+                f"{model.crf.pairwise_scale:g}) was chosen on the tune split."
             ),
         )
 
@@ -692,7 +692,7 @@ def _choose_contextual_inference(
     """Pick the contextual CRF's pairwise mode and weight by mIoU on the held-out tune split.
 
     Inference only (the trained tables are not touched): ``model.crf.pairwise_mode`` and
-    ``model.crf.pairwise_weight`` are left at the best of ``cfg.contextual_candidates``; the
+    ``model.crf.pairwise_scale`` are left at the best of ``cfg.contextual_candidates``; the
     paper's ``("full", 1.0)`` is listed first in the default candidates, so it wins ties.
     """
     from .evaluation import evaluate
@@ -706,16 +706,16 @@ def _choose_contextual_inference(
     trials = []
     for mode, weight in cfg.contextual_candidates:
         model.crf.pairwise_mode = mode
-        model.crf.pairwise_weight = float(weight)
-        trials.append({"pairwise_mode": mode, "pairwise_weight": float(weight),
+        model.crf.pairwise_scale = float(weight)
+        trials.append({"pairwise_mode": mode, "pairwise_scale": float(weight),
                        "tune_miou": tune_miou(True)})  # fmt: skip
     best = max(trials, key=lambda t: t["tune_miou"])  # first of equals: the paper's if tied
     model.crf.pairwise_mode = best["pairwise_mode"]
-    model.crf.pairwise_weight = best["pairwise_weight"]
+    model.crf.pairwise_scale = best["pairwise_scale"]
     log(f"[demo] contextual CRF inference chosen on the tune split: {best}")
     return {
         "pairwise_mode": best["pairwise_mode"],
-        "pairwise_weight": best["pairwise_weight"],
+        "pairwise_scale": best["pairwise_scale"],
         "tune_miou": best["tune_miou"],
         "tune_unary_miou": tune_miou(False),
         "trials": trials,

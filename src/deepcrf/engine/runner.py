@@ -35,7 +35,7 @@ from .train import fit
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Keyword arguments of deepcrf.crf.dense.dense_crf a post-processing CRF may set.
 DENSE_CRF_PARAMS = (
-    "iters", "theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_gaussian",
+    "iters", "theta_alpha", "theta_beta", "theta_gamma", "w_bilateral", "w_spatial",
     "normalization", "exclude_self", "method",
 )  # fmt: skip
 

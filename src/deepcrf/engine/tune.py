@@ -1,6 +1,6 @@
 """Cross-validation of the dense CRF's parameters on held-out images (DeepLab v1, Sec. 4.1).
 
-Chen et al. fix the smoothness kernel (w_gaussian = 3, θγ = 3) and search the appearance kernel's
+Chen et al. fix the smoothness kernel (w_spatial = 3, θγ = 3) and search the appearance kernel's
 weight w_bilateral and bandwidths θα (pixels) and θβ (colour units) on a small held-out set
 (100 VOC val images), coarse to fine: a first grid (w_bilateral ∈ [5, 10], θα ∈ [50 : 10 : 100],
 θβ ∈ [3 : 6] in the paper), then finer steps around the best values. mIoU after 10 mean-field
@@ -241,7 +241,7 @@ def _score_batch(
     from ..crf.dense import bilateral_term, spatial_term
     from ..ops.meanfield import sweep
 
-    iwb, iws = TUNABLE.index("w_bilateral"), TUNABLE.index("w_gaussian")
+    iwb, iws = TUNABLE.index("w_bilateral"), TUNABLE.index("w_spatial")
     scores = {p: ConfusionMatrix(num_classes) for members in by_bandwidth.values() for p in members}
     images = torch.cat([cache[i][0] for i in idx]).to(dev).float()
     unary = torch.cat([cache[i][1] for i in idx]).to(dev).float()

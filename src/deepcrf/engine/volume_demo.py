@@ -73,7 +73,7 @@ _BANDWIDTHS = {
     "theta_alpha": (2.0, 4.0, 8.0, 16.0, 32.0),
     "theta_beta_sigmas": (1.5, 3.0, 6.0, 12.0),
 }
-_WEIGHTS = {"w_bilateral": (0.5, 1.0, 3.0, 6.0, 12.0, 24.0, 48.0), "w_gaussian": (0.5, 3.0)}
+_WEIGHTS = {"w_bilateral": (0.5, 1.0, 3.0, 6.0, 12.0, 24.0, 48.0), "w_spatial": (0.5, 3.0)}
 _THETA_GAMMA = 1.5
 
 
@@ -184,7 +184,7 @@ def _grid_search(
                 scores.setdefault((wb, ta, theta_beta, wg), []).append(float(np.mean(fg)))
     (wb, ta, theta_beta, wg), best = max(scores.items(), key=lambda kv: float(np.mean(kv[1])))
     params = {"w_bilateral": wb, "theta_alpha": ta, "theta_beta": theta_beta,
-              "w_gaussian": wg, "theta_gamma": _THETA_GAMMA}  # fmt: skip
+              "w_spatial": wg, "theta_gamma": _THETA_GAMMA}  # fmt: skip
     return params, float(np.mean(best))
 
 
@@ -205,7 +205,7 @@ def _learn(
         theta_beta=start["theta_beta"],
         theta_gamma=(start["theta_gamma"],) * 3,
         w_bilateral=start["w_bilateral"],
-        w_gaussian=start["w_gaussian"],
+        w_spatial=start["w_spatial"],
         iters=cfg.iters,
         learnable=("compat", "weights", "bandwidths"),
     )
@@ -355,7 +355,7 @@ def _section(
         "theta_beta": list(crf.theta_beta) if isinstance(crf.theta_beta, tuple) else crf.theta_beta,
         "theta_gamma_mm": list(crf.theta_gamma),  # type: ignore[arg-type]
         "w_bilateral": crf.w_bilateral.item(),
-        "w_gaussian": crf.w_gaussian.item(),
+        "w_spatial": crf.w_spatial.item(),
         "compat": crf.compat.detach().tolist(),
     }
     return {
@@ -445,7 +445,7 @@ def run_volume_demo(
             f"{_r(sec['learned_params']['theta_beta'])}, θγ "
             f"{_r(sec['learned_params']['theta_gamma_mm'])} mm, w "
             f"{sec['learned_params']['w_bilateral']:.3g} / "
-            f"{sec['learned_params']['w_gaussian']:.3g}.",
+            f"{sec['learned_params']['w_spatial']:.3g}.",
             "",
             f"![slices]({sec['picture']})",
         ]

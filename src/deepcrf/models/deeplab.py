@@ -37,11 +37,11 @@ __all__ = ["DEEPLAB_CRF_DEFAULTS", "DeepLabV1", "MultiScaleBranch", "load_vgg16_
 # paper (``iters``, the training-mode count, stays DenseCRF's default).
 DEEPLAB_CRF_DEFAULTS: dict[str, dict[str, float]] = {
     "deeplab_v1": {"w_bilateral": 5.0, "theta_alpha": 50.0, "theta_beta": 10.0,
-                   "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
+                   "w_spatial": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
     "deeplab_largefov": {"w_bilateral": 4.0, "theta_alpha": 121.0, "theta_beta": 5.0,
-                         "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
+                         "w_spatial": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
     "deeplab_msc_largefov": {"w_bilateral": 4.0, "theta_alpha": 83.0, "theta_beta": 5.0,
-                             "w_gaussian": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
+                             "w_spatial": 3.0, "theta_gamma": 3.0, "eval_iters": 10},
 }  # fmt: skip
 
 

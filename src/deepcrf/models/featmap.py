@@ -242,7 +242,7 @@ class ContextualSegNet(FeatMapNet):
         relations: range-box relations (``"surrounding"``, ``"above_below"``).
         box_fraction: range-box size as a fraction of the grid's shorter side (0.4).
         iters: mean-field iterations (3).
-        pairwise_weight: multiplier on pairwise messages at inference (1 = as trained).
+        pairwise_scale: multiplier on pairwise messages at inference (1 = as trained).
         pairwise_mode: ``"full"`` tables (the paper) or their ``"interaction"`` part at
             inference (see :func:`deepcrf.crf.contextual.mean_field`).
         residual_pairwise: train the pairwise tables on the unaries' residual (not in the
@@ -277,7 +277,7 @@ class ContextualSegNet(FeatMapNet):
         relations: Sequence[str] = RELATIONS,
         box_fraction: float = 0.4,
         iters: int = 3,
-        pairwise_weight: float = 1.0,
+        pairwise_scale: float = 1.0,
         pairwise_mode: str = "full",
         residual_pairwise: bool = False,
         label_mode: str = "majority",
@@ -304,7 +304,7 @@ class ContextualSegNet(FeatMapNet):
             hidden_channels=hidden_channels,
             box_fraction=box_fraction,
             iters=iters,
-            pairwise_weight=pairwise_weight,
+            pairwise_scale=pairwise_scale,
             pairwise_mode=pairwise_mode,
             residual_pairwise=residual_pairwise,
         )

@@ -60,7 +60,7 @@ class GaussianCRFSegmenter(nn.Module):
         colour_scale: 0–255 colour units per embedding unit with ``resolution="image"``: two
             pixels ``colour_scale`` apart in colour get affinity β·e⁻¹.
         **crf_kwargs: passed to the CRF (``connectivity``, ``radius``, ``lam``,
-            ``pairwise_weight``, ``coupling_weight``, ``learn``, ``tol``, ``max_iter``).
+            ``pairwise_weight``, ``coupling_weight``, ``learnable``, ``tol``, ``max_iter``).
 
     Shape:
         image:  (B, 3, H, W)  float RGB in 0-255
@@ -195,7 +195,7 @@ def _create_small_gcrf(
     radius: int | None = None,
     lam: float = 1.0,
     pairwise_weight: float | None = None,
-    learn: Sequence[str] = ("pairwise_weight",),
+    learnable: Sequence[str] = ("pairwise_weight",),
     tol: float = 1e-4,
     max_iter: int | None = None,
     resolution: str | None = None,
@@ -232,9 +232,9 @@ def _create_small_gcrf(
         "max_iter": max_iter,
     }
     if num_scales > 1:
-        crf_kwargs["learn"] = (*learn, "coupling_weight")
+        crf_kwargs["learnable"] = (*learnable, "coupling_weight")
     else:
-        crf_kwargs["learn"] = tuple(learn)
+        crf_kwargs["learnable"] = tuple(learnable)
     return GaussianCRFSegmenter(
         backbone,
         head,
@@ -264,7 +264,7 @@ def _create_deeplab_largefov_gcrf(
     radius: int = 1,
     lam: float = 1.0,
     pairwise_weight: float = 1.0,
-    learn: Sequence[str] = ("pairwise_weight",),
+    learnable: Sequence[str] = ("pairwise_weight",),
     tol: float = 1e-4,
     max_iter: int | None = None,
 ) -> nn.Module:
@@ -282,7 +282,7 @@ def _create_deeplab_largefov_gcrf(
     head.add_module("fc7", nn.Conv2d(fc_channels, fc_channels, 1))
     head.add_module("relu7", nn.ReLU(inplace=True))
     head.add_module("drop7", nn.Dropout2d(dropout))
-    learn_all = (*learn, "coupling_weight") if num_scales > 1 else tuple(learn)
+    learn_all = (*learnable, "coupling_weight") if num_scales > 1 else tuple(learnable)
     model = GaussianCRFSegmenter(
         backbone,
         head,
@@ -295,7 +295,7 @@ def _create_deeplab_largefov_gcrf(
         radius=radius,
         lam=lam,
         pairwise_weight=pairwise_weight,
-        learn=learn_all,
+        learnable=learn_all,
         tol=tol,
         max_iter=max_iter,
     )

@@ -635,7 +635,7 @@ def sweep(
 
     Run g is :func:`mean_field` with A_m = ``weights[g, m]`` for term m (the terms' own
     ``coef`` is not used): a grid search over Potts weights at fixed bandwidths (DeepLab's
-    w_bilateral, w_gaussian; ``tune-crf``).  Inference mode, no autograd.  The runs go side
+    w_bilateral, w_spatial; ``tune-crf``).  Inference mode, no autograd.  The runs go side
     by side as label blocks of one loop, each block its own softmax, so that every lattice
     pass serves several runs: on the compiled kernel up to 48 labels per fused call when L ≤
     12 (at least four runs per call; with fewer, wider runs the grouped rows cost as much as
