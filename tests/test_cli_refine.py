@@ -100,7 +100,8 @@ def test_refine_errors(tmp_path, capsys):
     assert "needs IMAGE, PROBS and -o OUT" in capsys.readouterr().err
     np.save(tmp_path / "bad.npy", np.ones((2, 5, 5), np.float32))
     assert main(["refine", img, str(tmp_path / "bad.npy"), "-o", out]) == 2
-    assert "must be (L, H, W) = (L, 20, 24)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the file, and the shapes that do not match
+    assert "bad.npy: probs (L, *S) (2, 5, 5) must match the image" in err and "(20, 24, 3)" in err
     np.save(tmp_path / "unnorm.npy", np.ones((2, 20, 24), np.float32))
     assert main(["refine", img, str(tmp_path / "unnorm.npy"), "-o", out]) == 2
     assert "must sum to 1" in capsys.readouterr().err

@@ -488,8 +488,14 @@ def test_bad_inputs_raise():
         dense_crf(logits, image, w_spatial=torch.ones(4))
     with pytest.raises(ValueError, match=r"normalization must be one of"):
         dense_crf(logits, image, normalization="l2")
-    with pytest.raises(ValueError, match=r"iters must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"iters must be >= 0"):
         dense_crf(logits, image, iters=-1)
+    with pytest.raises(TypeError, match=r"iters must be an integer"):
+        dense_crf(logits, image, iters=2.0)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 2"):
+        DenseCRF(1)
+    with pytest.raises(TypeError, match=r"eval_iters must be an integer"):
+        DenseCRF(3, eval_iters=True)
     with pytest.raises(ValueError, match=r"learnable must be a subset"):
         DenseCRF(3, learnable=("bandwidth",))
     with pytest.raises(ValueError, match=r"logits must have 3 labels"):

@@ -185,12 +185,7 @@ def _refine_probs(path: object, height: int, width: int, args: argparse.Namespac
             probs = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read probabilities {path}: {err}") from err
-        if probs.ndim != 3 or probs.shape[1:] != (height, width):
-            raise ValueError(
-                f"probabilities {path} must be (L, H, W) = (L, {height}, {width}) to match its "
-                f"image; got {probs.shape}"
-            )
-        return probs.astype(np.float32)
+        return probs  # deepcrf.refine checks it against the image (errors name this file)
     labels = read_label_png(path)
     if labels.shape != (height, width):
         raise ValueError(

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from deepcrf._checks import check_positive, check_tensor
+from deepcrf._checks import check_int, check_positive, check_tensor
 from deepcrf.metrics import IGNORE_INDEX
 from deepcrf.ops.graph import RELATIONS, edge_offsets, range_box_edges, range_box_extent
 
@@ -487,11 +487,9 @@ class ContextualCRF(nn.Module):
         super().__init__()
         _check_mode(pairwise_mode)
         self.residual_pairwise = bool(residual_pairwise)
-        if int(in_channels) < 1 or int(num_classes) < 1 or int(hidden_channels) < 1:
-            raise ValueError(
-                f"in_channels, num_classes and hidden_channels must be >= 1; got "
-                f"{in_channels}, {num_classes}, {hidden_channels}"
-            )
+        in_channels = check_int(in_channels, "in_channels", minimum=1)
+        num_classes = check_int(num_classes, "num_classes", minimum=2)
+        hidden_channels = check_int(hidden_channels, "hidden_channels", minimum=1)
         names = [{"above/below": "above_below"}.get(r, r) for r in relations]
         for r in names:
             if r not in RELATIONS:

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_memory, check_positive, check_tensor
+from .._checks import check_choice, check_int, check_memory, check_positive, check_tensor
 from ..ops import workspace
 from ..ops.filters import METHODS, Method
 from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
@@ -55,6 +55,8 @@ WeightShape = Literal["scalar", "vector", "matrix"]
 
 _WEIGHT_SHAPES = ("scalar", "vector", "matrix")
 _LEARNABLE = ("compat", "weights", "bandwidths")
+_THETAS = ("theta_alpha", "theta_beta", "theta_gamma")
+_PER = ("spatial axis", "reference channel", "spatial axis")
 Scalar = float | torch.Tensor
 # A bandwidth: one number for every axis/channel, or one per spatial axis (θα, θγ) or per
 # reference channel (θβ), as a sequence or a 0-d/1-d tensor (which may require grad).
@@ -164,7 +166,8 @@ def _is_colour(image: torch.Tensor) -> bool:
     return image.dim() == 4 and image.shape[1] == 3
 
 
-def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
+def _check_shapes(logits: torch.Tensor, image: torch.Tensor) -> None:
+    """Logits (B, L, *S) with 1-3 spatial dims and a reference (B, C, *S) beside them."""
     check_tensor(logits, "logits", layout="(B, L, *S)", floating=True, finite=True)
     if not 3 <= logits.dim() <= 5:
         raise ValueError(
@@ -189,13 +192,22 @@ def _check_inputs(logits: torch.Tensor, image: torch.Tensor) -> None:
             f"({b}, C, {', '.join(map(str, space))}) with C >= 1 reference channels; got "
             f"{tuple(image.shape)}{hint}"
         )
-    if image.dtype == torch.bool or image.is_complex():
-        raise TypeError(
-            f"image must be a real-valued (uint8 or floating) tensor; got {image.dtype}"
-        )
     if image.device != logits.device:
         raise ValueError(
             f"image must be on the device of logits ({logits.device}); got {image.device}"
+        )
+
+
+def _check_reference(image: torch.Tensor) -> None:
+    """The reference's values: non-empty, real dtype, finite, RGB in 0-255 (not [0, 1])."""
+    if image.numel() == 0:
+        raise ValueError(
+            f"image must have at least one reference channel and point; got shape "
+            f"{tuple(image.shape)}"
+        )
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(
+            f"image must be a real-valued (uint8 or floating) tensor; got {image.dtype}"
         )
     if image.is_floating_point():
         if not bool(torch.isfinite(image).all()):
@@ -375,21 +387,40 @@ def dense_crf(
         >>> dense_crf(logits, image, iters=2, method="exact").shape
         torch.Size([1, 3, 16, 16])
     """
-    _check_inputs(logits, image)
+    _check_shapes(logits, image)
+    _check_reference(image)
+    settings = _settings(
+        logits, image, iters=iters, theta_alpha=theta_alpha, theta_beta=theta_beta,
+        theta_gamma=theta_gamma, w_bilateral=w_bilateral, w_spatial=w_spatial, compat=compat,
+        normalization=normalization, exclude_self=exclude_self, method=method,
+        checkpoint=checkpoint, spacing=spacing, allow_negative_weights=allow_negative_weights,
+    )  # fmt: skip
+    return _run(logits, image, settings)
+
+
+def _settings(
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    iters: int = 5,
+    theta_alpha: Bandwidth = 80.0,
+    theta_beta: Bandwidth = 13.0,
+    theta_gamma: Bandwidth = 3.0,
+    w_bilateral: Scalar = 10.0,
+    w_spatial: Scalar = 3.0,
+    compat: torch.Tensor | None = None,
+    normalization: Normalization = "symmetric",
+    exclude_self: bool = False,
+    method: Method = "lattice",
+    checkpoint: bool = False,
+    spacing: Spacing = None,
+    allow_negative_weights: bool = False,
+) -> _Run:
+    """:func:`dense_crf`'s keyword arguments checked against inputs of checked shapes."""
     num_classes = logits.shape[1]
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     dims, channels = logits.dim() - 2, image.shape[1]
-    thetas = [
-        _check_bandwidth(theta_alpha, "theta_alpha", dims, "spatial axis"),
-        _check_bandwidth(theta_beta, "theta_beta", channels, "reference channel"),
-        _check_bandwidth(theta_gamma, "theta_gamma", dims, "spatial axis"),
-    ]
-    voxel = _check_spacing(spacing, dims)
+    for name, value in (("normalization", normalization), ("method", method)):
+        check_choice(value, name, _NORMALIZATIONS if name == "normalization" else METHODS)
     weights = [
         _check_weight(w_bilateral, "w_bilateral", num_classes, allow_negative_weights),
         _check_weight(w_spatial, "w_spatial", num_classes, allow_negative_weights),
@@ -401,13 +432,46 @@ def dense_crf(
                 f"compat must be (L, L) = ({num_classes}, {num_classes}) for logits "
                 f"{tuple(logits.shape)}; got {tuple(compat.shape)}"
             )
+    settings = _Run(
+        iters=check_int(iters, "iters", minimum=0),
+        thetas=(
+            _check_bandwidth(theta_alpha, "theta_alpha", dims, "spatial axis"),
+            _check_bandwidth(theta_beta, "theta_beta", channels, "reference channel"),
+            _check_bandwidth(theta_gamma, "theta_gamma", dims, "spatial axis"),
+        ),
+        weights=(weights[0], weights[1]),
+        compat=compat,
+        normalization=normalization,
+        exclude_self=bool(exclude_self),
+        method=method,
+        checkpoint=bool(checkpoint),
+        spacing=_check_spacing(spacing, dims),
+    )
+    return settings
 
-    tensors = [logits, image, compat, *thetas, *weights]
+
+@dataclass(frozen=True)
+class _Run:
+    """The checked settings of one :func:`dense_crf` call (or of a :class:`DenseCRF` forward)."""
+
+    iters: int
+    thetas: tuple[Scalar, Scalar, Scalar]  # θα, θβ, θγ
+    weights: tuple[Scalar, Scalar]  # bilateral, spatial
+    compat: torch.Tensor | None
+    normalization: str
+    exclude_self: bool
+    method: str
+    checkpoint: bool
+    spacing: tuple[float, ...] | None
+
+
+def _run(logits: torch.Tensor, image: torch.Tensor, s: _Run) -> torch.Tensor:
+    """Mean-field for checked inputs and settings: cost check, precision, then the engine."""
+    tensors = [logits, image, s.compat, *s.thetas, *s.weights]
     training = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )
-    _check_cost(logits, image, iters, method, training)
-
+    _check_cost(logits, image, s.iters, s.method, training)
     out_dtype = logits.dtype
     # Half precision is not accurate enough for kernel row sums over ~10⁵ pixels: compute in
     # float32 (also under autocast) and cast the result back.
@@ -416,15 +480,15 @@ def dense_crf(
         out = _mean_field(
             compute,
             image,
-            iters,
-            thetas,
-            weights,
-            compat,
-            normalization,
-            exclude_self,
-            method,
-            checkpoint,
-            voxel,
+            s.iters,
+            list(s.thetas),
+            list(s.weights),
+            s.compat,
+            s.normalization,
+            s.exclude_self,
+            s.method,
+            s.checkpoint,
+            s.spacing,
         )
     return out.to(out_dtype)
 
@@ -755,27 +819,19 @@ class DenseCRF(nn.Module):
         allow_negative_weights: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
-        for name, value in (("iters", iters), ("eval_iters", eval_iters)):
-            if value is None and name == "eval_iters":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+        num_classes = check_int(num_classes, "num_classes", minimum=2)
+        iters = check_int(iters, "iters", minimum=0)
+        if eval_iters is not None:
+            eval_iters = check_int(eval_iters, "eval_iters", minimum=0)
         if isinstance(learnable, str):
             learnable = (learnable,)
         learn = set(learnable)
         unknown = learn - set(_LEARNABLE)
         if unknown:
             raise ValueError(f"learnable must be a subset of {_LEARNABLE}; got {sorted(unknown)}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-        if weight_shape not in _WEIGHT_SHAPES:
-            raise ValueError(f"weight_shape must be one of {_WEIGHT_SHAPES}; got {weight_shape!r}")
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}"
-            )
+        check_choice(method, "method", METHODS)
+        check_choice(weight_shape, "weight_shape", _WEIGHT_SHAPES)
+        check_choice(normalization, "normalization", _NORMALIZATIONS)
 
         self.num_classes = num_classes
         self.iters = iters
@@ -857,33 +913,38 @@ class DenseCRF(nn.Module):
         ``spacing`` is the voxel size per spatial axis (physical units, default 1), the units
         of θα and θγ.
         """
-        check_tensor(logits, "logits", layout="(B, L, *S)")
-        if logits.dim() >= 2 and logits.shape[1] != self.num_classes:
+        _check_shapes(logits, image)
+        if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits must have {self.num_classes} labels (B, {self.num_classes}, *S); got "
                 f"{tuple(logits.shape)}"
             )
+        _check_reference(image)
+        voxel = _check_spacing(spacing, logits.dim() - 2)
         if self.method == "lattice" and self.training and not self._accuracy_checked:
-            _check_inputs(logits, image)  # (dense_crf checks them again; only this once)
             self._check_lattice_accuracy(image, spacing)
-        return dense_crf(
-            logits,
-            image,
+        # The layer's own parameters are valid by construction (θ = exp(log θ) > 0; shapes
+        # fixed at __init__): they are not re-checked, which would read them back from the
+        # device at every forward. One bandwidth per axis/channel must match this input.
+        thetas = (self.log_theta_alpha.exp(), self.log_theta_beta.exp(), self.log_theta_gamma.exp())
+        dims, channels = logits.dim() - 2, image.shape[1]
+        for theta, name, n, per in zip(thetas, _THETAS, (dims, channels, dims), _PER, strict=True):
+            if theta.dim() == 1 and theta.shape[0] != n:
+                raise ValueError(
+                    f"{name} has {theta.shape[0]} values but this input has {n} {per}s"
+                )
+        settings = _Run(
             iters=self.active_iters,
-            theta_alpha=self.log_theta_alpha.exp(),
-            theta_beta=self.log_theta_beta.exp(),
-            theta_gamma=self.log_theta_gamma.exp(),
-            w_bilateral=self.w_bilateral,
-            w_spatial=self.w_spatial,
+            thetas=thetas,
+            weights=(self.w_bilateral, self.w_spatial),
             compat=self.compat,
             normalization=self.normalization,
             exclude_self=self.exclude_self,
             method=self.method,
             checkpoint=self.checkpoint,
-            spacing=spacing,
-            # Learned weights go where the loss takes them; fixed ones were checked above.
-            allow_negative_weights=self.allow_negative_weights or "weights" in self.learnable,
+            spacing=voxel,
         )
+        return _run(logits, image, settings)
 
     def _check_lattice_accuracy(self, image: torch.Tensor, spacing: Spacing) -> None:
         """Warn once when the lattice's kernels are > 10 % off the exact ones on this image."""
@@ -1017,6 +1078,7 @@ def refine(probs: np.ndarray, image: np.ndarray, **params: Any) -> np.ndarray:
     logits = torch.from_numpy(np.log(np.clip(probs.astype(np.float32), 1e-8, None)))[None]
     channels_first = np.moveaxis(channels_last, -1, 0).astype(np.float32)
     ref = torch.from_numpy(np.ascontiguousarray(channels_first))[None]
+    _check_reference(ref)  # the shapes are checked above, on the arrays the caller gave
     with torch.no_grad():
-        q = dense_crf(logits, ref, **params).softmax(dim=1)[0]
+        q = _run(logits, ref, _settings(logits, ref, **params)).softmax(dim=1)[0]
     return q.numpy().astype(np.float32, copy=False)

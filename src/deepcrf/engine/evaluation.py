@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepcrf._checks import check_int
+
 from .._checks import check_tensor
 from ..metrics import ConfusionMatrix, TrimapAccuracy, scores_from_confusion
 from .distributed import all_reduce_sum, is_main_process, rank_and_world
@@ -152,9 +154,7 @@ def evaluate(
         image:  (3, H, W)  colour in 0-255 (per item)
         labels: (H, W)     int64, 255 = ignore
     """
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if n == 0:
         raise ValueError("the evaluation dataset is empty")

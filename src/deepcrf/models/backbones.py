@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepcrf._checks import check_int
+
 from .._checks import check_tensor
 from .registry import register
 from .segmenter import with_crf
@@ -534,8 +536,7 @@ class SmallSegNet(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
         if int(head_dilation) < 1:
             raise ValueError(f"head_dilation must be >= 1; got {head_dilation}")
         if not 0.0 <= float(dropout) < 1.0:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepcrf._checks import check_int
+
 from .backbones import VGG16Atrous, load_vgg16_imagenet, upsample_logits
 from .registry import register
 from .segmenter import with_crf
@@ -143,8 +145,7 @@ class DeepLabV1(nn.Module):
         conv5_dilation: int = 2,
     ) -> None:
         super().__init__()
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
         if int(fc6_kernel) < 1 or int(fc6_kernel) % 2 == 0:
             raise ValueError(f"fc6_kernel must be a positive odd number; got {fc6_kernel}")
         if int(fc6_dilation) < 1:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deepcrf._checks import check_int
 from deepcrf.crf.gaussian import GaussianCRF, MultiScaleGaussianCRF
 
 from .backbones import build_backbone, check_image, load_vgg16_imagenet, upsample_logits
@@ -88,8 +89,7 @@ class GaussianCRFSegmenter(nn.Module):
             raise ValueError("resolution='image' solves one grid: num_scales must be 1")
         if not (colour_scale > 0):
             raise ValueError(f"colour_scale must be > 0 (0-255 colour units); got {colour_scale}")
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
         if num_scales not in (1, 2, 3):
             raise ValueError(f"num_scales must be 1, 2 or 3; got {num_scales!r}")
         if int(embedding_dim) < 1 or int(embedding_hidden) < 1:

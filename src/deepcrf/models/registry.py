@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from deepcrf._checks import check_int
+
 _Factory = Callable[..., nn.Module]
 _MODELS: dict[str, _Factory] = {}
 
@@ -36,6 +38,5 @@ def create(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
     return _MODELS[name](int(num_classes), **kwargs)
