@@ -2,7 +2,7 @@
 
 The benchmarks (benchmarks/bench_densecrf.py, bench_crf_layer.py; docs/densecrf.md
 "Performance") showed that pure PyTorch leaves the lattice build and filtering behind
-pydensecrf's C++ on the 2-core CPU.  ``_lattice_kernel.c`` (portable GNU C11 with vector
+pydensecrf's C++ on the 2-core CPU.  ``kernel/lattice_kernel.c`` (portable GNU C11 with vector
 extensions, no dependencies besides pthreads) builds exactly the index arrays the PyTorch
 lattice uses (slice entries, blur neighbours) with a hash table instead of a sort, and runs the
 mean-field engine's passes on them (docs/meanfield.md): the fused mean-field loop, plain and
@@ -47,8 +47,12 @@ __all__ = [
     "threads",
 ]
 
-_SOURCE = Path(__file__).with_name("_lattice_kernel.c")
-_ABI = 13
+_KERNEL_DIR = Path(__file__).with_name("kernel")
+_SOURCE = _KERNEL_DIR / "lattice_kernel.c"  # the one translation unit; it includes the rest
+# The calling convention: bump it with any change of an entry point's arguments.  It is passed
+# to the compiler (-DDEEPCRF_KERNEL_ABI) and read back from the library, so the prototypes
+# below and the compiled code cannot disagree.
+_ABI = 14
 # -ffp-contract=off: no fused multiply-adds, so the build's float rounding decisions are the
 # PyTorch path's exactly.  -march=native is tried first (the library is built for this CPU).
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -98,7 +102,8 @@ def _compile(compiler: str, dest: Path) -> str | None:
     errors = []
     try:
         for extra in (["-march=native"], []):
-            cmd = [compiler, *_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"]
+            cmd = [compiler, *_FLAGS, f"-DDEEPCRF_KERNEL_ABI={_ABI}", *extra, str(_SOURCE)]
+            cmd += ["-o", tmp, "-lm"]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as exc:
@@ -153,7 +158,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler ({compiler!r} not found): using the PyTorch lattice"
-    source = _SOURCE.read_bytes()
+    source = b"".join(f.name.encode() + f.read_bytes() for f in sorted(_KERNEL_DIR.iterdir()))
     key = hashlib.sha256(source + repr((_FLAGS, compiler, _cpu_tag(), _ABI)).encode()).hexdigest()[
         :16
     ]
