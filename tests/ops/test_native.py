@@ -126,7 +126,8 @@ def test_native_lattice_through_pytorch_sparse_path():
     v = torch.randn(2, 500, 4, dtype=torch.float64)
     lat = PermutohedralLattice(f, backend="native")
     fast = lat.filter(v)
-    lat._kernel = None  # what the PyTorch path would do with these index arrays
+    lat._native = False  # what the PyTorch path would do with these index arrays
+    assert lat.backend == "torch"
     torch.testing.assert_close(lat.filter(v), fast, rtol=1e-12, atol=1e-12)
 
 
@@ -358,7 +359,7 @@ def test_env_switch_and_backend_argument(monkeypatch):
     with pytest.raises(ValueError, match="DEEPCRF_NATIVE must be auto, 0 or 1"):
         native.available()
     monkeypatch.delenv("DEEPCRF_NATIVE")
-    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'native'"):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'native'"):
         PermutohedralLattice(f, backend="cuda")
 
 
@@ -425,3 +426,36 @@ def test_label_matmul_equals_torch(n, c):
     assert not native.label_matmul(x, torch.randn(c, c + 1), out)
     wide = torch.randn(4, 49)
     assert not native.label_matmul(wide, torch.randn(49, 49), torch.empty(4, 49))
+
+
+@needs_kernel
+def test_argument_structs_match_the_kernel():
+    # The loader refuses a library whose argument structs differ from the ctypes mirrors
+    # (a field added on one side only would shift every later argument).
+    lib = native.library()
+    assert native._declare(lib) is None
+    wide = type("_Wide", (native._Terms,), {"_fields_": [("extra", native._I64)]})
+    saved = native._STRUCTS
+    try:
+        native._STRUCTS = (wide, *saved[1:])
+        assert "_Wide" in native._declare(lib)
+    finally:
+        native._STRUCTS = saved
+        native._declare(lib)
+
+
+@needs_kernel
+def test_every_kernel_call_goes_through_the_typed_wrappers():
+    # One module talks to the library: no other module names a kernel entry point.
+    import pathlib
+
+    src = pathlib.Path(native.__file__).resolve().parents[1]
+    names = [n for n in native._PROTOTYPES if not n.startswith("deepcrf_kernel")]
+    offenders = [
+        f"{path.relative_to(src)}: {name}"
+        for path in src.rglob("*.py")
+        if path.name != "native.py"
+        for name in names
+        if name in path.read_text()
+    ]
+    assert offenders == []

@@ -34,7 +34,6 @@ lattice keeps the images apart.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch
 
 from . import native, workspace
 from .filters import METHODS, Method, exact_gaussian_filter
-from .permutohedral import PermutohedralLattice, _kernel_terms, _native_sum
+from .permutohedral import PermutohedralLattice
 
 __all__ = [
     "KernelOp",
@@ -132,7 +131,11 @@ class KernelOp:
         if self.native and values.dtype in (torch.float32, torch.float64):
             assert self.lattice is not None
             fused = None if self.exclude_self else gram
-            res = self.lattice._native_filter(values, transpose, pre, post, out=out, gram=fused)
+            res = native.filter_terms(
+                [native.Term(self.lattice.native_arrays(values.dtype), _flat(pre, values.dtype),
+                             _flat(post, values.dtype))],
+                values.contiguous(), None, out, transpose=transpose, gram=fused,
+            )  # fmt: skip
             if self.exclude_self:  # post ⊙ (K − I)(pre ⊙ v)
                 x = values if pre is None else pre * values
                 res.sub_(x if post is None else post * x)
@@ -153,7 +156,7 @@ class KernelOp:
     ) -> torch.Tensor:
         x = values if pre is None else pre * values
         if self.lattice is not None:
-            y = self.lattice._apply(x.contiguous(), transpose)
+            y = self.lattice.apply(x.contiguous(), transpose)
         else:
             # the exact kernel is symmetric: K = Kᵀ
             c = x.shape[-1]
@@ -193,40 +196,19 @@ class KernelOp:
             out = plain if isinstance(plain, torch.Tensor) else None
             if plain is True:
                 out = workspace.empty(values.shape, values.dtype)
-            lib = lat._kernel
             vals, fts, con = (x.contiguous() for x in (values, feats.to(values.dtype), contract))
-            nthreads = min(native.threads(), 64)
-            nparts = nthreads if p >= 4096 * nthreads else 1
+            arrays = lat.native_arrays(values.dtype)
             # splat parts + one more blur buffer of (M + 1) rows of (D + 1)·⌈C/8⌉ 8-float
             # vectors, reused by the next call (every iteration of a backward makes two)
-            floats = (nparts + 1) * (lat.num_vertices + 1) * (nd + 1) * 8 * -(-c // 8) + 16
+            floats = native.moments_work_floats(arrays, p, c, nd)
             work = self._work if work is None else work
             if work is None or work.numel() < floats:
                 work = workspace.empty((floats,), torch.float32)
             self._work = work
-            err = lib.lattice_moments_f32(
-                p,
-                c,
-                nd,
-                lat.num_vertices,
-                lat.dim + 1,
-                lat._slice_idx[0].data_ptr(),
-                lat._native_weights_for(values.dtype).data_ptr(),
-                lat._blur_cols.data_ptr(),
-                lat.output_scale,
-                vals.data_ptr(),
-                fts.data_ptr(),
-                con.data_ptr(),
-                int(transpose),
-                int(self.exclude_self),
-                None if out is None else out.data_ptr(),
-                s.data_ptr(),
-                work.data_ptr(),
-                nparts,
-                nthreads,
-            )
-            if err:
-                raise RuntimeError(f"lattice_moments failed with code {err}")
+            native.moments(
+                native.Term(arrays), vals, fts, con, out, s, work,
+                transpose=transpose, exclude_self=self.exclude_self,
+            )  # fmt: skip
             return out, s
         blocks = [values, *[feats[:, d : d + 1] * values for d in range(feats.shape[1])]]
         ys = _filter_blocks(self, blocks, transpose)
@@ -434,38 +416,24 @@ def _fused(
     ``lanes`` (M, L) float32 multiplies term m's coefficient per label; ``group`` > 0 splits
     the L labels into blocks of ``group``, each normalised on its own (see :func:`sweep`).
     """
-    lattices = [t.op.lattice for t in terms]
-    assert all(lat is not None for lat in lattices)
-    lib = lattices[0]._kernel  # type: ignore[union-attr]
-    p, c = base.shape
-    pres = [_flat(t.pre, base.dtype) for t in terms]
-    posts = [_flat(t.post, base.dtype) for t in terms]
+    kernel_terms = [_kernel_term(t, coef, base.dtype) for t, coef in zip(terms, coefs, strict=True)]
     out = workspace.empty(base.shape, base.dtype)
     kept = {t: workspace.empty(base.shape, base.dtype) for t in keep}
-    hist_ptrs = None
-    if kept:
-        # iterations not kept are written to `out`, which only the last pass writes for real
-        ptrs = [(kept[t] if t in kept else out).data_ptr() for t in range(iters)]
-        hist_ptrs = (ctypes.c_void_p * iters)(*ptrs)
-    err = lib.lattice_meanfield_f32(
-        p,
-        c,
-        len(terms),
-        *_kernel_terms(lattices, pres, posts, coefs, base.dtype),  # type: ignore[arg-type]
-        None if lanes is None else lanes.data_ptr(),
-        int(group),
-        base.data_ptr(),
-        out.data_ptr(),
-        hist_ptrs,
-        int(log),
-        iters,
-        native.threads(),
+    # iterations not kept are written to `out`, which only the last pass writes for real
+    history = [kept.get(t, out) for t in range(iters)] if kept else None
+    native.meanfield(
+        kernel_terms, base, out, history, iters=iters, log=log, lanes=lanes, group=group
     )
-    if err == -1:
-        raise MemoryError("the lattice kernel could not allocate its vertex buffers")
-    if err:
-        raise RuntimeError(f"lattice_meanfield failed with code {err}")
     return out, kept
+
+
+def _kernel_term(term: PairwiseTerm, coef: float, dtype: torch.dtype) -> native.Term:
+    """A term on the compiled kernel: its lattice's arrays, per-point factors, coefficient."""
+    lattice = term.op.lattice
+    assert lattice is not None
+    return native.Term(
+        lattice.native_arrays(dtype), _flat(term.pre, dtype), _flat(term.post, dtype), coef
+    )
 
 
 def step(
@@ -493,16 +461,8 @@ def step(
         and q.dtype in (torch.float32, torch.float64)
     ]
     if fused:
-        z = _native_sum(
-            [terms[i].op.lattice for i in fused],  # type: ignore[misc]
-            [_flat(terms[i].pre, q.dtype) for i in fused],
-            [_flat(terms[i].post, q.dtype) for i in fused],
-            [float(coefs[i]) for i in fused],
-            q,
-            base,
-            None,
-            softmax=False,
-            transpose=False,
+        z = native.filter_terms(
+            [_kernel_term(terms[i], float(coefs[i]), q.dtype) for i in fused], q, base, None
         )
     else:
         z = base.clone()

@@ -31,15 +31,28 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from deepcrf.ops import workspace
+
 __all__ = [
+    "LatticeArrays",
+    "Term",
     "available",
+    "build_lattice",
     "cache_dir",
+    "filter_terms",
+    "finish_lattice",
+    "free_lattice",
     "library",
+    "meanfield",
+    "moments",
+    "moments_work_floats",
     "release_workspace",
     "softmax_backward",
     "softmax_rows",
@@ -118,42 +131,6 @@ def _compile(compiler: str, dest: Path) -> str | None:
             os.unlink(tmp)
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    for suf in ("f32", "f64"):
-        build = getattr(lib, f"lattice_build_{suf}")
-        build.restype = p
-        build.argtypes = [p, i64, i64, i32, p, f64, f64, p, p, ctypes.POINTER(i64), i32]
-        soft = getattr(lib, f"softmax_rows_{suf}")
-        soft.restype = None
-        soft.argtypes = [i64, i64, p, p, i32]
-        fsum = getattr(lib, f"lattice_filter_sum_{suf}")
-        fsum.restype = i32
-        fsum.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p]
-        fsum.argtypes += [i32, i32, i32, i32]
-    lib.lattice_finish.restype = i32
-    lib.lattice_finish.argtypes = [p, i64, i64, i64, p, i32]
-    mf = lib.lattice_meanfield_f32
-    mf.restype = i32
-    mf.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, i64, p, p, p, i32, i32, i32]
-    filt = lib.lattice_filter_f32
-    filt.restype = i32
-    filt.argtypes = [i64, i64, i32, p, p, p, p, p, p, p, p, p, p, p, i32, p, p, i32]
-    lm = lib.label_matmul_f32
-    lm.restype = i32
-    lm.argtypes = [i64, i64, p, p, p, i32, i32]
-    smb = lib.softmax_backward_f32
-    smb.restype = None
-    smb.argtypes = [i64, i64, p, p, p, p, i32]
-    mom = lib.lattice_moments_f32
-    mom.restype = i32
-    mom.argtypes = [i64, i64, i32, i64, i32, p, p, p, f64, p, p, p, i32, i32, p, p, p, i32, i32]
-    lib.lattice_release_workspace.restype = i64
-    lib.lattice_release_workspace.argtypes = []
-    lib.lattice_free.restype = None
-    lib.lattice_free.argtypes = [p]
-
-
 def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
@@ -171,7 +148,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(dest))
         if lib.deepcrf_kernel_abi() != _ABI:
             return None, f"{dest} has another calling convention"
-        _declare(lib)
+        mismatch = _declare(lib)
+        if mismatch is not None:
+            return None, f"{dest}: {mismatch}"
     except OSError as exc:  # unwritable cache, unloadable library
         return None, f"cannot build or load the lattice kernel ({exc}): using the PyTorch lattice"
     return lib, f"compiled kernel {dest}"
@@ -265,6 +244,422 @@ def kernel_threads(n: int) -> Iterator[None]:
         yield
     finally:
         _serial.threads = before
+
+
+# ------------------------------------------------------------------------- calling convention
+# Mirrors of the argument structs of kernel/common.h, field for field (order and types).
+_P, _I64, _I32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
+
+
+class _Terms(ctypes.Structure):
+    _fields_ = [
+        ("count", _I32),
+        ("vertices", _P),
+        ("dp1", _P),
+        ("slice_vertex", _P),
+        ("slice_weight", _P),
+        ("blur", _P),
+        ("pre", _P),
+        ("post", _P),
+        ("coef", _P),
+    ]
+
+
+class _BuildArgs(ctypes.Structure):
+    _fields_ = [
+        ("features", _P),
+        ("n", _I64),
+        ("n_real", _I64),
+        ("scale", _P),
+        ("feature_scale", _F64),
+        ("inv_dp1", _F64),
+        ("entry_weight", _P),
+        ("entry_vertex", _P),
+        ("vertices_out", _P),
+        ("d", _I32),
+        ("nthreads", _I32),
+    ]
+
+
+class _FilterSumArgs(ctypes.Structure):
+    _fields_ = [
+        ("n", _I64),
+        ("c", _I64),
+        ("values", _P),
+        ("base", _P),
+        ("out", _P),
+        ("buf_a", _P),
+        ("buf_b", _P),
+        ("scratch", _P),
+        ("nparts", _I32),
+        ("softmax", _I32),
+        ("transpose", _I32),
+        ("nthreads", _I32),
+    ]
+
+
+class _FilterArgs(ctypes.Structure):
+    _fields_ = [
+        ("n", _I64),
+        ("c", _I64),
+        ("values", _P),
+        ("base", _P),
+        ("out", _P),
+        ("gram_left", _P),
+        ("gram", _P),
+        ("transpose", _I32),
+        ("nthreads", _I32),
+    ]
+
+
+class _MeanFieldArgs(ctypes.Structure):
+    _fields_ = [
+        ("n", _I64),
+        ("c", _I64),
+        ("group", _I64),
+        ("coefv", _P),
+        ("base", _P),
+        ("q", _P),
+        ("hist", _P),
+        ("log_out", _I32),
+        ("iters", _I32),
+        ("nthreads", _I32),
+    ]
+
+
+class _MomentsArgs(ctypes.Structure):
+    _fields_ = [
+        ("n", _I64),
+        ("c", _I64),
+        ("values", _P),
+        ("feats", _P),
+        ("contract", _P),
+        ("plain", _P),
+        ("s", _P),
+        ("work", _P),
+        ("nd", _I32),
+        ("transpose", _I32),
+        ("exclude_self", _I32),
+        ("nparts", _I32),
+        ("nthreads", _I32),
+    ]
+
+
+def _ptr(struct: type[ctypes.Structure]) -> Any:
+    return ctypes.POINTER(struct)
+
+
+# Every entry point: name -> (return type, argument types).  The only declarations of the
+# kernel's functions; _declare applies them and the wrappers below are the only callers.
+_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
+    "deepcrf_kernel_abi": (_I32, []),
+    "deepcrf_kernel_struct_sizes": (None, [_P]),
+    "lattice_build_f32": (_P, [_ptr(_BuildArgs)]),
+    "lattice_build_f64": (_P, [_ptr(_BuildArgs)]),
+    "lattice_finish": (_I32, [_P, _I64, _I64, _I64, _P, _I32]),
+    "lattice_free": (None, [_P]),
+    "lattice_filter_sum_f32": (_I32, [_ptr(_Terms), _ptr(_FilterSumArgs)]),
+    "lattice_filter_sum_f64": (_I32, [_ptr(_Terms), _ptr(_FilterSumArgs)]),
+    "lattice_filter_f32": (_I32, [_ptr(_Terms), _ptr(_FilterArgs)]),
+    "lattice_meanfield_f32": (_I32, [_ptr(_Terms), _ptr(_MeanFieldArgs)]),
+    "lattice_moments_f32": (_I32, [_ptr(_Terms), _ptr(_MomentsArgs)]),
+    "lattice_release_workspace": (_I64, []),
+    "softmax_rows_f32": (None, [_I64, _I64, _P, _P, _I32]),
+    "softmax_rows_f64": (None, [_I64, _I64, _P, _P, _I32]),
+    "softmax_backward_f32": (None, [_I64, _I64, _P, _P, _P, _P, _I32]),
+    "label_matmul_f32": (_I32, [_I64, _I64, _P, _P, _P, _I32, _I32]),
+}
+
+
+# The struct mirrors in the order deepcrf_kernel_struct_sizes reports the C sizes.
+_STRUCTS = (_Terms, _BuildArgs, _FilterSumArgs, _FilterArgs, _MeanFieldArgs, _MomentsArgs)
+
+
+def _declare(lib: ctypes.CDLL) -> str | None:
+    """Apply the prototypes; returns why the library does not match them, or None."""
+    for name, (restype, argtypes) in _PROTOTYPES.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    sizes = (ctypes.c_int64 * len(_STRUCTS))()
+    lib.deepcrf_kernel_struct_sizes(ctypes.cast(sizes, _P))
+    wrong = [
+        f"{s.__name__} {ctypes.sizeof(s)} vs {size} bytes"
+        for s, size in zip(_STRUCTS, sizes, strict=True)
+        if ctypes.sizeof(s) != size
+    ]
+    return f"argument structs differ from the kernel's: {', '.join(wrong)}" if wrong else None
+
+
+# ------------------------------------------------------------------------- typed entry points
+# The compiled kernel splats pixel-major into one vertex buffer per thread, at most this many
+# (each is a (vertices × channels) array).
+_SPLAT_PARTS = 4
+# float32 rows up to this many channels go through the vectorised mean-field passes.
+_VECTOR_ROWS = 48
+
+
+@dataclass(frozen=True)
+class LatticeArrays:
+    """One built lattice as the kernel reads it (``PermutohedralLattice.native_arrays``).
+
+    Shape:
+        slice_vertices: (P·(d+1),) int32, the vertex of every slice entry (P points)
+        slice_weights:  (P·(d+1),) float32 or float64, their barycentric weights
+        blur:           (d+1, 3·M) int32, per direction (self, n1, n2) of every vertex
+    """
+
+    num_vertices: int
+    dp1: int
+    slice_vertices: torch.Tensor
+    slice_weights: torch.Tensor
+    blur: torch.Tensor
+    output_scale: float
+    buffers: dict[torch.dtype, torch.Tensor]  # filter_terms' vertex buffers, kept between calls
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term ``coef · post ⊙ K(pre ⊙ values)`` of a sum of lattice filters.
+
+    ``pre``/``post`` are (P,) contiguous tensors of the values' dtype, or None (ones).
+    """
+
+    lattice: LatticeArrays
+    pre: torch.Tensor | None = None
+    post: torch.Tensor | None = None
+    coef: float = 1.0
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the compiled lattice kernel is not in use: {status()}")
+    return lib
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _terms(terms: Sequence[Term]) -> tuple[_Terms, list[Any]]:
+    """The struct of a call's terms, and the ctypes arrays it points at (keep them alive)."""
+    k = len(terms)
+    if not 1 <= k <= 16:
+        raise ValueError(f"the kernel takes 1 to 16 lattice terms; got {k}")
+    ptrs = ctypes.c_void_p * k
+    keep = [
+        (ctypes.c_int64 * k)(*[t.lattice.num_vertices for t in terms]),
+        (ctypes.c_int * k)(*[t.lattice.dp1 for t in terms]),
+        ptrs(*[t.lattice.slice_vertices.data_ptr() for t in terms]),
+        ptrs(*[t.lattice.slice_weights.data_ptr() for t in terms]),
+        ptrs(*[t.lattice.blur.data_ptr() for t in terms]),
+        ptrs(*[_addr(t.pre) for t in terms]),
+        ptrs(*[_addr(t.post) for t in terms]),
+        (ctypes.c_double * k)(*[t.coef * t.lattice.output_scale for t in terms]),
+    ]
+    struct = _Terms(k, *[ctypes.cast(a, _P) for a in keep])
+    return struct, keep
+
+
+def build_lattice(
+    features: torch.Tensor,
+    n_real: int,
+    scale: Sequence[float],
+    feature_scale: float,
+    inv_dp1: float,
+    weights: torch.Tensor,
+    vertices: torch.Tensor,
+) -> tuple[int, int]:
+    """Hash one item's points into a lattice; returns (handle, vertex count M).
+
+    Writes the barycentric ``weights`` and item-local ``vertices`` of the first ``n_real``
+    points; the handle goes to :func:`finish_lattice`, then :func:`free_lattice`.
+
+    Shape:
+        features: (N, d) contiguous float32/float64 (N >= n_real: padding points last)
+        weights, vertices: (n_real·(d+1),) of features' dtype / int32
+    """
+    n, d = features.shape
+    m = ctypes.c_int64(0)
+    args = _BuildArgs(
+        features.data_ptr(), n, n_real, ctypes.cast((ctypes.c_double * d)(*scale), _P),
+        feature_scale, inv_dp1, weights.data_ptr(), vertices.data_ptr(),
+        ctypes.cast(ctypes.pointer(m), _P), d, threads(),
+    )  # fmt: skip
+    suffix = "f32" if features.dtype == torch.float32 else "f64"
+    handle = getattr(_lib(), f"lattice_build_{suffix}")(ctypes.byref(args))
+    if not handle:
+        raise MemoryError("the lattice kernel could not allocate its hash table")
+    return int(handle), int(m.value)
+
+
+def finish_lattice(handle: int, offset: int, total: int, blur: torch.Tensor) -> None:
+    """Write one item's blur neighbours into ``blur`` (d+1, 3·total), its vertices from ``offset``.
+
+    Missing neighbours point at row ``total`` (the zero row).
+    """
+    err = _lib().lattice_finish(handle, offset, total, total, blur.data_ptr(), threads())
+    if err:
+        raise ValueError(f"the lattice kernel takes d <= 64 features; got d = {blur.shape[0] - 1}")
+
+
+def free_lattice(handle: int) -> None:
+    """Free a build handle (its hash table)."""
+    _lib().lattice_free(handle)
+
+
+def filter_terms(
+    terms: Sequence[Term],
+    values: torch.Tensor,
+    base: torch.Tensor | None,
+    out: torch.Tensor | None,
+    *,
+    softmax: bool = False,
+    transpose: bool = False,
+    gram: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``base + Σ_t coef_t · post_t ⊙ K_t(pre_t ⊙ values)`` (K_tᵀ with ``transpose``).
+
+    Row softmax of the result with ``softmax``; with ``gram = (left (P, C) float32, acc (C, C)
+    float64)``, ``acc += leftᵀ · result``.  ``out`` may be ``base``, not ``values``.
+
+    Shape:
+        values, base, out, return: (P, C) contiguous, one dtype (float32 or float64), CPU
+    """
+    dtype = values.dtype
+    if out is None:
+        out = workspace.empty(values.shape, dtype)
+    n, c = values.shape
+    struct, keep = _terms(terms)
+    lib = _lib()
+    if dtype == torch.float32 and c <= _VECTOR_ROWS and not softmax:
+        # The mean-field kernel's passes as a plain filter: rows as whole vectors, per-thread
+        # splat buffers summed inside the first blur (2-2.5x faster than the passes below).
+        # With `gram` the product is accumulated in the slice pass (no second pass).
+        left = None if gram is None else gram[0].contiguous()
+        if gram is not None and (gram[1].dtype != torch.float64 or not gram[1].is_contiguous()):
+            raise ValueError("gram's accumulator must be a contiguous float64 (C, C) tensor")
+        args = _FilterArgs(
+            n, c, values.data_ptr(), _addr(base), out.data_ptr(), _addr(left),
+            None if gram is None else gram[1].data_ptr(), int(transpose), threads(),
+        )  # fmt: skip
+        err = lib.lattice_filter_f32(ctypes.byref(struct), ctypes.byref(args))
+        if err == -1:
+            raise MemoryError("the lattice kernel could not allocate its vertex buffers")
+        if err:
+            raise RuntimeError(f"lattice_filter failed with code {err}")
+        return out
+    nthreads = threads()
+    nparts = min(nthreads, _SPLAT_PARTS) if n >= 4096 * nthreads else 1
+    a_ptrs, b_ptrs, s_ptrs = [], [], []
+    for term in terms:
+        # Vertex buffers are kept between calls: fresh multi-MB allocations cost page faults
+        # comparable to the arithmetic (mean-field filters the same shapes every iteration).
+        size = (term.lattice.num_vertices + 1) * c
+        bufs = term.lattice.buffers.get(dtype)
+        if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
+            bufs = torch.empty((nparts + 1) * size + 1, dtype=dtype)
+            term.lattice.buffers[dtype] = bufs
+        a_ptrs.append(bufs.data_ptr())
+        b_ptrs.append(bufs[size:].data_ptr())
+        s_ptrs.append(bufs[2 * size :].data_ptr())
+    arrays = [(ctypes.c_void_p * len(terms))(*p) for p in (a_ptrs, b_ptrs, s_ptrs)]
+    args = _FilterSumArgs(
+        n, c, values.data_ptr(), _addr(base), out.data_ptr(),
+        *[ctypes.cast(a, _P) for a in arrays], nparts, int(softmax), int(transpose), nthreads,
+    )  # fmt: skip
+    suffix = "f32" if dtype == torch.float32 else "f64"
+    err = getattr(lib, f"lattice_filter_sum_{suffix}")(ctypes.byref(struct), ctypes.byref(args))
+    del keep, arrays
+    if err:
+        raise RuntimeError(f"lattice_filter_sum failed with code {err}")
+    if gram is not None:
+        gram[1].add_((gram[0].transpose(0, 1) @ out).double())
+    return out
+
+
+def meanfield(
+    terms: Sequence[Term],
+    base: torch.Tensor,
+    out: torch.Tensor,
+    history: Sequence[torch.Tensor] | None,
+    *,
+    iters: int,
+    log: bool,
+    lanes: torch.Tensor | None = None,
+    group: int = 0,
+) -> None:
+    """The fused mean-field loop: ``out`` = (log) Q_iters; ``history[t]`` = Q_t when given.
+
+    Q_{k+1} = softmax(base + Σ_t coef_t post_t ⊙ K_t(pre_t ⊙ Q_k)); ``lanes`` (T, C) float32
+    multiplies term t's coefficient per label; ``group`` > 0 normalises blocks of ``group``
+    labels apart (docs/meanfield.md).
+
+    Shape:
+        base, out, history[t]: (P, C) contiguous float32, C <= 48
+    """
+    struct, keep = _terms(terms)
+    hist = None
+    if history is not None:
+        hist = (ctypes.c_void_p * iters)(*[h.data_ptr() for h in history])
+    n, c = base.shape
+    args = _MeanFieldArgs(
+        n, c, int(group), _addr(lanes), base.data_ptr(), out.data_ptr(),
+        None if hist is None else ctypes.cast(hist, _P), int(log), int(iters), threads(),
+    )  # fmt: skip
+    err = _lib().lattice_meanfield_f32(ctypes.byref(struct), ctypes.byref(args))
+    del keep, hist
+    if err == -1:
+        raise MemoryError("the lattice kernel could not allocate its vertex buffers")
+    if err:
+        raise RuntimeError(f"lattice_meanfield failed with code {err}")
+
+
+def moments_work_floats(lattice: LatticeArrays, points: int, channels: int, nd: int) -> int:
+    """float32s of work :func:`moments` needs: splat parts and a blur buffer of vertex rows."""
+    return (_moment_parts(points) + 1) * (lattice.num_vertices + 1) * (nd + 1) * 8 * -(
+        -channels // 8
+    ) + 16
+
+
+def _moment_parts(points: int) -> int:
+    nthreads = min(threads(), 64)
+    return nthreads if points >= 4096 * nthreads else 1
+
+
+def moments(
+    term: Term,
+    values: torch.Tensor,
+    feats: torch.Tensor,
+    contract: torch.Tensor,
+    plain: torch.Tensor | None,
+    s: torch.Tensor,
+    work: torch.Tensor,
+    *,
+    transpose: bool,
+    exclude_self: bool,
+) -> None:
+    """The contracted feature moments of one lattice's filter (the bandwidth gradient).
+
+    s[:, 0] = Σ_l contract ⊙ K v, s[:, d] = Σ_l contract ⊙ K(f_d ⊙ v) (Kᵀ with ``transpose``,
+    K − I with ``exclude_self``); ``plain`` receives K v when given.
+
+    Shape:
+        values, contract, plain: (P, C); feats: (P, D); s: (P, D + 1); all float32
+        work: (moments_work_floats(...),) float32
+    """
+    struct, keep = _terms([term])
+    p, c = values.shape
+    args = _MomentsArgs(
+        p, c, values.data_ptr(), feats.data_ptr(), contract.data_ptr(), _addr(plain),
+        s.data_ptr(), work.data_ptr(), feats.shape[1], int(transpose), int(exclude_self),
+        _moment_parts(p), min(threads(), 64),
+    )  # fmt: skip
+    err = _lib().lattice_moments_f32(ctypes.byref(struct), ctypes.byref(args))
+    del keep
+    if err:
+        raise RuntimeError(f"lattice_moments failed with code {err}")
 
 
 def softmax_backward(

@@ -30,7 +30,6 @@ blur weights) follows Krähenbühl's densecrf implementation bit for bit in floa
 
 from __future__ import annotations
 
-import ctypes
 import math
 import warnings
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepcrf._checks import check_tensor
+from deepcrf._checks import check_choice, check_tensor
 from deepcrf.ops import native, workspace
 
 __all__ = [
@@ -61,13 +60,6 @@ __all__ = [
 # above 5 use the d = 5 entry (the lattice's own error grows quickly with d there).
 NATIVE_FEATURE_SCALE: dict[int, float] = {1: 1.06, 2: 1.05, 3: 1.08, 4: 1.04, 5: 1.00}
 NATIVE_OUTPUT_SCALE: dict[int, float] = {1: 0.7639, 2: 0.9926, 3: 1.3323, 4: 1.443, 5: 1.8126}
-
-
-# The compiled kernel splats pixel-major into one vertex buffer per thread, at most this many
-# (each is a (vertices × channels) array).
-_SPLAT_PARTS = 4
-# float32 rows up to this many channels go through the vectorised mean-field passes.
-_VECTOR_ROWS = 48
 
 
 def pydensecrf_output_scale(d: int) -> float:
@@ -241,39 +233,35 @@ class PermutohedralLattice:
         else:
             feature_scale, self.output_scale = _native_scales(d)
         _check_precision(features, feature_scale)
-        self._kernel = self._pick_kernel(features, feature_scale, backend)
+        self._native = self._use_native(features, feature_scale, backend)
         with torch.no_grad():
-            if self._kernel is None:
-                self._build(features.detach(), feature_scale)
-            else:
+            if self._native:
                 self._build_native(features.detach(), feature_scale)
+            else:
+                self._build(features.detach(), feature_scale)
         self._cache: dict[torch.dtype, tuple[Any, ...]] = {}
-        self._native_weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._native_buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._arrays: dict[torch.dtype, native.LatticeArrays] = {}
+        self._vertex_buffers: dict[torch.dtype, torch.Tensor] = {}
 
     @property
     def backend(self) -> str:
         """``"native"`` (compiled CPU kernel) or ``"torch"``: the implementation in use."""
-        return "torch" if self._kernel is None else "native"
+        return "native" if self._native else "torch"
 
-    def _pick_kernel(
-        self, features: torch.Tensor, feature_scale: float, backend: str
-    ) -> ctypes.CDLL | None:
-        if backend not in ("auto", "torch", "native"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'native'; got {backend!r}")
+    def _use_native(self, features: torch.Tensor, feature_scale: float, backend: str) -> bool:
+        check_choice(backend, "backend", ("auto", "torch", "native"))
         if backend == "torch":
-            return None
+            return False
         if features.device.type != "cpu":
             if backend == "native":
                 raise ValueError(
                     f"backend='native' is the CPU kernel; features are on {features.device}"
                 )
-            return None
-        lib = native.library()
-        if lib is None:
+            return False
+        if native.library() is None:
             if backend == "native":
                 raise RuntimeError(f"backend='native' unavailable: {native.status()}")
-            return None
+            return False
         batch, n, d = features.shape
         # The kernel keeps lattice coordinates in int32 and indices in int32.
         # numpy, not torch: see deepcrf._checks._all_finite
@@ -287,8 +275,8 @@ class PermutohedralLattice:
                     f"features of magnitude {reach:.3g}, {batch}×{n} points × {d + 1} or "
                     f"d = {d} is out of range"
                 )
-            return None
-        return lib
+            return False
+        return True
 
     # ------------------------------------------------------------------ construction
     def _build(self, features: torch.Tensor, feature_scale: float) -> None:
@@ -443,12 +431,8 @@ class PermutohedralLattice:
 
     def _build_native(self, features: torch.Tensor, feature_scale: float) -> None:
         """The same index arrays as :meth:`_build`, from the compiled kernel's hash table."""
-        lib = self._kernel
-        assert lib is not None
         batch, n, d = features.shape
         dp1 = d + 1
-        dtype = features.dtype
-        suf = "f32" if dtype == torch.float32 else "f64"
         pad = (-n) % 4 if self.pydensecrf_compatible else 0
         f = features.contiguous()
         if pad:  # densecrf's zero padding points (see _build); numpy: single-threaded copy
@@ -456,46 +440,28 @@ class PermutohedralLattice:
                 np.concatenate([f.numpy(), np.zeros((batch, pad, d), f.numpy().dtype)], axis=1)
             )
         scale, inv_dp1 = _elevation_scales(d)
-        scale_arr = (ctypes.c_double * d)(*scale)
-        weights = workspace.empty((batch, n * dp1), dtype)
+        weights = workspace.empty((batch, n * dp1), features.dtype)
         # the slice columns: item-local vertex ids from the build, made global by finish
         slice_col = workspace.empty((batch, n * dp1), torch.int32)
         handles: list[int] = []
         sizes: list[int] = []
         try:
             for b in range(batch):
-                m = ctypes.c_int64(0)
-                handle = getattr(lib, f"lattice_build_{suf}")(
-                    f[b].data_ptr(),
-                    n + pad,
-                    n,
-                    d,
-                    scale_arr,
-                    feature_scale,
-                    inv_dp1,
-                    weights[b].data_ptr(),
-                    slice_col[b].data_ptr(),
-                    ctypes.byref(m),
-                    native.threads(),
+                handle, m_b = native.build_lattice(
+                    f[b], n, scale, feature_scale, inv_dp1, weights[b], slice_col[b]
                 )
-                if not handle:
-                    raise MemoryError("the lattice kernel could not allocate its hash table")
                 handles.append(handle)
-                sizes.append(int(m.value))
+                sizes.append(m_b)
             del f
             m_total = sum(sizes)
             blur = workspace.empty((dp1, 3 * m_total), torch.int32)
             offset = 0
             for handle, m_b in zip(handles, sizes, strict=True):
-                err = lib.lattice_finish(
-                    handle, offset, m_total, m_total, blur.data_ptr(), native.threads()
-                )
-                if err:
-                    raise ValueError(f"the lattice kernel takes d <= 64 features; got d = {d}")
+                native.finish_lattice(handle, offset, m_total, blur)
                 offset += m_b
         finally:
             for handle in handles:
-                lib.lattice_free(handle)
+                native.free_lattice(handle)
         # numpy: single-threaded (see deepcrf._checks._all_finite)
         blur_crow = torch.from_numpy(
             np.append(np.arange(0, 3 * m_total + 1, 3, dtype=np.int32), np.int32(3 * m_total))
@@ -508,13 +474,26 @@ class PermutohedralLattice:
         self.num_vertices = m_total
         self.pad = pad
 
-    def _native_weights_for(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (P·(d+1),) barycentric weights in ``dtype``, converted once."""
-        weights = self._native_weights.get(dtype)
-        if weights is None:
-            weights = self._slice_idx[1].to(dtype)
-            self._native_weights[dtype] = weights
-        return weights
+    def native_arrays(self, dtype: torch.dtype) -> native.LatticeArrays:
+        """This lattice as the compiled kernel reads it, weights in ``dtype`` (built once).
+
+        Only for a lattice built by the kernel (:attr:`backend` ``"native"``).
+        """
+        if not self._native:
+            raise ValueError("native_arrays needs a lattice built by the compiled kernel")
+        arrays = self._arrays.get(dtype)
+        if arrays is None:
+            arrays = native.LatticeArrays(
+                num_vertices=self.num_vertices,
+                dp1=self.dim + 1,
+                slice_vertices=self._slice_idx[0],
+                slice_weights=self._slice_idx[1].to(dtype),
+                blur=self._blur_cols,
+                output_scale=self.output_scale,
+                buffers=self._vertex_buffers,
+            )
+            self._arrays[dtype] = arrays
+        return arrays
 
     @property
     def _splat_idx(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -538,39 +517,6 @@ class PermutohedralLattice:
             )
         return self._splat_csr
 
-    def _native_filter(
-        self,
-        values: torch.Tensor,
-        transpose: bool = False,
-        pre: torch.Tensor | None = None,
-        post: torch.Tensor | None = None,
-        base: torch.Tensor | None = None,
-        alpha: float = 1.0,
-        out: torch.Tensor | None = None,
-        gram: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Compute ``base + alpha · post ⊙ filter(pre ⊙ values)`` with the compiled kernel.
-
-        Values, base and out are (P, C) arrays.
-
-        ``pre``/``post`` are (P,) or (P, 1) per-point factors; ``out`` may be ``base``.
-        """
-        factors = [
-            None if t is None else t.to(values.dtype).reshape(-1).contiguous() for t in (pre, post)
-        ]
-        return _native_sum(
-            [self],
-            [factors[0]],
-            [factors[1]],
-            [alpha],
-            values.contiguous(),
-            None if base is None else base.contiguous(),
-            out,
-            softmax=False,
-            transpose=transpose,
-            gram=gram,
-        )
-
     # ------------------------------------------------------------------ matrices
     def _matrices(self, dtype: torch.dtype) -> tuple[Any, ...]:
         cached = self._cache.get(dtype)
@@ -593,10 +539,15 @@ class PermutohedralLattice:
         self._cache[dtype] = out
         return out
 
-    def _apply(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """Non-differentiable filtering of (B·N, C) values."""
-        if self._kernel is not None and values.dtype in (torch.float32, torch.float64):
-            return self._native_filter(values, transpose)
+    def apply(self, values: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Filter (B·N, C) values without autograd (:meth:`filter` is the differentiable one).
+
+        The compiled kernel for float32/float64 when it built this lattice, else PyTorch's
+        sparse products; the result has the dtype of ``values``.
+        """
+        if self._native and values.dtype in (torch.float32, torch.float64):
+            term = native.Term(self.native_arrays(values.dtype))
+            return native.filter_terms([term], values.contiguous(), None, None, transpose=transpose)
         splat, blur, slice_ = self._matrices(values.dtype)
         x = splat @ values
         for b in reversed(blur) if transpose else blur:
@@ -626,124 +577,6 @@ class PermutohedralLattice:
         )
 
 
-def _kernel_terms(
-    lattices: list[PermutohedralLattice],
-    pres: list[torch.Tensor | None],
-    posts: list[torch.Tensor | None],
-    coefs: list[float],
-    dtype: torch.dtype,
-) -> tuple[Any, ...]:
-    """The per-term arrays the kernel's multi-lattice entries take, as ctypes arguments.
-
-    (m, dp1, slice vertices, slice weights, blur columns, pre, post, coef · output scale);
-    pre/post are (P,) tensors of ``dtype`` or None.
-    """
-    k = len(lattices)
-    ptrs = ctypes.c_void_p * k
-    weights = [lat._native_weights_for(dtype) for lat in lattices]
-    return (
-        (ctypes.c_int64 * k)(*[lat.num_vertices for lat in lattices]),
-        (ctypes.c_int * k)(*[lat.dim + 1 for lat in lattices]),
-        ptrs(*[lat._slice_idx[0].data_ptr() for lat in lattices]),
-        ptrs(*[w.data_ptr() for w in weights]),
-        ptrs(*[lat._blur_cols.data_ptr() for lat in lattices]),
-        ptrs(*[None if t is None else t.data_ptr() for t in pres]),
-        ptrs(*[None if t is None else t.data_ptr() for t in posts]),
-        (ctypes.c_double * k)(
-            *[coef * lat.output_scale for coef, lat in zip(coefs, lattices, strict=True)]
-        ),
-    )
-
-
-def _native_sum(
-    lattices: list[PermutohedralLattice],
-    pres: list[torch.Tensor | None],
-    posts: list[torch.Tensor | None],
-    coefs: list[float],
-    values: torch.Tensor,
-    base: torch.Tensor | None,
-    out: torch.Tensor | None,
-    *,
-    softmax: bool,
-    transpose: bool,
-    gram: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``base + Σ_t coef_t · post_t ⊙ K_t(pre_t ⊙ values)`` with the compiled kernel.
-
-    All arrays contiguous, of the values' dtype, on the CPU; pre/post (P,) or None.
-    """
-    dtype = values.dtype
-    if out is None:
-        out = workspace.empty(values.shape, dtype)
-    lib = lattices[0]._kernel
-    assert lib is not None
-    suf = "f32" if dtype == torch.float32 else "f64"
-    n, c = values.shape
-    if dtype == torch.float32 and c <= _VECTOR_ROWS and not softmax:
-        # The mean-field kernel's passes as a plain filter: rows as whole vectors, per-thread
-        # splat buffers summed inside the first blur (2-2.5x faster than the passes below).
-        # With `gram` = (left (P, C) float32, acc (C, C) float64): acc += leftᵀ out in the
-        # slice pass (no second pass over the two arrays).
-        left = None if gram is None else gram[0].contiguous()
-        if gram is not None:
-            assert gram[1].dtype == torch.float64 and gram[1].is_contiguous()
-        err = lib.lattice_filter_f32(
-            n,
-            c,
-            len(lattices),
-            *_kernel_terms(lattices, pres, posts, coefs, dtype),
-            values.data_ptr(),
-            None if base is None else base.data_ptr(),
-            out.data_ptr(),
-            int(transpose),
-            None if left is None else left.data_ptr(),
-            None if gram is None else gram[1].data_ptr(),
-            native.threads(),
-        )
-        if err == -1:
-            raise MemoryError("the lattice kernel could not allocate its vertex buffers")
-        if err:
-            raise RuntimeError(f"lattice_filter failed with code {err}")
-        return out
-    nthreads = native.threads()
-    nparts = min(nthreads, _SPLAT_PARTS) if n >= 4096 * nthreads else 1
-    k = len(lattices)
-    ptrs = ctypes.c_void_p * k
-    a_ptrs, b_ptrs, s_ptrs = [], [], []
-    for lat in lattices:
-        # Vertex buffers are kept between calls: fresh multi-MB allocations cost page faults
-        # comparable to the arithmetic (mean-field filters the same shapes every iteration).
-        size = (lat.num_vertices + 1) * c
-        bufs = lat._native_buffers.get(dtype)
-        if bufs is None or bufs.numel() < (nparts + 1) * size + 1:
-            bufs = torch.empty((nparts + 1) * size + 1, dtype=dtype)
-            lat._native_buffers[dtype] = bufs
-        a_ptrs.append(bufs.data_ptr())
-        b_ptrs.append(bufs[size:].data_ptr())
-        s_ptrs.append(bufs[2 * size :].data_ptr())
-    err = getattr(lib, f"lattice_filter_sum_{suf}")(
-        n,
-        c,
-        k,
-        *_kernel_terms(lattices, pres, posts, coefs, dtype),
-        values.data_ptr(),
-        None if base is None else base.data_ptr(),
-        out.data_ptr(),
-        ptrs(*a_ptrs),
-        ptrs(*b_ptrs),
-        ptrs(*s_ptrs),
-        nparts,
-        int(softmax),
-        int(transpose),
-        nthreads,
-    )
-    if err:
-        raise RuntimeError(f"lattice_filter_sum failed with code {err}")
-    if gram is not None:
-        gram[1].add_((gram[0].transpose(0, 1) @ out).double())
-    return out
-
-
 class _LatticeFilter(torch.autograd.Function):
     """values (B·N, C) -> lattice-filtered values; backward is the transposed filter."""
 
@@ -753,7 +586,7 @@ class _LatticeFilter(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.lattice = lattice
         ctx.transpose = transpose
-        return lattice._apply(values, transpose)
+        return lattice.apply(values, transpose)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:

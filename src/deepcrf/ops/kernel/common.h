@@ -61,4 +61,71 @@ static void parallel_for(int64_t n, int nthreads, int64_t grain, range_fn fn, vo
 #define SFX(name) CAT(name, SUF) /* lattice_build_ + f32 */
 #define CSX(name) CAT(name, CS)  /* mf_thread_ + 16 */
 
+/* ------------------------------------------------------------------ entry-point arguments */
+/* Every entry point with more than a few arguments takes them in one of these structs,
+ * declared field for field (same order and types) in deepcrf/ops/native.py: an argument cannot
+ * land in another's place.  Pointers to float/double arrays are void here: the call's type
+ * (the _f32 / _f64 entry point) says which. */
+
+/* The lattices of one call (1 to 16), over the same n points. */
+typedef struct {
+    int32_t count;
+    const int64_t *vertices;             /* per lattice: M, its number of vertices */
+    const int *dp1;                      /* per lattice: d + 1 */
+    const int32_t *const *slice_vertex;  /* per lattice: (n * (d+1)) vertex of each entry */
+    const void *const *slice_weight;     /* per lattice: (n * (d+1)) barycentric weights */
+    const int32_t *const *blur;          /* per lattice: (d+1, 3 M) blur neighbours */
+    const void *const *pre;              /* per lattice: (n) per-point factor, or NULL */
+    const void *const *post;             /* per lattice: (n) per-point factor, or NULL */
+    const double *coef;                  /* per lattice: coefficient times its output scale */
+} terms_t;
+
+typedef struct {
+    const void *features;  /* (n, d), already divided by the bandwidths */
+    int64_t n, n_real;     /* points, of which the first n_real are real (the rest padding) */
+    const double *scale;   /* (d) elevation scales */
+    double feature_scale, inv_dp1;
+    void *entry_weight;    /* out: (n_real * (d+1)) barycentric weights */
+    int32_t *entry_vertex; /* out: (n_real * (d+1)) item-local vertex ids */
+    int64_t *vertices_out; /* out: M */
+    int32_t d, nthreads;
+} build_args_t;
+
+typedef struct {
+    int64_t n, c;
+    const void *values, *base; /* (n, c); base may be NULL (zero) */
+    void *out;                 /* (n, c); may alias base, not values */
+    void *const *buf_a;        /* per lattice: ((M+1) c) vertex buffers kept by the caller */
+    void *const *buf_b;
+    void *const *scratch;      /* per lattice: ((nparts-1) M c) */
+    int32_t nparts, softmax, transpose, nthreads;
+} filter_sum_args_t;
+
+typedef struct {
+    int64_t n, c;
+    const float *values, *base; /* (n, c); base may be NULL */
+    float *out;                 /* (n, c); must not alias values */
+    const float *gram_left;     /* (n, c) or NULL: gram (c, c) += gram_leftᵀ out */
+    double *gram;
+    int32_t transpose, nthreads;
+} filter_args_t;
+
+typedef struct {
+    int64_t n, c, group;      /* group: 0, or label blocks of `group` normalised apart */
+    const float *coefv;       /* (count, c) per-label coefficients, or NULL */
+    const float *base;        /* (n, c) the constant part of the logits */
+    float *q;                 /* out: (n, c) Q_iters, or log Q_iters with log_out */
+    float *const *hist;       /* NULL, or iters arrays (n, c) receiving Q_0 ... Q_{iters-1} */
+    int32_t log_out, iters, nthreads;
+} meanfield_args_t;
+
+typedef struct {
+    int64_t n, c;
+    const float *values, *feats, *contract; /* (n, c), (n, nd), (n, c) */
+    float *plain;                            /* out: (n, c) K v, or NULL */
+    float *s;                                /* out: (n, nd + 1) */
+    float *work;                             /* the caller's vertex buffers */
+    int32_t nd, transpose, exclude_self, nparts, nthreads;
+} moments_args_t;
+
 #endif

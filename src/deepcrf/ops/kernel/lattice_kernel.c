@@ -69,3 +69,13 @@
 
 /* The calling convention's version; the loader refuses a library built for another. */
 int deepcrf_kernel_abi(void) { return DEEPCRF_KERNEL_ABI; }
+
+/* The sizes of the argument structs, which the loader compares with its ctypes mirrors. */
+void deepcrf_kernel_struct_sizes(int64_t *out) {
+    out[0] = (int64_t)sizeof(terms_t);
+    out[1] = (int64_t)sizeof(build_args_t);
+    out[2] = (int64_t)sizeof(filter_sum_args_t);
+    out[3] = (int64_t)sizeof(filter_args_t);
+    out[4] = (int64_t)sizeof(meanfield_args_t);
+    out[5] = (int64_t)sizeof(moments_args_t);
+}

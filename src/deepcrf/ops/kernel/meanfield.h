@@ -326,26 +326,23 @@ static int mf_run(int64_t n, int64_t c, int nterms, const int64_t *m, const int 
  * softmax over the row, else c / group independent mean fields side by side (label blocks of
  * `group`, each normalised on its own) that share the kernels: with coefv, each block its own
  * kernel weights (tune-crf's sweep over weights). */
-int lattice_meanfield_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
-                          const int32_t *const *vert, const float *const *w,
-                          const int32_t *const *blur_col, const float *const *pre,
-                          const float *const *post, const double *coef, const float *coefv,
-                          int64_t group, const float *base, float *q, float *const *hist,
-                          int log_out, int iters, int nthreads) {
-    return mf_run(n, c, nterms, m, dp1, vert, w, blur_col, pre, post, coef, coefv, group, base,
-                  q, hist, log_out, 0, 0, NULL, NULL, NULL, iters, nthreads);
+int lattice_meanfield_f32(const terms_t *t, const meanfield_args_t *a) {
+    return mf_run(a->n, a->c, t->count, t->vertices, t->dp1, t->slice_vertex,
+                  (const float *const *)t->slice_weight, t->blur, (const float *const *)t->pre,
+                  (const float *const *)t->post, t->coef, a->coefv, a->group, a->base, a->q,
+                  a->hist, a->log_out, 0, 0, NULL, NULL, NULL, a->iters, a->nthreads);
 }
 
 /* The same passes as a plain filter (float32, c <= 48): out = base + sum_t coef_t * post_t .
  * K_t(pre_t . values), K_t^T with transpose; base may be NULL (zero), out must not alias
  * values.  One splat pass, the blurs, one slice pass: the mean field's vector rows and
  * per-thread splat buffers, for the backward's filterings. */
-int lattice_filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
-                       const int32_t *const *vert, const float *const *w,
-                       const int32_t *const *blur_col, const float *const *pre,
-                       const float *const *post, const double *coef, const float *values,
-                       const float *base, float *out, int transpose, const float *gram_left,
-                       double *gram, int nthreads) {
+static int filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const int *dp1,
+                      const int32_t *const *vert, const float *const *w,
+                      const int32_t *const *blur_col, const float *const *pre,
+                      const float *const *post, const double *coef, const float *values,
+                      const float *base, float *out, int transpose, const float *gram_left,
+                      double *gram, int nthreads) {
     /* gram (c, c) float64, when gram_left is set: += sum_p gram_left_p (outer) out_p (out = the
      * result of this call), accumulated per thread */
     const int64_t cs = c <= 8 ? 8 : c <= 16 ? 16 : c <= 24 ? 24 : c <= 32 ? 32 : c <= 40 ? 40 : 48;
@@ -362,4 +359,11 @@ int lattice_filter_f32(int64_t n, int64_t c, int nterms, const int64_t *m, const
                 for (int64_t b = 0; b < c; b++) gram[a * c + b] += acc[(t * c + a) * cs + b];
     free(acc);
     return err;
+}
+
+int lattice_filter_f32(const terms_t *t, const filter_args_t *a) {
+    return filter_f32(a->n, a->c, t->count, t->vertices, t->dp1, t->slice_vertex,
+                      (const float *const *)t->slice_weight, t->blur, (const float *const *)t->pre,
+                      (const float *const *)t->post, t->coef, a->values, a->base, a->out,
+                      a->transpose, a->gram_left, a->gram, a->nthreads);
 }

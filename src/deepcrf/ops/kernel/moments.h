@@ -128,7 +128,7 @@ static void mom_slice_range(void *vctx, int64_t begin, int64_t end) {
  * K v when not NULL.  values, contract (n, c) and feats (n, D) float32; `work` is the caller's
  * (kept between calls: fresh buffers cost a page fault per 4 KB), nparts <= nthreads splat
  * buffers in it.  Returns 0, -2 on bad arguments. */
-int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const int32_t *vert,
+static int moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const int32_t *vert,
                         const float *w, const int32_t *blur_col, double scale,
                         const float *values, const float *feats, const float *contract,
                         int transpose, int exclude_self, float *plain, float *s, float *work,
@@ -165,3 +165,12 @@ int lattice_moments_f32(int64_t n, int64_t c, int nd, int64_t m, int dp1, const 
     return 0;
 }
 #pragma GCC pop_options
+
+/* One lattice (t->count == 1; its coef is the output scale). */
+int lattice_moments_f32(const terms_t *t, const moments_args_t *a) {
+    if (t->count != 1) return -2;
+    return moments_f32(a->n, a->c, a->nd, t->vertices[0], t->dp1[0], t->slice_vertex[0],
+                       (const float *)t->slice_weight[0], t->blur[0], t->coef[0], a->values,
+                       a->feats, a->contract, a->transpose, a->exclude_self, a->plain, a->s,
+                       a->work, a->nparts, a->nthreads);
+}
