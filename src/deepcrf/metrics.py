@@ -54,7 +54,7 @@ def _check_label_map(x: object, name: str) -> torch.Tensor:
     return t
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_label_maps(pred: torch.Tensor, target: torch.Tensor) -> None:
     _check_label_map(pred, "pred")
     _check_label_map(target, "target")
     if pred.shape != target.shape:
@@ -71,7 +71,7 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
 def _check_labels(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
 ) -> None:
-    _check_pair(pred, target)
+    _check_label_maps(pred, target)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
     valid = target != ignore_index
@@ -328,7 +328,7 @@ def trimap_accuracy(
         >>> trimap_accuracy(torch.tensor([[0, 0, 1, 1, 1, 0]]), target, band_width=1)
         0.75
     """
-    _check_pair(pred, target)
+    _check_label_maps(pred, target)
     band = boundary_band(target, band_width, ignore_index)
     total = int(band.sum())
     if total == 0:
@@ -389,7 +389,7 @@ class TrimapAccuracy:
         if self.num_classes is not None:
             _check_labels(pred, target, self.num_classes, self.ignore_index)
         else:
-            _check_pair(pred, target)
+            _check_label_maps(pred, target)
         if self.correct.device != target.device:
             self.correct = self.correct.to(target.device)
             self.total = self.total.to(target.device)

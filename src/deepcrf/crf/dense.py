@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_memory, check_positive, check_tensor
+from .._checks import (
+    check_choice,
+    check_int,
+    check_memory,
+    check_positive,
+    check_tensor,
+    to_tensor,
+)
 from ..ops import workspace
 from ..ops.filters import METHODS, Method
 from ..ops.meanfield import NORMALIZATIONS as _NORMALIZATIONS
@@ -233,12 +240,6 @@ def _check_reference(image: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _to(value: Scalar, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(value, device=like.device, dtype=like.dtype)
-
-
 def _grid_positions(
     size: Sequence[int], theta: Scalar, spacing: Sequence[float] | None, like: torch.Tensor
 ) -> torch.Tensor:
@@ -248,7 +249,7 @@ def _grid_positions(
     """
     axes = [torch.arange(s, device=like.device, dtype=like.dtype) for s in size]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(size))
-    scale = 1.0 / _to(theta, like)
+    scale = 1.0 / to_tensor(theta, like)
     if spacing is not None:
         scale = scale * torch.tensor(spacing, device=like.device, dtype=like.dtype)
     return grid * scale
@@ -266,7 +267,7 @@ def _bilateral_features(
     """
     b, c, *size = image.shape
     positions = _grid_positions(size, theta_alpha, spacing, image)
-    ref = image.reshape(b, c, -1).transpose(1, 2) / _to(theta_beta, image)
+    ref = image.reshape(b, c, -1).transpose(1, 2) / to_tensor(theta_beta, image)
     return torch.cat([positions.expand(b, -1, -1), ref], dim=-1).contiguous()
 
 
@@ -656,7 +657,7 @@ def lattice_error(
     dims, channels = image.dim() - 2, image.shape[1]
     img = image.detach().float()
     ta, tb, tg = (
-        _to(_check_bandwidth(t, name, n, per), img).detach()
+        to_tensor(_check_bandwidth(t, name, n, per), img).detach()
         for t, name, n, per in (
             (theta_alpha, "theta_alpha", dims, "spatial axis"),
             (theta_beta, "theta_beta", channels, "reference channel"),
@@ -697,8 +698,8 @@ def _mean_field(
     n = logits[0, 0].numel()
     if iters == 0:
         return logits.log_softmax(dim=1)
-    theta_alpha, theta_beta, theta_gamma = (_to(t, logits) for t in thetas)
-    w_bil, w_sp = (_to(x, logits) for x in weights)
+    theta_alpha, theta_beta, theta_gamma = (to_tensor(t, logits) for t in thetas)
+    w_bil, w_sp = (to_tensor(x, logits) for x in weights)
     mu = None if compat is None else compat.to(device=logits.device, dtype=logits.dtype)
 
     bilateral, spatial = crf_terms(

@@ -171,7 +171,7 @@ def _make_graph(connectivity: Connectivity, radius: int) -> _LocalGraph | _Dense
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(logits: Any, embeddings: Any, name: str = "") -> None:
+def _check_logits_embeddings(logits: Any, embeddings: Any, name: str = "") -> None:
     check_tensor(logits, f"logits{name}", ndim=4, layout="(B, L, H, W)", floating=True, finite=True)
     check_tensor(
         embeddings, f"embeddings{name}", ndim=4, layout="(B, D, H, W)", floating=True, finite=True
@@ -331,7 +331,7 @@ def gaussian_crf(
         >>> gaussian_crf(u, e, connectivity=4).shape
         torch.Size([1, 3, 8, 8])
     """
-    _check_pair(logits, embeddings)
+    _check_logits_embeddings(logits, embeddings)
     _make_graph(connectivity, radius)
     scalars = _check_scalars(lam=lam, pairwise_weight=pairwise_weight)
     solver = _Solver(tol, max_iter, precondition)
@@ -367,7 +367,7 @@ def gaussian_crf_energy(
         embeddings: (B, D, H, W)
         return:     (B,)
     """
-    _check_pair(logits, embeddings)
+    _check_logits_embeddings(logits, embeddings)
     _check_x([x], [logits])
     _make_graph(connectivity, radius)
     scalars = _check_scalars(lam=lam, pairwise_weight=pairwise_weight)
@@ -454,7 +454,7 @@ def _check_scales(logits: Sequence[torch.Tensor], embeddings: Sequence[torch.Ten
             f"{len(logits)} and {len(embeddings)}"
         )
     for s, (u, e) in enumerate(zip(logits, embeddings, strict=True)):
-        _check_pair(u, e, name=f"[{s}]")
+        _check_logits_embeddings(u, e, name=f"[{s}]")
         ref_u, ref_e = logits[0], embeddings[0]
         if u.shape[:2] != ref_u.shape[:2] or e.shape[1] != ref_e.shape[1]:
             raise ValueError(
@@ -726,7 +726,7 @@ class GaussianCRF(_GaussianCRFLayer):
         )  # fmt: skip
 
     def _check_sizes(self, logits: torch.Tensor, embeddings: torch.Tensor) -> None:
-        _check_pair(logits, embeddings)
+        _check_logits_embeddings(logits, embeddings)
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits must have num_classes={self.num_classes} channels (B, L, H, W); "

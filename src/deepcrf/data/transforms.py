@@ -34,7 +34,7 @@ MEAN_RGB: tuple[float, float, float] = (122.675, 116.669, 104.008)
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def _check_pair(image: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_sample(image: torch.Tensor, labels: torch.Tensor) -> None:
     check_tensor(image, "image", ndim=3, layout="(3, H, W)", floating=True)
     check_tensor(labels, "labels", ndim=2, layout="(H, W)", dtypes=(torch.int64,))
     if image.shape[0] != 3 or image.shape[1:] != labels.shape:
@@ -75,7 +75,7 @@ def rescale(image: torch.Tensor, labels: torch.Tensor, scale: float) -> Pair:
         image: (3, H, W) float; labels: (H, W) int64
         return: (3, h, w) float, (h, w) int64 with h = round(H * scale), w = round(W * scale)
     """
-    _check_pair(image, labels)
+    _check_sample(image, labels)
     scale = float(scale)
     if not scale > 0.0 or scale == float("inf"):
         raise ValueError(f"scale must be a finite positive number; got {scale!r}")
@@ -153,7 +153,7 @@ class RandomCrop:
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor) -> Pair:
         """Pad if needed, then crop the pair at one random offset."""
-        _check_pair(image, labels)
+        _check_sample(image, labels)
         crop_h, crop_w = self.size
         height, width = labels.shape
         pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
@@ -190,7 +190,7 @@ class RandomHorizontalFlip:
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor) -> Pair:
         """Flip the pair or return copies."""
-        _check_pair(image, labels)
+        _check_sample(image, labels)
         # Always one draw, so the stream does not depend on p.
         if _uniform(0.0, 1.0, self.generator) < self.p:
             return image.flip(-1), labels.flip(-1)
@@ -215,7 +215,7 @@ class Compose:
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor) -> Pair:
         """Run the pair through every transform in turn."""
-        _check_pair(image, labels)
+        _check_sample(image, labels)
         for t in self.transforms:
             image, labels = t(image, labels)
         return image, labels

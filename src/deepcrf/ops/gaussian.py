@@ -28,7 +28,7 @@ from .._checks import check_tensor
 from .filters import Method
 
 
-def _check_pair(values: torch.Tensor, features: torch.Tensor) -> None:
+def _check_values_features(values: torch.Tensor, features: torch.Tensor) -> None:
     check_tensor(values, "values", ndim=3, layout="(B, N, C)", floating=True)
     check_tensor(features, "features", ndim=3, layout="(B, N, d)", floating=True)
     if features.shape[:2] != values.shape[:2]:
@@ -145,7 +145,7 @@ def gaussian_filter(
         >>> gaussian_filter(v, f, method="exact").shape
         torch.Size([1, 100, 3])
     """
-    _check_pair(values, features)
+    _check_values_features(values, features)
     if method == "exact":
         from .filters import exact_gaussian_filter
 
