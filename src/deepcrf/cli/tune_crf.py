@@ -62,7 +62,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``deepcrf tune-crf``."""
     from deepcrf.engine.checkpoint import load_checkpoint, write_json
-    from deepcrf.engine.runner import _dataset, resolve_device
+    from deepcrf.engine.runner import dataset_for, resolve_device
     from deepcrf.engine.tune import TUNABLE, tune_dense_crf
 
     device = resolve_device(args.device)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     data = dict(run.get("data") or {})
     data["root"] = str(args.data) if args.data is not None else data.get("root")
     data.setdefault("sbd_root", None)
-    dataset = _dataset({"data": data, "model": config["model"]}, args.split, None)
+    dataset = dataset_for({"data": data, "model": config["model"]}, args.split, None)
     grid = {name: getattr(args, name) for name in TUNABLE if getattr(args, name) is not None}
     num_classes = int(config["model"]["num_classes"])
     result = tune_dense_crf(

@@ -128,7 +128,8 @@ def _train_transform(data: Mapping[str, Any]) -> Callable:
     )
 
 
-def _dataset(config: Mapping[str, Any], split: str, transform: Callable | None) -> Any:
+def dataset_for(config: Mapping[str, Any], split: str, transform: Callable | None) -> Any:
+    """The dataset of ``split`` as a run config's ``[data]`` and ``[model]`` describe it."""
     from ..data import build_dataset
 
     root = config["data"]["root"]
@@ -204,9 +205,9 @@ def train_run(
     rank, world = rank_and_world()
     ckpt.prepare_run_dir(out, resume=resume, overwrite=overwrite, main_process=rank == 0)
     barrier()
-    train_set = _dataset(config, config["data"]["train_split"], _train_transform(config["data"]))
+    train_set = dataset_for(config, config["data"]["train_split"], _train_transform(config["data"]))
     val_split = config["data"]["val_split"]
-    val_set = _dataset(config, val_split, None) if val_split else None
+    val_set = dataset_for(config, val_split, None) if val_split else None
     if check_data:
         problems = [p for ds in (train_set, val_set) if ds is not None for p in ds.check()]
         if problems:
@@ -401,7 +402,7 @@ def evaluate_checkpoint(
         data_cfg["root"] = str(data)
     data_cfg.setdefault("root", None)
     data_cfg.setdefault("sbd_root", None)
-    dataset = _dataset({"data": data_cfg, "model": config["model"]}, settings["split"], None)
+    dataset = dataset_for({"data": data_cfg, "model": config["model"]}, settings["split"], None)
     postprocess = None
     params: dict[str, Any] = {}
     if settings["crf"] == "dense":
