@@ -528,6 +528,8 @@ def test_refine_numpy_helper():
     np.testing.assert_allclose(refine(probs, img.astype(np.float32), iters=3, **PARAMS), out)
     with pytest.raises(ValueError, match=r"looks like RGB scaled to \[0, 1\]"):
         refine(probs, img.astype(np.float32) / 255)
+    with pytest.raises(TypeError, match=r"unknown dense-CRF parameter\(s\) theta_delta"):
+        refine(probs, img, theta_delta=3.0)  # a typo is named, never silently dropped
 
 
 @pytest.mark.gpu

@@ -28,8 +28,9 @@ Conventions (see ``docs/crf_layer.md`` for the full mapping):
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -390,34 +391,33 @@ def dense_crf(
     """
     _check_shapes(logits, image)
     _check_reference(image)
-    settings = _settings(
-        logits, image, iters=iters, theta_alpha=theta_alpha, theta_beta=theta_beta,
-        theta_gamma=theta_gamma, w_bilateral=w_bilateral, w_spatial=w_spatial, compat=compat,
-        normalization=normalization, exclude_self=exclude_self, method=method,
-        checkpoint=checkpoint, spacing=spacing, allow_negative_weights=allow_negative_weights,
-    )  # fmt: skip
+    settings = _settings(logits, image, {
+        "iters": iters, "theta_alpha": theta_alpha, "theta_beta": theta_beta,
+        "theta_gamma": theta_gamma, "w_bilateral": w_bilateral, "w_spatial": w_spatial,
+        "compat": compat, "normalization": normalization, "exclude_self": exclude_self,
+        "method": method, "checkpoint": checkpoint, "spacing": spacing,
+        "allow_negative_weights": allow_negative_weights,
+    })  # fmt: skip
     return _run(logits, image, settings)
 
 
-def _settings(
-    logits: torch.Tensor,
-    image: torch.Tensor,
-    *,
-    iters: int = 5,
-    theta_alpha: Bandwidth = 80.0,
-    theta_beta: Bandwidth = 13.0,
-    theta_gamma: Bandwidth = 3.0,
-    w_bilateral: Scalar = 10.0,
-    w_spatial: Scalar = 3.0,
-    compat: torch.Tensor | None = None,
-    normalization: Normalization = "symmetric",
-    exclude_self: bool = False,
-    method: Method = "lattice",
-    checkpoint: bool = False,
-    spacing: Spacing = None,
-    allow_negative_weights: bool = False,
-) -> _Run:
-    """:func:`dense_crf`'s keyword arguments checked against inputs of checked shapes."""
+def _settings(logits: torch.Tensor, image: torch.Tensor, params: Mapping[str, Any]) -> _Run:
+    """:func:`dense_crf`'s keyword arguments checked for inputs of checked shapes.
+
+    ``params`` holds any of them; the others take dense_crf's defaults.
+    """
+    unknown = sorted(set(params) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"unknown dense-CRF parameter(s) {', '.join(unknown)}; the parameters are "
+            f"{', '.join(_DEFAULTS)}"
+        )
+    p = {**_DEFAULTS, **params}
+    iters, compat, method = p["iters"], p["compat"], p["method"]
+    normalization, allow_negative_weights = p["normalization"], p["allow_negative_weights"]
+    theta_alpha, theta_beta, theta_gamma = p["theta_alpha"], p["theta_beta"], p["theta_gamma"]
+    w_bilateral, w_spatial = p["w_bilateral"], p["w_spatial"]
+    exclude_self, checkpoint, spacing = p["exclude_self"], p["checkpoint"], p["spacing"]
     num_classes = logits.shape[1]
     dims, channels = logits.dim() - 2, image.shape[1]
     for name, value in (("normalization", normalization), ("method", method)):
@@ -449,6 +449,14 @@ def _settings(
         spacing=_check_spacing(spacing, dims),
     )
     return settings
+
+
+# dense_crf's keyword arguments and their defaults (what refine passes on, checked by name).
+_DEFAULTS: dict[str, Any] = {
+    name: param.default
+    for name, param in inspect.signature(dense_crf).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+}
 
 
 @dataclass(frozen=True)
@@ -1081,5 +1089,5 @@ def refine(probs: np.ndarray, image: np.ndarray, **params: Any) -> np.ndarray:
     ref = torch.from_numpy(np.ascontiguousarray(channels_first))[None]
     _check_reference(ref)  # the shapes are checked above, on the arrays the caller gave
     with torch.no_grad():
-        q = _run(logits, ref, _settings(logits, ref, **params)).softmax(dim=1)[0]
+        q = _run(logits, ref, _settings(logits, ref, params)).softmax(dim=1)[0]
     return q.numpy().astype(np.float32, copy=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +39,9 @@ def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
         ValueError: the file is not a readable image, or an RGB image (colours are not labels).
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"label image not found: {p}")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            mode = im.mode
-            arr = np.array(im)
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read label image {p}: {err}") from err
+    with _opened(p, "label image") as im:
+        mode = im.mode
+        arr = np.array(im)
     if mode not in ("P", "L"):
         raise ValueError(
             f"label image {p} must be a palette (P) or greyscale (L) PNG of label ids; "
@@ -98,27 +94,33 @@ def read_image_info(path: str | os.PathLike[str]) -> tuple[np.ndarray, str | Non
         ValueError: the file is corrupt, not an image, or a float image.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image not found: {p}")
+    with _opened(p, "image") as im:
+        mode = im.mode
+        if mode.startswith("I;16") or mode == "I":
+            raw = np.array(im).astype(np.float64)
+            note = f"{mode} ({'16' if mode != 'I' else '32'}-bit) image: scaled to 0-255"
+            top = 65535.0 if mode != "I" or raw.max(initial=0) <= 65535 else 2.0**31 - 1
+            grey = (raw * (255.0 / top)).astype(np.float32)
+            return np.repeat(grey[..., None], 3, axis=2), f"{note} (x 255/{top:.0f})"
+        if mode == "F":
+            raise ValueError(
+                f"image {p} holds floating-point pixels (mode F) of unknown range; save it "
+                "as 8- or 16-bit"
+            )
+        return np.array(im.convert("RGB")), None
+
+
+@contextlib.contextmanager
+def _opened(path: Path, what: str) -> Iterator[Image.Image]:
+    """The decoded image at ``path``; a missing or unreadable file raises naming ``what``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        with Image.open(p) as im:
+        with Image.open(path) as im:
             im.load()
-            mode = im.mode
-            if mode.startswith("I;16") or mode == "I":
-                raw = np.array(im).astype(np.float64)
-                note = f"{mode} ({'16' if mode != 'I' else '32'}-bit) image: scaled to 0-255"
-                top = 65535.0 if mode != "I" or raw.max(initial=0) <= 65535 else 2.0**31 - 1
-                grey = (raw * (255.0 / top)).astype(np.float32)
-                return np.repeat(grey[..., None], 3, axis=2), f"{note} (x 255/{top:.0f})"
-            if mode == "F":
-                raise ValueError(
-                    f"image {p} holds floating-point pixels (mode F) of unknown range; save it "
-                    "as 8- or 16-bit"
-                )
-            arr = np.array(im.convert("RGB"))
+            yield im
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {p} (corrupt or not an image): {err}") from err
-    return arr, None
+        raise ValueError(f"cannot read {what} {path} (corrupt or not an image): {err}") from err
 
 
 def colorize(labels: np.ndarray) -> np.ndarray:

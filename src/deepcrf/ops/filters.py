@@ -58,18 +58,7 @@ def exact_gaussian_filter(
         >>> exact_gaussian_filter(torch.ones(1, 2, 1), f).squeeze()
         tensor([1.6065, 1.6065])
     """
-    check_tensor(values, "values", ndim=3, layout="(B, N, C)", floating=True)
-    check_tensor(features, "features", ndim=3, layout="(B, N, d)", floating=True)
-    if features.shape[:2] != values.shape[:2]:
-        raise ValueError(
-            f"features must be (B, N, d) matching values {tuple(values.shape)}; "
-            f"got {tuple(features.shape)}"
-        )
-    if features.dtype != values.dtype or features.device != values.device:
-        raise TypeError(
-            f"features must have the dtype/device of values ({values.dtype}, {values.device}); "
-            f"got ({features.dtype}, {features.device})"
-        )
+    check_values_features(values, features)
     batch, n, d = features.shape
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_BUDGET // max(1, batch * n * d))
@@ -87,3 +76,22 @@ def exact_gaussian_filter(
     if exclude_self:
         out = out - values
     return out
+
+
+def check_values_features(values: torch.Tensor, features: torch.Tensor) -> None:
+    """Values (B, N, C) to filter and the features (B, N, d) of the same points, alike."""
+    check_tensor(values, "values", ndim=3, layout="(B, N, C)", floating=True)
+    check_tensor(features, "features", ndim=3, layout="(B, N, d)", floating=True)
+    if features.shape[:2] != values.shape[:2]:
+        raise ValueError(
+            f"features (B, N, d) must match values (B, N, C) {tuple(values.shape)} in B and N; "
+            f"got {tuple(features.shape)}"
+        )
+    if features.dtype != values.dtype:
+        raise TypeError(
+            f"features must have the dtype of values ({values.dtype}); got {features.dtype}"
+        )
+    if features.device != values.device:
+        raise ValueError(
+            f"features must be on the device of values ({values.device}); got {features.device}"
+        )

@@ -25,25 +25,7 @@ from typing import Any
 import torch
 
 from .._checks import check_tensor
-from .filters import Method
-
-
-def _check_values_features(values: torch.Tensor, features: torch.Tensor) -> None:
-    check_tensor(values, "values", ndim=3, layout="(B, N, C)", floating=True)
-    check_tensor(features, "features", ndim=3, layout="(B, N, d)", floating=True)
-    if features.shape[:2] != values.shape[:2]:
-        raise ValueError(
-            f"features (B, N, d) must match values (B, N, C) {tuple(values.shape)} in B and N; "
-            f"got {tuple(features.shape)}"
-        )
-    if features.dtype != values.dtype:
-        raise TypeError(
-            f"features must have the dtype of values ({values.dtype}); got {features.dtype}"
-        )
-    if features.device != values.device:
-        raise ValueError(
-            f"features must be on the device of values ({values.device}); got {features.device}"
-        )
+from .filters import Method, check_values_features
 
 
 def build_lattice(features: torch.Tensor) -> Any:
@@ -145,7 +127,7 @@ def gaussian_filter(
         >>> gaussian_filter(v, f, method="exact").shape
         torch.Size([1, 100, 3])
     """
-    _check_values_features(values, features)
+    check_values_features(values, features)
     if method == "exact":
         from .filters import exact_gaussian_filter
 
