@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -360,3 +361,44 @@ def test_diverging_loss_raises(train_set):
 
     with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
         fit(Exploding(), train_set, TrainSettings(steps=2, batch_size=1), progress=False)
+
+
+def test_frozen_parameters_keep_their_batchnorm_statistics(train_set):
+    # freeze_backbone / freeze fix the weights *and* the running statistics of the BatchNorm
+    # layers those weights belong to; layers left trainable keep updating theirs.
+    model = _model()
+    bn = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bn
+    before = {n: m.running_mean.clone() for n, m in bn.items()}
+    settings = TrainSettings(steps=2, batch_size=2, freeze=("backbone.",))
+    fit(model, train_set, settings, progress=False)
+    for n, m in bn.items():
+        moved = not torch.equal(m.running_mean, before[n])
+        assert moved == (not n.startswith("backbone.")), n
+    assert all(m.training is False for m in bn.values())  # fit leaves the model in eval mode
+    trained = _model()
+    fit(trained, train_set, TrainSettings(steps=2, batch_size=2), progress=False)
+    assert any(
+        not torch.equal(m.running_mean, before[n])
+        for n, m in trained.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and n.startswith("backbone.")
+    )
+
+
+def test_freeze_prefixes_and_their_checkpoint_record(train_set, tmp_path):
+    model = _model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(steps=2, batch_size=2, lr=0.05, freeze=["head."])
+    assert settings.freeze == ("head.",) and settings.frozen_prefixes == ("head.",)
+    fit(model, train_set, settings, progress=False, run_dir=tmp_path / "run", config=SPEC)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, start[n]) == n.startswith("head."), n
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["fit"]
+    assert saved["freeze"] == ["head."] and saved["freeze_backbone"] is False
+    # the JSON list reads back as the same settings: resuming finds no difference
+    fit(_model(), train_set, settings, progress=False, run_dir=tmp_path / "run", config=SPEC,
+        resume=True)  # fmt: skip
+    with pytest.raises(TypeError, match="freeze must be a list of parameter-name prefixes"):
+        TrainSettings(freeze="head.")
+    both = TrainSettings(freeze=["crf.unary_net."], freeze_backbone=True)
+    assert both.frozen_prefixes == ("crf.unary_net.", "backbone.")

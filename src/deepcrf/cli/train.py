@@ -31,6 +31,7 @@ _TRAIN_FLAGS = {
     "device": "train.device",
     "amp": "train.amp",
     "freeze_backbone": "train.freeze_backbone",
+    "freeze": "train.freeze",
     "checkpoint_every": "train.checkpoint_every",
     "checkpoint_minutes": "train.checkpoint_minutes",
     "val_every": "train.val_every",
@@ -116,6 +117,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         default=None,
         help="keep backbone.* fixed (joint / piecewise stages)",
+    )
+    p.add_argument(
+        "--freeze",
+        action="append",
+        metavar="PREFIX",
+        help="keep parameters whose names start with PREFIX fixed, with their BatchNorm "
+        "statistics (repeatable; e.g. --freeze crf.unary_net.)",
     )
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
     p.add_argument(

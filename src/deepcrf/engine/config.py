@@ -8,7 +8,7 @@ A config has four tables (every key optional; a missing key takes the default be
               sbd_root
     [train]   stage, steps, batch_size, lr, crf_lr, head_lr, optimizer, momentum, weight_decay,
               crf_weight_decay, lr_policy, poly_power, lr_step, lr_gamma, seed, amp,
-              freeze_backbone, grad_clip, checkpoint_every, val_every, val_max_images, init,
+              freeze_backbone, freeze, grad_clip, checkpoint_every, val_every, val_max_images, init,
               device
     [eval]    split, use_crf, crf, scales, flip, trimap_bands, max_images, [eval.crf_params]
 
@@ -73,7 +73,11 @@ class TrainSettings:
         lr_gamma: factor of the step policy.
         seed: seeds the RNGs, the data order and the augmentation.
         amp: mixed precision (float16 + GradScaler on CUDA, bfloat16 autocast on CPU).
-        freeze_backbone: keep ``backbone.*`` fixed (joint / piecewise stages).
+        freeze_backbone: keep ``backbone.*`` fixed (joint / piecewise stages); the same as
+            ``"backbone."`` in ``freeze``.
+        freeze: parameter-name prefixes kept fixed, e.g. ``("backbone.", "crf.unary_net.")``
+            (a CNN+CRF wrapper's ``model.`` is looked through).  Fixed means the weights and
+            the running statistics of their BatchNorm layers.
         grad_clip: clip the global gradient norm to this (None: no clipping).
 
     Example:
@@ -98,6 +102,7 @@ class TrainSettings:
     seed: int = 0
     amp: bool = False
     freeze_backbone: bool = False
+    freeze: tuple[str, ...] = ()
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +121,16 @@ class TrainSettings:
         for name in ("amp", "freeze_backbone"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if isinstance(self.freeze, str) or not all(isinstance(p, str) and p for p in self.freeze):
+            raise TypeError(
+                f"freeze must be a list of parameter-name prefixes; got {self.freeze!r}"
+            )
+        set_(self, "freeze", tuple(self.freeze))
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Every parameter-name prefix kept fixed (``freeze``, and ``"backbone."``)."""
+        return (*self.freeze, *(("backbone.",) if self.freeze_backbone else ()))
 
     @classmethod
     def from_config(cls, train: Mapping[str, Any]) -> TrainSettings:
@@ -125,7 +140,9 @@ class TrainSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict of every setting (what a checkpoint stores)."""
-        return dataclasses.asdict(self)
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     def lr_factor(self, step: int) -> float:
         """The multiplier of every base rate at ``step`` (0-based) of ``steps``."""
@@ -139,7 +156,8 @@ _TRAIN_TYPES: dict[str, tuple[type, ...]] = {
     "crf_lr": (float, _NONE), "head_lr": (float, _NONE), "optimizer": (str,),
     "momentum": (float,), "weight_decay": (float,), "crf_weight_decay": (float,),
     "lr_policy": (str,), "poly_power": (float,), "lr_step": (int,), "lr_gamma": (float,),
-    "seed": (int,), "amp": (bool,), "freeze_backbone": (bool,), "grad_clip": (float, _NONE),
+    "seed": (int,), "amp": (bool,), "freeze_backbone": (bool,), "freeze": (list,),
+    "grad_clip": (float, _NONE),
 }  # fmt: skip
 
 

@@ -6,7 +6,8 @@ Stages (``stage=``):
   (ignore 255) on ``model(image, use_crf=False)``; a model's ``crf.*`` parameters are frozen.
 * ``"joint"`` — CNN and CRF together (CRF-as-RNN; Schwing & Urtasun's stage 2): cross-entropy on
   ``model(image, use_crf=True)``, or the model's ``training_loss(image, labels)`` when it has one;
-  ``crf.*`` parameters at ``crf_lr``; ``freeze_backbone=True`` trains only head and CRF.
+  ``crf.*`` parameters at ``crf_lr``; ``freeze_backbone=True`` (or any ``freeze`` prefixes)
+  keeps those parameters and their BatchNorm statistics fixed.
 * ``"piecewise"`` — Lin et al.'s piecewise training: the loss is ``model.piecewise_loss(image,
   labels)``.
 
@@ -60,7 +61,6 @@ from .evaluation import has_crf
 # Parameter-name prefixes of the classifier head, which DeepLab trains at 10x the base rate
 # (the small model's head/classifier, DeepLab's fc8).
 HEAD_PREFIXES = ("head.", "classifier.", "fc8.")
-BACKBONE_PREFIXES = ("backbone.",)
 
 
 def _seed_from(*parts: int) -> int:
@@ -180,20 +180,21 @@ def _param_groups(
     """Split trainable parameters into backbone / head / crf groups; return frozen ones too."""
     groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": [], "crf": []}
     frozen: list[nn.Parameter] = []
+    fixed = settings.frozen_prefixes
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         # A CNN+CRF wrapper names its network ``model``: classify by the network's own names.
         inner = name[len("model.") :] if name.startswith("model.") else name
-        if name.startswith("crf."):
+        if name.startswith(fixed) or inner.startswith(fixed):
+            frozen.append(param)
+        elif name.startswith("crf."):
             if settings.stage == "unary":
                 frozen.append(param)
             else:
                 groups["crf"].append(param)
         elif inner.startswith(HEAD_PREFIXES):
             groups["head"].append(param)
-        elif settings.freeze_backbone and inner.startswith(BACKBONE_PREFIXES):
-            frozen.append(param)
         else:
             groups["backbone"].append(param)
     lr, decay = settings.lr, settings.weight_decay
@@ -431,6 +432,13 @@ class _Trainer:
                 find_unused_parameters=True,
             )  # fmt: skip
         self.model.train()
+        # A fixed layer keeps its statistics too: BatchNorm layers whose parameters are all
+        # frozen stay in eval mode (their running mean/variance are part of what is fixed).
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                params = list(module.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
 
     def end(self) -> None:
         for p, flag in self._saved_flags:

@@ -262,7 +262,16 @@ class ContextualSegNet(FeatMapNet):
         >>> net = models.create("small_contextual", num_classes=4)         # doctest: +SKIP
         >>> loss = net.piecewise_loss(image, labels)                        # doctest: +SKIP
         >>> logits = net(image)                     # mean-field on the CRF  # doctest: +SKIP
+
+    After piecewise training, ``TrainSettings(stage="joint", freeze=UNARY_PARTS)`` trains the
+    pairwise nets alone with mean-field inference in the loss (not in the paper): the
+    piecewise tables re-count the node evidence and over-smooth at inference, and this fits
+    them to it while the unary prediction stays exactly what it was (docs/contextual_crf.md).
     """
+
+    #: Parameter-name prefixes of everything the unary-only prediction depends on: the trunk,
+    #: FeatMap-Net's per-scale blocks and the CRF's unary net (not its pairwise nets).
+    UNARY_PARTS: tuple[str, ...] = ("backbone.", "head.", "crf.unary_net.")
 
     def __init__(
         self,
