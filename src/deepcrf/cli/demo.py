@@ -20,7 +20,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--quick", action="store_true",
-        help="a short real run: fewer images and steps (about 35 s instead of 1-2 minutes)",
+        help="a short real run: fewer images and steps (about 40 s instead of 1-2 minutes)",
     )  # fmt: skip
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument(

@@ -168,7 +168,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-"""The full demo (70-80 s wall on two idle CPU cores in session 7; docs/demo.md)."""
+"""The full demo (75-85 s wall on two idle CPU cores in session 8; docs/demo.md)."""
 
 QUICK = DemoSettings(
     n_train=256,
@@ -189,7 +189,7 @@ QUICK = DemoSettings(
     trimap_bands=(1, 2, 3, 4, 8),
     overlay_images=2,
 )
-"""``--quick``: a short real run (fewer images and steps; ~35 s): its rows differ and the CRF
+"""``--quick``: a short real run (fewer images and steps; ~40 s): its rows differ and the CRF
 rows beat the CNN, but by less than in the full demo."""
 
 BASELINE = "CNN alone"
