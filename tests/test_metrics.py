@@ -224,7 +224,7 @@ def test_bad_inputs_raise():
         confusion_matrix(pred[None], target[None], 5)
     with pytest.raises(TypeError, match=r"target must be a torch\.Tensor"):
         confusion_matrix(pred, target.numpy(), 5)
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
         ConfusionMatrix(0)
     with pytest.raises(ValueError, match=r"matrix must be square \(L, L\)"):
         scores_from_confusion(torch.zeros(2, 3))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_tensor
+from ._checks import check_int, check_tensor
 
 IGNORE_INDEX = 255
 """The label of pixels that are not scored or trained on (VOC's object boundaries, "unsure")."""
@@ -72,8 +72,7 @@ def _check_labels(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
 ) -> None:
     _check_label_maps(pred, target)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
     valid = target != ignore_index
     bad_target = valid & ((target < 0) | (target >= num_classes))
     if bool(bad_target.any()):
@@ -196,9 +195,7 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_int(num_classes, "num_classes", minimum=1)
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         self._placed = False

@@ -324,7 +324,7 @@ def test_bad_inputs():
         gaussian_crf(u * float("inf"), e)
     with pytest.raises(ValueError, match="connectivity must be 4, 8 or 'dense'"):
         gaussian_crf(u, e, connectivity=6)
-    with pytest.raises(ValueError, match="radius must be an int >= 1"):
+    with pytest.raises(ValueError, match="radius must be >= 1"):
         gaussian_crf(u, e, radius=0)
     with pytest.raises(ValueError, match="lam must be a finite positive number"):
         gaussian_crf(u, e, lam=0.0)

@@ -153,7 +153,7 @@ def test_noise_and_soft_edges():
         ({"n": 0}, "n must be an int >= 1"),
         ({"size": 8}, r"size \(H, W\) must lie in"),
         ({"size": (64, 64, 3)}, "size must be an int or an"),
-        ({"seed": -1}, "seed must be a non-negative int"),
+        ({"seed": -1}, "seed must be >= 0"),
         ({"num_classes": 1}, r"num_classes must be in \[2, 8\]"),
         ({"num_classes": 9}, r"num_classes must be in \[2, 8\]"),
     ],

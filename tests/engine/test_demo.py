@@ -131,7 +131,7 @@ def test_transfer_unary_refuses_foreign_weights():
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"unary_steps": 0}, "unary_steps must be a positive int"),
+        ({"unary_steps": 0}, "unary_steps must be >= 1"),
         ({"lr": float("nan")}, "lr must be a finite positive number"),
         ({"trimap_band": 5, "trimap_bands": (1, 2)}, "trimap_band 5 must be one of"),
         ({"overlay_images": 7, "n_val": 6}, r"overlay_images must be in \[0, n_val=6\]"),

@@ -73,7 +73,7 @@ def test_offsets():
 def test_bad_input():
     with pytest.raises(ValueError, match="relation must be one of"):
         range_box_edges(4, 4, "left")
-    with pytest.raises(ValueError, match="map size must be positive"):
+    with pytest.raises(ValueError, match="h must be >= 1"):
         range_box_edges(0, 4, "surrounding")
     with pytest.raises(ValueError, match="box_fraction must be"):
         range_box_edges(4, 4, "surrounding", box_fraction=-1.0)

@@ -286,9 +286,9 @@ def test_fused_mean_field_workspace_is_kept_released_and_not_shared():
 @needs_kernel
 def test_mean_field_rejects_bad_arguments():
     base, terms_ref, _ = _mean_field_case(200, 4, False, False)
-    with pytest.raises(ValueError, match="iters"):
+    with pytest.raises(ValueError, match="iters must be >= 0"):
         mean_field(base, terms_ref, -1)
-    with pytest.raises(ValueError, match="iters"):
+    with pytest.raises(TypeError, match="iters must be an integer"):
         mean_field(base, terms_ref, 2.0)
 
 

@@ -161,8 +161,7 @@ def _make_graph(connectivity: Connectivity, radius: int) -> _LocalGraph | _Dense
         return _DenseGraph()
     if isinstance(connectivity, bool) or connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4, 8 or 'dense'; got {connectivity!r}")
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
-        raise ValueError(f"radius must be an int >= 1 (pixels); got {radius!r}")
+    radius = check_int(radius, "radius", minimum=1)
     return _LocalGraph(int(connectivity), radius)
 
 

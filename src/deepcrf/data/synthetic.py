@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepcrf._checks import check_int
+
 from .._atomic import atomic_path, current_umask
 from .palette import write_label_png
 
@@ -136,9 +138,7 @@ def _check_size(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", minimum=0)
 
 
 def _check_count(n: int, name: str, *, minimum: int = 1) -> int:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepcrf._checks import check_int
+
 __all__ = ["VOLUME_CLASSES", "SyntheticVolumes", "VolumeItem"]
 
 VOLUME_CLASSES = ("background", "organ", "lesion")
@@ -81,8 +83,7 @@ class SyntheticVolumes:
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}; got {split!r}")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive int; got {count!r}")
+        count = check_int(count, "count", minimum=1)
         if len(shape) != 3 or any(int(s) < 4 for s in shape):
             raise ValueError(f"shape must be (D, H, W) with every side >= 4; got {shape!r}")
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):

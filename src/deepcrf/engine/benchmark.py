@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deepcrf._checks import check_int
+
 PARAMS = {"theta_alpha": 80.0, "theta_beta": 13.0, "theta_gamma": 3.0, "w_bilateral": 10.0,
           "w_spatial": 3.0}  # fmt: skip
 
@@ -109,8 +111,7 @@ def benchmark_dense_crf(
     """
     from ..crf.dense import dense_crf
 
-    if int(repeats) < 1:
-        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    repeats = check_int(repeats, "repeats", minimum=1)
     if not sizes:
         raise ValueError("sizes must list at least one HEIGHTxWIDTH")
     dev = torch.device(device)

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepcrf._checks import check_int
+
 __all__ = ["FULL", "QUICK", "DemoSettings", "run_demo"]
 
 
@@ -139,8 +141,7 @@ class DemoSettings:
                      "crf_batch_size", "crf_train_iters",
                      "crf_eval_iters", "tune_rounds"):  # fmt: skip
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            check_int(value, name, minimum=1)
         for name in ("lr", "finetune_lr", "crf_lr", "contextual_pairwise_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepcrf._checks import check_int
+
 from ..metrics import ConfusionMatrix
 from ..ops import native
 from .config import DEEPLAB_GRID, TUNABLE
@@ -110,8 +112,7 @@ def tune_dense_crf(
             raise ValueError(
                 f"grid {name} must be a non-empty list of positive values; got {values}"
             )
-    if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1; got {rounds}")
+    rounds = check_int(rounds, "rounds", minimum=1)
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if n == 0:
         raise ValueError("the held-out dataset for tuning is empty")

@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepcrf._checks import check_int
-
-from .._checks import check_tensor
+from .._checks import check_int, check_tensor
 from .registry import register
 from .segmenter import with_crf
 
@@ -480,8 +478,7 @@ class SmallBackbone(_Normalizer):
 
     def __init__(self, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
-        if int(width) < 1:
-            raise ValueError(f"width must be >= 1; got {width}")
+        width = check_int(width, "width", minimum=1)
         w = int(width)
         self.out_channels = 4 * w
         self.layers = nn.Sequential(
@@ -537,8 +534,7 @@ class SmallSegNet(nn.Module):
     ) -> None:
         super().__init__()
         num_classes = check_int(num_classes, "num_classes", minimum=1)
-        if int(head_dilation) < 1:
-            raise ValueError(f"head_dilation must be >= 1; got {head_dilation}")
+        head_dilation = check_int(head_dilation, "head_dilation", minimum=1)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.num_classes = int(num_classes)

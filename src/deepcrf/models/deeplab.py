@@ -150,8 +150,7 @@ class DeepLabV1(nn.Module):
             raise ValueError(f"fc6_kernel must be a positive odd number; got {fc6_kernel}")
         if int(fc6_dilation) < 1:
             raise ValueError(f"fc6_dilation must be >= 1; got {fc6_dilation}")
-        if int(fc_channels) < 1:
-            raise ValueError(f"fc_channels must be >= 1; got {fc_channels}")
+        fc_channels = check_int(fc_channels, "fc_channels", minimum=1)
         for name, p in (("dropout", dropout), ("msc_dropout", msc_dropout)):
             if not 0.0 <= float(p) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {p}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepcrf._checks import check_int
+
 from .._checks import check_tensor
 from ..crf.contextual import RELATIONS, ContextualCRF, downsample_labels
 from .backbones import build_backbone, check_image, upsample_logits
@@ -160,8 +162,7 @@ class FeatMapNet(nn.Module):
         pools = tuple(int(k) for k in pool_sizes)
         if any(k < 1 or k % 2 == 0 for k in pools):
             raise ValueError(f"pool_sizes must be odd positive window sizes; got {pools}")
-        if int(branch_channels) < 1:
-            raise ValueError(f"branch_channels must be >= 1; got {branch_channels}")
+        branch_channels = check_int(branch_channels, "branch_channels", minimum=1)
         self.backbone = backbone
         self.scales = scales
         self.pool_sizes = pools

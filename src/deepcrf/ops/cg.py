@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepcrf._checks import check_tensor
+from deepcrf._checks import check_int, check_tensor
 
 __all__ = ["CGConvergenceWarning", "CGInfo", "conjugate_gradient"]
 
@@ -243,8 +243,7 @@ def conjugate_gradient(
         n *= int(s)
     if max_iter is None:
         max_iter = max(n, 100)
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
     diag = None
     if preconditioner is not None:
         check_tensor(preconditioner, "preconditioner", layout="broadcastable to b", floating=True)

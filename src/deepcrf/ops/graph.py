@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from deepcrf._checks import check_int
+
 __all__ = ["RELATIONS", "edge_offsets", "range_box_edges", "range_box_extent"]
 
 RELATIONS = ("surrounding", "above_below")
@@ -48,8 +50,7 @@ def range_box_extent(h: int, w: int, box_fraction: float = 0.4) -> tuple[float, 
     Returns:
         ``(rho, delta)``: ``ρ = max(1, box_fraction·a/2)``, ``δ = max(1, box_fraction·a)``.
     """
-    if int(h) < 1 or int(w) < 1:
-        raise ValueError(f"map size must be positive; got h={h}, w={w}")
+    h, w = check_int(h, "h", minimum=1), check_int(w, "w", minimum=1)
     if not (box_fraction > 0.0) or math.isinf(box_fraction):
         raise ValueError(f"box_fraction must be a finite positive number; got {box_fraction!r}")
     a = min(int(h), int(w))

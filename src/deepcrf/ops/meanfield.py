@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 import torch
 
+from deepcrf._checks import check_int
+
 from . import native, workspace
 from .filters import METHODS, Method, exact_gaussian_filter
 from .permutohedral import PermutohedralLattice
@@ -561,8 +563,7 @@ def mean_field(
         base:   (P, L)  with P = B·N points, labels the fast axis
         return: (P, L)
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    iters = check_int(iters, "iters", minimum=0)
     _check_terms(base, terms)
     tensors: list[torch.Tensor | None] = [base]
     for t in terms:
@@ -608,8 +609,7 @@ def sweep(
         weights: (G, M)     M = len(terms)
         return:  (G, P, L)  log Q_iters (Q_iters with ``probabilities``)
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int; got {iters!r}")
+    iters = check_int(iters, "iters", minimum=0)
     _check_terms(base, terms)
     if not isinstance(weights, torch.Tensor) or weights.dim() != 2:
         raise ValueError(
