@@ -170,3 +170,17 @@ def test_crf_params_inline_json_or_file(tmp_path):
     f.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object of dense CRF parameters"):
         read_crf_params(f)
+
+
+def test_report_class_names_come_from_a_synthetic_tree(tmp_path, fake_voc):
+    from deepcrf.data.synthetic import class_names as synthetic_names
+    from deepcrf.data.synthetic import write_voc
+    from deepcrf.data.voc import VOC_CLASSES
+    from deepcrf.engine.runner import class_names
+
+    tree = write_voc(tmp_path / "synth", n_train=2, n_val=2, n_tune=0, size=(32, 32),
+                     num_classes=4)  # fmt: skip
+    assert class_names(4, tree) == list(synthetic_names(4))
+    assert class_names(5, tree) is None  # names for another class count are not used
+    assert class_names(21, fake_voc) == list(VOC_CLASSES)  # a VOC tree: VOC's names
+    assert class_names(6, fake_voc) is None  # no names known: ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -144,10 +145,27 @@ def dataset_for(config: Mapping[str, Any], split: str, transform: Callable | Non
     )
 
 
-def class_names(num_classes: int) -> list[str] | None:
-    """VOC's class names when there are 21 classes, else ``None`` (ids are used)."""
-    from ..data import VOC_CLASSES
+def class_names(num_classes: int, root: str | os.PathLike[str] | None = None) -> list[str] | None:
+    """The class names reports use, else ``None`` (ids are used).
 
+    A synthetic tree's own (its ``deepcrf_synthetic.json``), else VOC's for 21 classes.
+    """
+    from ..data import VOC_CLASSES
+    from ..data.synthetic import META_FILE
+    from ..data.voc import find_voc_root
+
+    if root is not None:
+        try:
+            meta = json.loads((find_voc_root(root) / META_FILE).read_text())
+        except (OSError, ValueError):
+            meta = None
+        names = meta.get("class_names") if isinstance(meta, dict) else None
+        if (
+            isinstance(names, list)
+            and len(names) == num_classes
+            and all(isinstance(n, str) for n in names)
+        ):
+            return list(names)
     return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else None
 
 
@@ -260,7 +278,7 @@ def train_run(
             "use_crf": eval_cfg["use_crf"],
             "max_images": t["val_max_images"],
             "trimap_bands": (),
-            "class_names": class_names(num_classes),
+            "class_names": class_names(num_classes, config["data"]["root"]),
         },
     )
     losses = result["losses"]
@@ -422,7 +440,7 @@ def evaluate_checkpoint(
         trimap_bands=[int(b) for b in settings["trimap_bands"]],
         progress=progress,
         max_images=settings["max_images"],
-        class_names=class_names(num_classes),
+        class_names=class_names(num_classes, data_cfg["root"]),
     )
     return {
         "checkpoint": str(checkpoint),
