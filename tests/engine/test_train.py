@@ -371,7 +371,9 @@ def test_frozen_parameters_keep_their_batchnorm_statistics(train_set):
     assert bn
     before = {n: m.running_mean.clone() for n, m in bn.items()}
     settings = TrainSettings(steps=2, batch_size=2, freeze=("backbone.",))
-    fit(model, train_set, settings, progress=False)
+    # validating after each step must not put the fixed layers back into training mode
+    fit(model, train_set, settings, progress=False, val_dataset=train_set, val_every=1,
+        val_kwargs={"num_classes": 21, "trimap_bands": ()})  # fmt: skip
     for n, m in bn.items():
         moved = not torch.equal(m.running_mean, before[n])
         assert moved == (not n.startswith("backbone.")), n

@@ -402,6 +402,7 @@ class _Trainer:
         self.current_lr = settings.lr
         self.loss_module: nn.Module = _StageLoss(model, settings.stage)
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self._fixed_norms: list[nn.Module] = []
 
     def fit_record(self) -> dict[str, Any]:
         """The settings as stored in a checkpoint (with the number of processes)."""
@@ -425,20 +426,28 @@ class _Trainer:
 
             dev = self.device
             self.loss_module = DistributedDataParallel(
-                _StageLoss(self.model, self.settings.stage),
+                self.loss_module,
                 device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
                 if dev.type == "cuda"
                 else None,
                 find_unused_parameters=True,
             )  # fmt: skip
-        self.model.train()
         # A fixed layer keeps its statistics too: BatchNorm layers whose parameters are all
         # frozen stay in eval mode (their running mean/variance are part of what is fixed).
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                params = list(module.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
+        self._fixed_norms = [
+            module
+            for module in self.model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (params := list(module.parameters(recurse=False)))
+            and not any(p.requires_grad for p in params)
+        ]
+        self.train_mode()
+
+    def train_mode(self) -> None:
+        """The model in training mode, its fixed BatchNorm layers in eval mode."""
+        self.model.train()
+        for module in self._fixed_norms:
+            module.eval()
 
     def end(self) -> None:
         for p, flag in self._saved_flags:
@@ -494,7 +503,7 @@ class _Trainer:
         if metrics["miou"] > state.best:
             state.best = float(metrics["miou"])
             checkpoints.save_best(self, state.step, entry)
-        self.model.train()
+        self.train_mode()
 
     def restore(self, run_dir: str | os.PathLike[str] | None) -> _State:
         """Weights, optimiser, scaler, RNG states and progress from ``run_dir``'s checkpoint."""
